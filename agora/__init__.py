@@ -1,1 +1,1 @@
-"""The `agora` command: the composition root that joins the CLIs of registry, worker and modelcore."""
+"""The `agora` command: the root that joins the CLIs of registry, worker and modelcore."""

@@ -68,19 +68,17 @@ def grouped_mm_ref(
     if gates_TK is not None and grouped_out:
         raise ValueError("gates combine token outputs; they cannot be used with grouped_out")
     k = plan.k
-    src_A = torch.arange(plan.sorted_assign_A.numel(), device=x.device) if grouped_in else (
-        plan.sorted_assign_A // k
+    src_A = (
+        torch.arange(plan.sorted_assign_A.numel(), device=x.device)
+        if grouped_in
+        else (plan.sorted_assign_A // k)
     )
     x_sorted_AD = x if grouped_in else x.index_select(0, src_A)
     # Expert blocks are contiguous, so split sizes come from the offsets. tolist() is the
     # one host sync of the reference; the Triton kernel reads offsets on the device.
     counts = torch.diff(plan.offsets_E, prepend=plan.offsets_E.new_zeros(1)).tolist()
-    pieces = [
-        blk @ w_EDH[e] for e, blk in enumerate(torch.split(x_sorted_AD, counts, dim=0))
-    ]
-    y_sorted_AH = (
-        torch.cat(pieces, dim=0) if pieces else x_sorted_AD.new_zeros(0, w_EDH.shape[-1])
-    )
+    pieces = [blk @ w_EDH[e] for e, blk in enumerate(torch.split(x_sorted_AD, counts, dim=0))]
+    y_sorted_AH = torch.cat(pieces, dim=0) if pieces else x_sorted_AD.new_zeros(0, w_EDH.shape[-1])
     if grouped_out:
         return y_sorted_AH
     y_AH = torch.empty_like(y_sorted_AH).index_copy(0, plan.sorted_assign_A, y_sorted_AH)
