@@ -39,6 +39,13 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_show_locals=False,
     )
+    @root.command("version")
+    def version() -> None:
+        """Print the installed Agora version."""
+        from importlib.metadata import version as dist_version
+
+        typer.echo(dist_version("agora"))
+
     groups = {
         name: typer.Typer(name=name, help=text, no_args_is_help=True)
         for name, text in GROUPS.items()
