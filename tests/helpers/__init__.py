@@ -1,0 +1,1 @@
+"""Test factories shared by all test packages (importable as ``helpers``: see pyproject)."""
