@@ -1,0 +1,177 @@
+"""The blob store interface and the local staging area every upload passes through.
+
+Blobs are content-addressed: the key of a blob is ``sha256/ab/cdef...`` (its hex digest,
+fanned out by the first two characters so no directory or listing page grows huge). The
+digest is always computed by the server while it writes the staging file; a client's
+claimed digest is never trusted.
+
+Life of an upload::
+
+    request body --stream--> StagingFile (local disk, hashed in the same pass)
+                 --validate--> BlobStore.commit(path, digest)   (move / S3 multipart upload)
+                 --then------> the metadata row is committed     (the database is the commit point)
+
+A failure before ``commit`` leaves only a staging file, which the caller discards; a
+failure after ``commit`` but before the row leaves an unreferenced blob, which the
+garbage collector removes after its grace period. No row ever points at a missing blob.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Self
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+KEY_PREFIX = "sha256/"
+# 1 MiB reads keep per-chunk overhead (a syscall, a thread hop in the ASGI server) small
+# next to the copy itself, while a download's buffer stays far below the RSS budget.
+DEFAULT_CHUNK = 1 << 20
+
+
+def blob_key(hexdigest: str) -> str:
+    """The storage key of a blob: ``sha256/ab/cdef...``."""
+    if not _HEX64.match(hexdigest):
+        raise ValueError(f"not a sha256 hex digest: {hexdigest!r}")
+    return f"{KEY_PREFIX}{hexdigest[:2]}/{hexdigest[2:]}"
+
+
+def digest_of_key(key: str) -> str | None:
+    """The hex digest a well-formed key names, or None for anything else in the store."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    rest = key[len(KEY_PREFIX) :]
+    fan, _, tail = rest.partition("/")
+    digest = fan + tail
+    if len(fan) != 2 or not _HEX64.match(digest):
+        return None
+    return digest
+
+
+class BlobStore(abc.ABC):
+    """Where committed blobs live. Implementations are safe to share between threads."""
+
+    #: A short description for logs and the readiness check (never holds credentials).
+    location: str
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise ``registry.errors.ServiceUnavailable`` if the store cannot be reached."""
+
+    @abc.abstractmethod
+    def commit(self, path: Path, hexdigest: str) -> str:
+        """Store the finished staging file ``path`` under its content address.
+
+        The staging file is consumed (moved or uploaded, then removed). Committing bytes
+        that are already stored is a no-op apart from removing the staging file: identical
+        bytes are kept once. Returns the key.
+        """
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """The blob's size in bytes; ``FileNotFoundError`` if it is absent."""
+
+    @abc.abstractmethod
+    def iter_range(
+        self, key: str, start: int = 0, stop: int | None = None, *, chunk_size: int = DEFAULT_CHUNK
+    ) -> Iterator[bytes]:
+        """Yield the bytes ``[start, stop)`` of a blob (``stop=None``: to the end)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove a blob; removing an absent blob is not an error."""
+
+    @abc.abstractmethod
+    def list_keys(self) -> Iterator[tuple[str, dt.datetime]]:
+        """Every stored blob key with its last-modified time (UTC), for the garbage collector."""
+
+    def read_bytes(self, key: str) -> bytes:
+        """A whole (small) blob; meant for config and datasheet files, not weights."""
+        return b"".join(self.iter_range(key))
+
+
+class StagingFile:
+    """A file being received: every write is hashed in the same pass, nothing is buffered.
+
+    Use as a context manager or call :meth:`discard` on failure; after :meth:`close` the
+    file is complete and ``hexdigest()``/``size`` describe it.
+    """
+
+    def __init__(self, fh: IO[bytes], path: Path) -> None:
+        self._fh = fh
+        self.path = path
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._hash.update(data)
+        self._fh.write(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.close()
+
+
+class Staging:
+    """The local directory uploads are written to before validation and commit.
+
+    Staging is always a local filesystem, whatever the blob store: validators read the
+    file by path, and the local store commits by an atomic rename from here.
+    """
+
+    PREFIX = "upload-"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def new_file(self) -> StagingFile:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=self.PREFIX, dir=self.directory)
+        # Unbuffered: callers write large chunks, and a Python-side buffer would only
+        # add a copy of each one.
+        return StagingFile(os.fdopen(fd, "wb", buffering=0), Path(name))
+
+    def files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return [p for p in self.directory.iterdir() if p.name.startswith(self.PREFIX)]
+
+    def sweep(self, *, older_than_seconds: float) -> list[Path]:
+        """Remove staging files left behind by a crashed process; returns what was removed."""
+        cutoff = time.time() - older_than_seconds
+        removed = []
+        for path in self.files():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+        return removed

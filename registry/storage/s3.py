@@ -1,0 +1,147 @@
+"""Blobs in S3 (or MinIO, or any S3-compatible server) through boto3.
+
+Large blobs go up as multipart uploads from the staging file (boto3 reads each part from
+disk as it sends it, so memory stays at part size x concurrency). S3's own multipart
+checksums are composites of the parts, not a sha256 of the object, which is why the
+content address always comes from the server's own hash of the staging file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry.errors import ServiceUnavailable
+from registry.storage.base import DEFAULT_CHUNK, BlobStore, blob_key, digest_of_key
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket[/prefix]`` -> (bucket, prefix ending in "/" or "")."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// URL: {url!r}")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {url!r}")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+class S3BlobStore(BlobStore):
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        multipart_threshold: int = 64 << 20,
+        multipart_chunksize: int = 64 << 20,
+        max_concurrency: int = 4,
+        client: S3Client | None = None,
+    ) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix
+        self.location = f"s3://{bucket}/{prefix}" + (f" at {endpoint_url}" if endpoint_url else "")
+        if client is None:
+            client = boto3.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region,
+                config=Config(
+                    retries={"max_attempts": 5, "mode": "standard"},
+                    # Enough connections for the transfer threads plus concurrent downloads.
+                    max_pool_connections=max(10, 2 * max_concurrency),
+                ),
+            )
+        self.client: S3Client = client
+        self.transfer_config = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+            use_threads=True,
+        )
+
+    def _object(self, key: str) -> str:
+        if digest_of_key(key) is None:
+            raise ValueError(f"not a blob key: {key!r}")
+        return self.prefix + key
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise ServiceUnavailable(
+                f"S3 bucket {self.bucket!r} is not reachable: {exc}", code="storage_unavailable"
+            ) from exc
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return dict(self.client.head_object(Bucket=self.bucket, Key=self._object(key)))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+
+    def commit(self, path: Path, hexdigest: str) -> str:
+        key = blob_key(hexdigest)
+        try:
+            if self._head(key) is None:
+                self.client.upload_file(
+                    str(path),
+                    self.bucket,
+                    self._object(key),
+                    ExtraArgs={"ContentType": "application/octet-stream"},
+                    Config=self.transfer_config,
+                )
+        finally:
+            path.unlink(missing_ok=True)
+        return key
+
+    def exists(self, key: str) -> bool:
+        return self._head(key) is not None
+
+    def size(self, key: str) -> int:
+        head = self._head(key)
+        if head is None:
+            raise FileNotFoundError(key)
+        return int(head["ContentLength"])
+
+    def iter_range(
+        self, key: str, start: int = 0, stop: int | None = None, *, chunk_size: int = DEFAULT_CHUNK
+    ) -> Iterator[bytes]:
+        if stop is not None and stop <= start:
+            return
+        byte_range = f"bytes={start}-" + ("" if stop is None else str(stop - 1))
+        response = self.client.get_object(
+            Bucket=self.bucket, Key=self._object(key), Range=byte_range
+        )
+        body = response["Body"]
+        try:
+            yield from body.iter_chunks(chunk_size)
+        finally:
+            body.close()
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
+
+    def list_keys(self) -> Iterator[tuple[str, dt.datetime]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "sha256/"):
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(self.prefix) :]
+                if digest_of_key(key) is None:
+                    continue
+                yield key, obj["LastModified"].astimezone(dt.UTC)
