@@ -1,0 +1,57 @@
+"""Agora's Python SDK: ``from registry.client import Agora``.
+
+It depends on httpx and pydantic only, so it installs without the server.
+"""
+
+from registry.client.client import Agora, ProgressCallback
+from registry.client.errors import (
+    AgoraError,
+    BadRequest,
+    Conflict,
+    DigestMismatch,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+    TransportError,
+    Unauthenticated,
+    UnavailableForLegalReasons,
+    ValidationFailed,
+)
+from registry.client.models import (
+    BaseModelFiles,
+    BaseModelRevision,
+    Expert,
+    ExpertPage,
+    ExpertVersion,
+    FileInfo,
+    SubmittedExpert,
+)
+
+__all__ = [
+    "Agora",
+    "AgoraError",
+    "BadRequest",
+    "BaseModelFiles",
+    "BaseModelRevision",
+    "Conflict",
+    "DigestMismatch",
+    "Expert",
+    "ExpertPage",
+    "ExpertVersion",
+    "FileInfo",
+    "Forbidden",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProgressCallback",
+    "RateLimited",
+    "ServerError",
+    "ServiceUnavailable",
+    "SubmittedExpert",
+    "TransportError",
+    "Unauthenticated",
+    "UnavailableForLegalReasons",
+    "ValidationFailed",
+]

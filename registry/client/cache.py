@@ -1,0 +1,99 @@
+"""The local, content-addressed download cache.
+
+Layout under the cache directory (default ``$AGORA_CACHE_DIR``, else
+``$XDG_CACHE_HOME/agora``, else ``~/.cache/agora``)::
+
+    sha256/<hex>        a complete blob whose bytes hashed to <hex> when it was written
+    sha256/<hex>.part   an interrupted download of <hex>; the next download resumes it
+
+Keying partial files by the expected digest means a resume only ever continues the same
+content; the final rename happens only after the whole file hashed to the right digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+# 1 MiB reads: large enough that hashing runs at hashlib's speed, small enough to stay
+# invisible in memory.
+READ_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("AGORA_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "agora"
+
+
+def parse_digest(digest: str) -> str:
+    """The lowercase hex of a ``sha256:<hex>`` (or bare hex) digest; ValueError otherwise."""
+    algo, sep, hexdigest = digest.strip().partition(":")
+    if not sep:
+        algo, hexdigest = "sha256", algo
+    hexdigest = hexdigest.lower()
+    if algo.lower() != "sha256" or len(hexdigest) != 64:
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    int(hexdigest, 16)  # raises ValueError on non-hex characters
+    return hexdigest
+
+
+def sha256_file(path: Path, hasher: hashlib._Hash | None = None) -> hashlib._Hash:
+    hasher = hasher or hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            hasher.update(chunk)
+    return hasher
+
+
+class BlobCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def blob_path(self, hexdigest: str) -> Path:
+        return self.root / "sha256" / hexdigest
+
+    def part_path(self, hexdigest: str) -> Path:
+        return self.root / "sha256" / f"{hexdigest}.part"
+
+    def lookup(self, hexdigest: str) -> Path | None:
+        """The cached blob if present and its bytes still hash to ``hexdigest``.
+
+        A cache entry that no longer matches (disk corruption, a user editing a hard-linked
+        copy) is deleted so the caller fetches it again.
+        """
+        path = self.blob_path(hexdigest)
+        if not path.is_file():
+            return None
+        if sha256_file(path).hexdigest() == hexdigest:
+            return path
+        path.unlink(missing_ok=True)
+        return None
+
+    def commit(self, part: Path, hexdigest: str) -> Path:
+        final = self.blob_path(hexdigest)
+        os.replace(part, final)
+        return final
+
+
+def place(source: Path, dest: Path) -> Path:
+    """Put a copy of the cached ``source`` at ``dest`` atomically.
+
+    A hard link costs nothing on the same filesystem; a copy is the fallback. The cache
+    re-hashes its entries on every hit, so a later in-place edit of a linked ``dest`` is
+    caught rather than served.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.agora-tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+    return dest

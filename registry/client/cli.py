@@ -1,0 +1,181 @@
+"""``agora expert submit|list|download``: the SDK on the command line.
+
+The registry URL and token come from ``--registry`` / ``--token`` or the environment
+(``AGORA_REGISTRY_URL``, ``AGORA_TOKEN``). Errors print as one line with their code and
+exit non-zero, so scripts can switch on them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from registry.client.client import DEFAULT_URL, Agora, ProgressCallback
+from registry.client.errors import AgoraError
+
+RegistryOption = Annotated[
+    str,
+    typer.Option(
+        "--registry", envvar="AGORA_REGISTRY_URL", help="Registry base URL.", show_default=True
+    ),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="AGORA_TOKEN", help="Bearer token (agora_...).", show_default=False
+    ),
+]
+
+_err = Console(stderr=True)
+
+
+@contextmanager
+def _client(registry: str, token: str | None) -> Iterator[Agora]:
+    """An SDK client whose errors end the command with one line and exit status 1."""
+    try:
+        with Agora(registry, token=token) as agora:
+            yield agora
+    except AgoraError as exc:
+        status = f"HTTP {exc.status}" if exc.status is not None else "no response"
+        line = f"{exc.detail} ({status})"
+        _err.print(f"[bold red]error[/] {escape(f'[{exc.code}]')} {escape(line)}", soft_wrap=True)
+        for field in exc.errors[:10]:
+            _err.print(f"  - {_describe_field_error(field)}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _describe_field_error(field: dict[str, Any]) -> str:
+    where = field.get("loc") or field.get("field") or field.get("pointer") or ""
+    message = field.get("msg") or field.get("detail") or field.get("message") or field
+    return f"{where}: {message}" if where else str(message)
+
+
+@contextmanager
+def _progress_bar(description: str) -> Iterator[ProgressCallback]:
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=_err,
+        transient=True,
+    )
+    task = progress.add_task(description, total=None)
+
+    def update(done: int, total: int | None) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def _submit(
+    *,
+    weights: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="Expert .safetensors")
+    ],
+    datasheet: Annotated[
+        Path,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="Datasheet markdown file."),
+    ],
+    base: Annotated[str, typer.Option("--base", help="Base model revision the expert fits.")],
+    expert_id: Annotated[
+        str | None, typer.Option("--expert-id", help="Add a new version of this expert.")
+    ] = None,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Submit an expert (weights + datasheet) to the registry."""
+    with _client(registry, token) as agora, _progress_bar(f"upload {weights.name}") as bar:
+        submitted = agora.submit_expert(weights, datasheet, base, expert_id=expert_id, progress=bar)
+    typer.echo(f"submitted {submitted.id} version {submitted.version} ({submitted.status})")
+    typer.echo(f"digest {submitted.digest}")
+
+
+def _list(
+    *,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Only experts of this base revision.")
+    ] = None,
+    status: Annotated[str | None, typer.Option("--status", help="active, disabled, ...")] = None,
+    q: Annotated[str | None, typer.Option("-q", "--query", help="Domain text to match.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """List experts, following the registry's pages."""
+    with _client(registry, token) as agora:
+        experts = agora.list_experts(base_revision=base, status=status, q=q, limit=limit)
+        if as_json:
+            for expert in experts:
+                typer.echo(json.dumps(expert.model_dump(mode="json"), sort_keys=True))
+            return
+        table = Table("id", "name", "domain", "status", "version", "base")
+        count = 0
+        for expert in experts:
+            table.add_row(
+                expert.id,
+                expert.name or "",
+                _shorten(expert.domain or "", 40),
+                expert.status,
+                str(expert.latest_version),
+                expert.base_revision[:12],
+            )
+            count += 1
+    if count:
+        Console().print(table)
+    else:
+        typer.echo("no experts match")
+
+
+def _download(
+    *,
+    expert_id: Annotated[str, typer.Argument(help="Expert id (ex_...).")],
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="Default: latest.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="File or directory to write (default: cache).")
+    ] = None,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Download an expert's weights (resumable, sha256-verified, cached)."""
+    with _client(registry, token) as agora, _progress_bar(f"download {expert_id}") as bar:
+        path = agora.download(expert_id, version=version, dest=out, progress=bar)
+    typer.echo(str(path))
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def register(root: typer.Typer, groups: dict[str, typer.Typer]) -> None:
+    """Add the SDK's commands to the ``agora`` CLI (see agora/cli.py)."""
+    expert = groups["expert"]
+    commands: dict[str, Callable[..., None]] = {
+        "submit": _submit,
+        "list": _list,
+        "download": _download,
+    }
+    for name, command in commands.items():
+        expert.command(name)(command)

@@ -1,0 +1,598 @@
+"""``Agora``: the Python client of the registry's HTTP API v1.
+
+Requests that fail without a response (connection refused or reset, timeouts), or that
+the server answers with 429 or a 5xx, are retried with exponential backoff and jitter; a
+429's or 503's ``Retry-After`` is honoured. Every POST carries an ``Idempotency-Key``
+generated once per call and reused by its retries, so a retried submission is applied once
+by the server even when the first attempt's response was lost.
+
+Uploads stream from disk; downloads stream to a ``.part`` file in the cache, resume it
+with ``Range`` after an interruption, and are sha256-verified against the registry's
+digest before they are returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from registry.client.cache import BlobCache, default_cache_dir, parse_digest, place, sha256_file
+from registry.client.errors import (
+    AgoraError,
+    DigestMismatch,
+    NotFound,
+    TransportError,
+    error_from_response,
+    parse_retry_after,
+)
+from registry.client.models import (
+    BaseModelRevision,
+    Expert,
+    ExpertPage,
+    SubmittedExpert,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Reads may wait on the server validating a large upload (it hashes and scans every value
+# after the last byte arrives), so the read timeout is generous; connecting is not.
+DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
+BACKOFF_CAP_S = 8.0
+RETRY_AFTER_CAP_S = 60.0
+
+ProgressCallback = Callable[[int, int | None], None]
+"""Called with (bytes done, total bytes or None) as a transfer advances."""
+
+_M = TypeVar("_M", bound=BaseModel)
+
+# Failures where no response arrived, or the connection broke mid-response. Other httpx
+# transport errors (an unsupported scheme, a bad proxy configuration) will not heal by retrying.
+_RETRYABLE_EXC = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def _retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+class _ProgressReader:
+    """A binary file wrapper that reports how far httpx has read it.
+
+    httpx's multipart encoder seeks every file to 0 before sending, so a retried attempt
+    restarts the count too; ``fileno`` lets httpx take the length from ``fstat`` and send a
+    Content-Length instead of chunked encoding.
+    """
+
+    def __init__(self, raw: IO[bytes], total: int, progress: ProgressCallback | None) -> None:
+        self._raw = raw
+        self._total = total
+        self._progress = progress
+        self._done = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._raw.read(size)
+        self._done += len(chunk)
+        if self._progress is not None and chunk:
+            self._progress(self._done, self._total)
+        return chunk
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        position = self._raw.seek(offset, whence)
+        self._done = position
+        return position
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+
+class Agora:
+    """Client of an Agora registry.
+
+    >>> with Agora("http://127.0.0.1:8000", token="agora_...") as agora:  # doctest: +SKIP
+    ...     submitted = agora.submit_expert("expert.safetensors", Path("datasheet.md"), rev)
+    ...     path = agora.download(submitted.id)
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        backoff_factor: float = 0.5,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        headers = {"User-Agent": "agora-sdk/0.1"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff_factor = backoff_factor
+        self.cache = BlobCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+        # Indirection so tests can observe the delays without waiting them out.
+        self._sleep: Callable[[float], None] = time.sleep
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- experts ---------------------------------------------------------------------------
+
+    def submit_expert(
+        self,
+        weights_path: str | os.PathLike[str],
+        datasheet: str | os.PathLike[str],
+        base_revision: str,
+        *,
+        expert_id: str | None = None,
+        idempotency_key: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> SubmittedExpert:
+        """Submit expert weights (a safetensors file) with their datasheet.
+
+        ``datasheet`` is a path (``Path``, or a one-line ``str`` naming an existing file) or
+        the markdown text itself. Pass ``expert_id`` to add a new version of your own expert.
+        The weights stream from disk; they are never read whole into memory.
+        """
+        weights = Path(weights_path)
+        datasheet_bytes = _datasheet_bytes(datasheet)
+        data = {"base_revision": base_revision}
+        if expert_id is not None:
+            data["expert_id"] = expert_id
+        with weights.open("rb") as raw:
+            reader = _ProgressReader(raw, os.fstat(raw.fileno()).st_size, progress)
+            files = {
+                "weights": (weights.name, reader, "application/octet-stream"),
+                "datasheet": ("datasheet.md", datasheet_bytes, "text/markdown"),
+            }
+            response = self._request(
+                "POST",
+                "/v1/experts",
+                data=data,
+                files=files,
+                rewind=[raw],
+                idempotency_key=idempotency_key,
+            )
+        return _parse(SubmittedExpert, response)
+
+    def list_experts_page(
+        self,
+        *,
+        base_revision: str | None = None,
+        status: str | None = None,
+        q: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> ExpertPage:
+        """One page of experts; pass its ``next_cursor`` back as ``cursor`` for the next."""
+        params = {
+            "base_revision": base_revision,
+            "status": status,
+            "q": q,
+            "limit": limit,
+            "cursor": cursor,
+        }
+        response = self._request(
+            "GET", "/v1/experts", params={k: v for k, v in params.items() if v is not None}
+        )
+        return _parse(ExpertPage, response)
+
+    def list_experts(
+        self,
+        *,
+        base_revision: str | None = None,
+        status: str | None = None,
+        q: str | None = None,
+        limit: int | None = None,
+        page_size: int | None = None,
+    ) -> Iterator[Expert]:
+        """Iterate over the matching experts, following cursors page by page (lazily).
+
+        ``limit`` caps the number of experts yielded (None: all); ``page_size`` is how many
+        each request asks for (the server caps it at 100).
+        """
+        if limit is not None and limit <= 0:
+            return
+        if page_size is None and limit is not None:
+            page_size = min(limit, 100)
+        yielded = 0
+        cursor: str | None = None
+        while True:
+            page = self.list_experts_page(
+                base_revision=base_revision, status=status, q=q, limit=page_size, cursor=cursor
+            )
+            for expert in page.items:
+                yield expert
+                yielded += 1
+                if limit is not None and yielded >= limit:
+                    return
+            if not page.next_cursor or not page.items:
+                return
+            cursor = page.next_cursor
+
+    def get_expert(self, expert_id: str) -> Expert:
+        """The expert's metadata, with all its versions."""
+        return _parse(Expert, self._request("GET", f"/v1/experts/{_seg(expert_id)}"))
+
+    def get_datasheet(self, expert_id: str, version: int | None = None) -> str:
+        """The datasheet markdown of the given (default: latest) version."""
+        params = {"version": version} if version is not None else None
+        response = self._request("GET", f"/v1/experts/{_seg(expert_id)}/datasheet", params=params)
+        return response.text
+
+    def download(
+        self,
+        expert_id: str,
+        *,
+        version: int | None = None,
+        dest: str | os.PathLike[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Path:
+        """Download an expert's weights, verified against the registry's sha256.
+
+        Returns the cached file, or ``dest`` (a file path, or a directory that receives
+        ``<id>-v<version>.safetensors``) when given. A blob already in the cache is
+        re-hashed and returned without transferring it again; an interrupted download
+        resumes from its ``.part`` file.
+        """
+        expert = self.get_expert(expert_id)
+        number = version if version is not None else expert.latest_version
+        entry = next((v for v in expert.versions if v.version == number), None)
+        if entry is None:
+            raise NotFound(f"expert {expert_id} has no version {number}", code="version_not_found")
+        hexdigest = parse_digest(entry.digest)
+        # Only an active expert is served from the cache: for a disabled one the registry
+        # must get the chance to answer 451 (or serve it to a moderator).
+        cached = self.cache.lookup(hexdigest) if expert.status == "active" else None
+        path = cached or self._fetch_blob(
+            f"/v1/experts/{_seg(expert_id)}/weights",
+            params={"version": number},
+            hexdigest=hexdigest,
+            size=entry.size,
+            progress=progress,
+        )
+        if dest is None:
+            return path
+        target = Path(dest)
+        if target.is_dir():
+            target = target / f"{expert_id}-v{number}.safetensors"
+        return place(path, target)
+
+    # -- base models -----------------------------------------------------------------------
+
+    def list_base_models(self) -> list[BaseModelRevision]:
+        response = self._request("GET", "/v1/base-models")
+        body = _json(response)
+        items = body.get("items") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise AgoraError("unexpected response to GET /v1/base-models", code="bad_response")
+        return [BaseModelRevision.model_validate(item) for item in items]
+
+    def get_base_model(self, revision: str) -> BaseModelRevision:
+        return _parse(BaseModelRevision, self._request("GET", f"/v1/base-models/{_seg(revision)}"))
+
+    def upload_base_model(
+        self,
+        config: str | os.PathLike[str],
+        tokenizer: str | os.PathLike[str],
+        weights: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> BaseModelRevision:
+        """Store a base model revision (admin). Identical files give the same revision."""
+        paths = {"config": Path(config), "tokenizer": Path(tokenizer), "weights": Path(weights)}
+        with contextlib.ExitStack() as stack:
+            raws = {field: stack.enter_context(p.open("rb")) for field, p in paths.items()}
+            total = sum(os.fstat(raw.fileno()).st_size for raw in raws.values())
+            # One running total across the three files, as one transfer.
+            offsets: dict[str, int] = {}
+
+            def report(field: str) -> ProgressCallback | None:
+                if progress is None:
+                    return None
+                cb = progress
+
+                def on_read(done: int, _total: int | None) -> None:
+                    offsets[field] = done
+                    cb(sum(offsets.values()), total)
+
+                return on_read
+
+            files = {
+                field: (
+                    paths[field].name,
+                    _ProgressReader(raw, os.fstat(raw.fileno()).st_size, report(field)),
+                    "application/octet-stream",
+                )
+                for field, raw in raws.items()
+            }
+            data = {"name": name} if name is not None else None
+            response = self._request(
+                "POST", "/v1/base-models", data=data, files=files, rewind=list(raws.values())
+            )
+        return _parse(BaseModelRevision, response)
+
+    def download_base_model(
+        self,
+        revision: str,
+        dest_dir: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> Path:
+        """Fetch ``config.json``, ``tokenizer.json`` and ``model.safetensors`` into ``dest_dir``."""
+        base = self.get_base_model(revision)
+        target = Path(dest_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        layout = {
+            "config": ("config.json", base.files.config),
+            "tokenizer": ("tokenizer.json", base.files.tokenizer),
+            "weights": ("model.safetensors", base.files.weights),
+        }
+        for kind, (filename, info) in layout.items():
+            hexdigest = parse_digest(info.digest)
+            path = self.cache.lookup(hexdigest) or self._fetch_blob(
+                f"/v1/base-models/{_seg(revision)}/files/{kind}",
+                params=None,
+                hexdigest=hexdigest,
+                size=info.size,
+                progress=progress,
+            )
+            place(path, target / filename)
+        return target
+
+    # -- transfers -------------------------------------------------------------------------
+
+    def _fetch_blob(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None,
+        hexdigest: str,
+        size: int | None,
+        progress: ProgressCallback | None,
+    ) -> Path:
+        part = self.cache.part_path(hexdigest)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        resumed = part.exists() and part.stat().st_size > 0
+        got = self._stream_to_part(
+            path, params=params, part=part, hexdigest=hexdigest, size=size, progress=progress
+        )
+        if got != hexdigest and resumed:
+            # The bytes kept from an earlier attempt may be the bad ones: start over once.
+            part.unlink(missing_ok=True)
+            got = self._stream_to_part(
+                path, params=params, part=part, hexdigest=hexdigest, size=size, progress=progress
+            )
+        if got != hexdigest:
+            part.unlink(missing_ok=True)
+            raise DigestMismatch(
+                f"downloaded bytes hash to sha256:{got}, the registry advertised "
+                f"sha256:{hexdigest}; nothing was kept"
+            )
+        return self.cache.commit(part, hexdigest)
+
+    def _stream_to_part(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None,
+        part: Path,
+        hexdigest: str,
+        size: int | None,
+        progress: ProgressCallback | None,
+    ) -> str:
+        """Stream the blob into ``part`` (resuming what is there); the sha256 hex of it all."""
+        hasher = hashlib.sha256()
+        offset = 0
+        if part.exists():
+            offset = part.stat().st_size
+            if size is not None and offset > size:
+                part.unlink()
+                offset = 0
+            else:
+                # Hash what is kept so the final digest covers the whole file.
+                sha256_file(part, hasher)
+        failures = 0
+        while True:
+            headers = {"Range": f"bytes={offset}-"} if offset else None
+            try:
+                with self._stream(
+                    "GET", path, params=params, headers=headers, also_ok=frozenset({416})
+                ) as response:
+                    if response.status_code == 416:
+                        # Nothing left to send from `offset`: either the part is complete
+                        # (the digest check decides) or it is longer than the blob.
+                        total = _content_range_total(response.headers.get("Content-Range"))
+                        if total is not None and total == offset:
+                            return hasher.hexdigest()
+                        hasher, offset = hashlib.sha256(), 0
+                        part.unlink(missing_ok=True)
+                        failures += 1
+                        if failures > self.max_retries:
+                            raise AgoraError(
+                                "the registry refused every byte range",
+                                status=416,
+                                code="range_not_satisfiable",
+                            )
+                        continue
+                    if response.status_code == 206:
+                        start = _content_range_start(response.headers.get("Content-Range"))
+                        if start != offset:
+                            raise AgoraError(
+                                f"asked for bytes from {offset}, got a range from {start}",
+                                status=206,
+                                code="bad_content_range",
+                            )
+                        mode = "ab"
+                    else:
+                        # A 200 is the whole blob: the server ignored (or could not honour)
+                        # the range, so whatever the part held is replaced.
+                        hasher, offset, mode = hashlib.sha256(), 0, "wb"
+                    advertised = response.headers.get("X-Agora-Digest")
+                    if advertised is not None and parse_digest(advertised) != hexdigest:
+                        raise DigestMismatch(
+                            f"the registry serves {advertised} where sha256:{hexdigest} "
+                            "was expected"
+                        )
+                    with part.open(mode) as out:
+                        for chunk in response.iter_bytes():
+                            out.write(chunk)
+                            hasher.update(chunk)
+                            offset += len(chunk)
+                            if progress is not None:
+                                progress(offset, size)
+                return hasher.hexdigest()
+            except _RETRYABLE_EXC as exc:
+                # The connection broke mid-body: what arrived is on disk, resume after it.
+                failures += 1
+                if failures > self.max_retries:
+                    raise TransportError(f"download of {path} failed: {exc}") from exc
+                self._sleep(self._backoff(failures - 1))
+
+    # -- request machinery ----------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: half fixed, half random, capped."""
+        delay = min(BACKOFF_CAP_S, self.backoff_factor * 2.0**attempt)
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
+        files: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        rewind: list[IO[bytes]] | None = None,
+        idempotency_key: str | None = None,
+        stream: bool = False,
+        also_ok: frozenset[int] = frozenset(),
+    ) -> httpx.Response:
+        """Send with retries; returns a 2xx (or ``also_ok``) response, else raises a typed error."""
+        all_headers = dict(headers or {})
+        if method == "POST":
+            # One key per logical call, reused by every retry of it.
+            all_headers["Idempotency-Key"] = idempotency_key or f"agora-{uuid.uuid4().hex}"
+        attempt = 0
+        while True:
+            for raw in rewind or ():
+                raw.seek(0)
+            request = self._http.build_request(
+                method, path, params=params, data=data, files=files, headers=all_headers
+            )
+            try:
+                response = self._http.send(request, stream=stream)
+            except _RETRYABLE_EXC as exc:
+                if attempt >= self.max_retries:
+                    raise TransportError(
+                        f"{method} {self.base_url}{path} failed after {attempt + 1} "
+                        f"attempt(s): {exc or type(exc).__name__}"
+                    ) from exc
+                delay = self._backoff(attempt)
+            except httpx.HTTPError as exc:
+                raise TransportError(f"{method} {self.base_url}{path}: {exc}") from exc
+            else:
+                if response.is_success or response.status_code in also_ok:
+                    return response
+                if stream:
+                    response.read()
+                response.close()
+                if not _retryable_status(response.status_code) or attempt >= self.max_retries:
+                    raise error_from_response(response)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                delay = (
+                    min(retry_after, RETRY_AFTER_CAP_S)
+                    if retry_after is not None
+                    else self._backoff(attempt)
+                )
+            self._sleep(delay)
+            attempt += 1
+
+    @contextlib.contextmanager
+    def _stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        response = self._request(method, path, stream=True, **kwargs)
+        try:
+            yield response
+        finally:
+            response.close()
+
+
+def _seg(value: str) -> str:
+    """A path segment, percent-encoded so an id can never add path components."""
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise AgoraError(
+            f"the registry answered {response.request.method} {response.request.url.path} "
+            "with a body that is not JSON",
+            status=response.status_code,
+            code="bad_response",
+        ) from exc
+
+
+def _parse(model: type[_M], response: httpx.Response) -> _M:
+    return model.model_validate(_json(response))
+
+
+def _datasheet_bytes(datasheet: str | os.PathLike[str]) -> bytes:
+    if isinstance(datasheet, os.PathLike):
+        return Path(datasheet).read_bytes()
+    # A one-line string naming an existing file is a path; anything else is the markdown.
+    if "\n" not in datasheet and datasheet.strip() and Path(datasheet).is_file():
+        return Path(datasheet).read_bytes()
+    return datasheet.encode("utf-8")
+
+
+def _content_range_start(value: str | None) -> int | None:
+    # "bytes 100-199/1000"
+    if not value or not value.startswith("bytes "):
+        return None
+    span = value[len("bytes ") :].split("/", 1)[0]
+    start, _, _ = span.partition("-")
+    return int(start) if start.strip().isdigit() else None
+
+
+def _content_range_total(value: str | None) -> int | None:
+    # "bytes */1000" (416) or "bytes 0-99/1000"
+    if not value or "/" not in value:
+        return None
+    total = value.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None

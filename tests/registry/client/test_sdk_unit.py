@@ -1,0 +1,415 @@
+"""SDK behaviour that needs no server: surface, error mapping, retries, resumable downloads.
+
+A scripted ``httpx.MockTransport`` plays the registry, so each test controls exactly which
+attempt fails and how.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import registry.client as sdk
+from registry.client import (
+    Agora,
+    AgoraError,
+    BadRequest,
+    Conflict,
+    DigestMismatch,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+    TransportError,
+    Unauthenticated,
+    UnavailableForLegalReasons,
+    ValidationFailed,
+)
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def problem(status: int, code: str, detail: str = "nope", **extra: object) -> httpx.Response:
+    body = {"type": "about:blank", "title": "x", "status": status, "detail": detail, "code": code}
+    body.update(extra)
+    return httpx.Response(
+        status,
+        content=json.dumps(body).encode(),
+        headers={"Content-Type": "application/problem+json"},
+    )
+
+
+def make_client(handler: Handler, tmp_path: Path, **kwargs: object) -> tuple[Agora, list[float]]:
+    agora = Agora(
+        "http://registry.test",
+        token="agora_test",
+        transport=httpx.MockTransport(handler),
+        cache_dir=tmp_path / "cache",
+        **kwargs,  # type: ignore[arg-type]
+    )
+    sleeps: list[float] = []
+    agora._sleep = sleeps.append
+    return agora, sleeps
+
+
+SUBMITTED = {"id": "ex_01", "version": 1, "digest": "sha256:" + "0" * 64, "status": "active"}
+
+
+# --------------------------------------------------------------------------- surface
+
+
+def test_public_surface_is_all_and_importable() -> None:
+    expected = {
+        "Agora",
+        "AgoraError",
+        "BadRequest",
+        "BaseModelFiles",
+        "BaseModelRevision",
+        "Conflict",
+        "DigestMismatch",
+        "Expert",
+        "ExpertPage",
+        "ExpertVersion",
+        "FileInfo",
+        "Forbidden",
+        "NotFound",
+        "PayloadTooLarge",
+        "ProgressCallback",
+        "RateLimited",
+        "ServerError",
+        "ServiceUnavailable",
+        "SubmittedExpert",
+        "TransportError",
+        "Unauthenticated",
+        "UnavailableForLegalReasons",
+        "ValidationFailed",
+    }
+    assert set(sdk.__all__) == expected
+    for name in sdk.__all__:
+        assert getattr(sdk, name) is not None
+    for name in expected - {"Agora", "ProgressCallback"}:
+        obj = getattr(sdk, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, AgoraError), name
+
+
+def test_sdk_import_pulls_no_server_dependencies() -> None:
+    code = (
+        "import sys, registry.client, registry.client.cli;"
+        "bad = {'fastapi','sqlalchemy','boto3','numpy','torch','registry.errors','starlette'}"
+        " & set(sys.modules); print(sorted(bad))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, BadRequest),
+        (401, Unauthenticated),
+        (403, Forbidden),
+        (404, NotFound),
+        (409, Conflict),
+        (413, PayloadTooLarge),
+        (418, BadRequest),
+        (422, ValidationFailed),
+        (451, UnavailableForLegalReasons),
+    ],
+)
+def test_problem_json_maps_to_typed_error(tmp_path: Path, status: int, cls: type) -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return problem(status, "some_code", "what went wrong", errors=[{"loc": "x", "msg": "y"}])
+
+    agora, _ = make_client(handler, tmp_path)
+    with pytest.raises(cls) as info:
+        agora.get_expert("ex_1")
+    err = info.value
+    assert type(err) is cls
+    assert (err.status, err.code, err.detail) == (status, "some_code", "what went wrong")
+    assert err.problem["status"] == status
+    assert err.errors == [{"loc": "x", "msg": "y"}]
+    assert "some_code" in str(err)
+    assert len(calls) == 1  # 4xx are the caller's problem: never retried
+
+
+def test_non_json_error_body_still_gives_typed_error(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, text="<html>bad gateway</html>")
+
+    agora, sleeps = make_client(handler, tmp_path, max_retries=1)
+    with pytest.raises(ServerError) as info:
+        agora.get_expert("ex_1")
+    assert info.value.status == 502
+    assert info.value.code == "internal_error"
+    assert "bad gateway" in info.value.detail
+    assert len(sleeps) == 1
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_submit_retried_on_503_reuses_idempotency_key_and_rewinds(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    payload = bytes(range(256)) * 1000
+    weights.write_bytes(payload)
+    seen: list[tuple[str, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.headers["Idempotency-Key"], request.read()))
+        if len(seen) < 3:
+            return problem(503, "database_unavailable")
+        return httpx.Response(201, json=SUBMITTED)
+
+    agora, sleeps = make_client(handler, tmp_path)
+    result = agora.submit_expert(weights, "---\nname: x\n---\n", "rev")
+    assert result.id == "ex_01"
+    assert len(seen) == 3
+    keys = {key for key, _ in seen}
+    assert len(keys) == 1 and keys.pop().startswith("agora-")
+    # Every attempt carried the whole file, not the tail left after the first read.
+    assert all(body.count(payload) == 1 for _, body in seen)
+    assert len(sleeps) == 2 and all(s > 0 for s in sleeps)
+    assert sleeps[1] > sleeps[0] / 2  # backoff grows (jitter keeps it within a factor)
+
+
+def test_submit_retried_after_connection_error_with_same_key(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x" * 10)
+    keys: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["Idempotency-Key"])
+        if len(keys) == 1:
+            raise httpx.ConnectError("connection refused", request=request)
+        if len(keys) == 2:
+            raise httpx.ReadTimeout("response lost", request=request)
+        return httpx.Response(201, json=SUBMITTED)
+
+    agora, _ = make_client(handler, tmp_path)
+    agora.submit_expert(weights, "---\nname: x\n---\n", "rev", idempotency_key="my-key")
+    assert keys == ["my-key"] * 3
+
+
+def test_each_logical_post_gets_its_own_key(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"x")
+    keys: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers["Idempotency-Key"])
+        return httpx.Response(201, json=SUBMITTED)
+
+    agora, _ = make_client(handler, tmp_path)
+    agora.submit_expert(weights, "text\nmore", "rev")
+    agora.submit_expert(weights, "text\nmore", "rev")
+    assert len(set(keys)) == 2
+
+
+def test_429_retry_after_is_honoured(tmp_path: Path) -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            response = problem(429, "rate_limited")
+            response.headers["Retry-After"] = "7"
+            return response
+        return httpx.Response(200, json={"items": [], "next_cursor": None})
+
+    agora, sleeps = make_client(handler, tmp_path)
+    assert list(agora.list_experts()) == []
+    assert sleeps == [7.0]
+
+
+def test_gives_up_after_max_retries_with_typed_error(tmp_path: Path) -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        response = problem(429, "rate_limited")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    agora, sleeps = make_client(handler, tmp_path, max_retries=2)
+    with pytest.raises(RateLimited) as info:
+        agora.get_expert("ex_1")
+    assert calls == 3
+    assert sleeps == [1.0, 1.0]
+    assert info.value.retry_after == 1.0
+
+
+def test_connection_refused_becomes_transport_error(tmp_path: Path) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    agora, sleeps = make_client(handler, tmp_path, max_retries=2)
+    with pytest.raises(TransportError) as info:
+        agora.get_expert("ex_1")
+    assert info.value.status is None
+    assert info.value.code == "transport_error"
+    assert "Connection refused" in info.value.detail
+    assert len(sleeps) == 2
+
+
+def test_503_maps_to_service_unavailable(tmp_path: Path) -> None:
+    agora, _ = make_client(lambda r: problem(503, "storage_unavailable"), tmp_path, max_retries=0)
+    with pytest.raises(ServiceUnavailable) as info:
+        agora.get_expert("ex_1")
+    assert isinstance(info.value, ServerError)
+    assert info.value.code == "storage_unavailable"
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_list_experts_follows_cursors_and_stops_at_limit(tmp_path: Path) -> None:
+    def expert(i: int) -> dict[str, object]:
+        return {"id": f"ex_{i}", "status": "active", "base_revision": "r", "latest_version": 1}
+
+    pages = {None: ([1, 2], "c1"), "c1": ([3, 4], "c2"), "c2": ([5], None)}
+    requested: list[dict[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        params = dict(request.url.params)
+        requested.append(params)
+        ids, nxt = pages[params.get("cursor")]
+        return httpx.Response(200, json={"items": [expert(i) for i in ids], "next_cursor": nxt})
+
+    agora, _ = make_client(handler, tmp_path)
+    assert [e.id for e in agora.list_experts(q="law", status="active")] == [
+        f"ex_{i}" for i in range(1, 6)
+    ]
+    assert requested[0] == {"q": "law", "status": "active"}
+    requested.clear()
+    assert [e.id for e in agora.list_experts(limit=3)] == ["ex_1", "ex_2", "ex_3"]
+    assert len(requested) == 2 and requested[0]["limit"] == "3"
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+class FakeWeights:
+    """Serves GET /v1/experts/ex_1 and its weights with Range, optionally misbehaving."""
+
+    def __init__(self, blob: bytes, *, digest: str | None = None) -> None:
+        self.blob = blob
+        self.digest = digest or hashlib.sha256(blob).hexdigest()
+        self.served = 0  # body bytes sent for weights requests
+        self.ranges: list[str | None] = []
+        self.break_after: int | None = None  # drop the connection after this many bytes
+        self.serve_instead: bytes | None = None
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/experts/ex_1":
+            return httpx.Response(200, json=self.meta())
+        assert request.url.path == "/v1/experts/ex_1/weights"
+        blob = self.serve_instead if self.serve_instead is not None else self.blob
+        rng = request.headers.get("Range")
+        self.ranges.append(rng)
+        start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
+        body = blob[start:]
+        headers = {"X-Agora-Digest": f"sha256:{self.digest}", "Accept-Ranges": "bytes"}
+        status = 200
+        if rng:
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(blob) - 1}/{len(blob)}"
+        return httpx.Response(status, headers=headers, stream=_Stream(self, body))
+
+    def meta(self) -> dict[str, object]:
+        return {
+            "id": "ex_1",
+            "status": "active",
+            "base_revision": "r",
+            "latest_version": 1,
+            "versions": [
+                {
+                    "version": 1,
+                    "digest": f"sha256:{self.digest}",
+                    "size": len(self.blob),
+                    "base_revision": "r",
+                }
+            ],
+        }
+
+
+class _Stream(httpx.SyncByteStream):
+    def __init__(self, fake: FakeWeights, body: bytes) -> None:
+        self.fake = fake
+        self.body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i in range(0, len(self.body), 1000):
+            if self.fake.break_after is not None and self.fake.served >= self.fake.break_after:
+                self.fake.break_after = None
+                raise httpx.ReadError("connection reset by peer")
+            chunk = self.body[i : i + 1000]
+            self.fake.served += len(chunk)
+            yield chunk
+
+
+def test_download_resumes_after_a_dropped_connection(tmp_path: Path) -> None:
+    blob = bytes(range(256)) * 40  # 10240 bytes
+    fake = FakeWeights(blob)
+    fake.break_after = 4000
+    agora, sleeps = make_client(fake, tmp_path)
+    path = agora.download("ex_1")
+    assert path.read_bytes() == blob
+    assert fake.ranges == [None, "bytes=4000-"]
+    assert fake.served == len(blob)  # nothing was sent twice
+    assert len(sleeps) == 1
+
+
+def test_download_of_wrong_bytes_raises_and_keeps_nothing(tmp_path: Path) -> None:
+    blob = b"a" * 5000
+    fake = FakeWeights(blob)
+    fake.serve_instead = b"b" * 5000
+    agora, _ = make_client(fake, tmp_path)
+    with pytest.raises(DigestMismatch) as info:
+        agora.download("ex_1", dest=tmp_path / "out.safetensors")
+    assert info.value.code == "digest_mismatch"
+    assert not (tmp_path / "out.safetensors").exists()
+    assert list((tmp_path / "cache").rglob("*.*")) == []
+    assert list((tmp_path / "cache" / "sha256").iterdir()) == []
+
+
+def test_download_of_unknown_version_is_not_found(tmp_path: Path) -> None:
+    agora, _ = make_client(FakeWeights(b"x"), tmp_path)
+    with pytest.raises(NotFound) as info:
+        agora.download("ex_1", version=9)
+    assert info.value.code == "version_not_found"
+
+
+def test_progress_reports_reach_the_total(tmp_path: Path) -> None:
+    blob = b"z" * 3500
+    agora, _ = make_client(FakeWeights(blob), tmp_path)
+    reports: list[tuple[int, int | None]] = []
+    agora.download("ex_1", progress=lambda done, total: reports.append((done, total)))
+    assert reports[-1] == (3500, 3500)
+    assert [d for d, _ in reports] == sorted(d for d, _ in reports)
+
+
+def test_error_base_class_catches_everything(tmp_path: Path) -> None:
+    agora, _ = make_client(lambda r: problem(404, "expert_not_found"), tmp_path)
+    with pytest.raises(AgoraError) as info:
+        agora.get_datasheet("ex_nope")
+    assert isinstance(info.value, NotFound) and info.value.code == "expert_not_found"
