@@ -183,10 +183,12 @@ def test_submit_retried_on_503_reuses_idempotency_key_and_rewinds(tmp_path: Path
     assert result.id == "ex_01"
     assert len(seen) == 3
     keys = {key for key, _ in seen}
-    assert len(keys) == 1 and keys.pop().startswith("agora-")
+    assert len(keys) == 1
+    assert keys.pop().startswith("agora-")
     # Every attempt carried the whole file, not the tail left after the first read.
     assert all(body.count(payload) == 1 for _, body in seen)
-    assert len(sleeps) == 2 and all(s > 0 for s in sleeps)
+    assert len(sleeps) == 2
+    assert all(s > 0 for s in sleeps)
     assert sleeps[1] > sleeps[0] / 2  # backoff grows (jitter keeps it within a factor)
 
 
@@ -302,7 +304,8 @@ def test_list_experts_follows_cursors_and_stops_at_limit(tmp_path: Path) -> None
     assert requested[0] == {"q": "law", "status": "active"}
     requested.clear()
     assert [e.id for e in agora.list_experts(limit=3)] == ["ex_1", "ex_2", "ex_3"]
-    assert len(requested) == 2 and requested[0]["limit"] == "3"
+    assert len(requested) == 2
+    assert requested[0]["limit"] == "3"
 
 
 # --------------------------------------------------------------------------- downloads
@@ -412,4 +415,5 @@ def test_error_base_class_catches_everything(tmp_path: Path) -> None:
     agora, _ = make_client(lambda r: problem(404, "expert_not_found"), tmp_path)
     with pytest.raises(AgoraError) as info:
         agora.get_datasheet("ex_nope")
-    assert isinstance(info.value, NotFound) and info.value.code == "expert_not_found"
+    assert isinstance(info.value, NotFound)
+    assert info.value.code == "expert_not_found"
