@@ -51,6 +51,9 @@ class LocalBlobStore(BlobStore):
         target = self._path(key)
         if target.exists():
             path.unlink(missing_ok=True)
+            # Refresh the age the garbage collector judges by: this blob may be an orphan
+            # about to be collected, and a row is about to point at it.
+            os.utime(target)
             return key
         target.parent.mkdir(parents=True, exist_ok=True)
         if self.durable:

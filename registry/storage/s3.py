@@ -31,6 +31,10 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
+# S3's single-request CopyObject limit.
+_MAX_COPY_BYTES = 5 * 1024**3
+
+
 class S3BlobStore(BlobStore):
     def __init__(
         self,
@@ -98,7 +102,20 @@ class S3BlobStore(BlobStore):
     def commit(self, path: Path, hexdigest: str) -> str:
         key = blob_key(hexdigest)
         try:
-            if self._head(key) is None:
+            head = self._head(key)
+            if head is not None and int(head["ContentLength"]) <= _MAX_COPY_BYTES:
+                # Already stored: copy the object onto itself to refresh LastModified, the
+                # age the garbage collector judges by (it may be an orphan about to go, and
+                # a row is about to point at it).
+                self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=self._object(key),
+                    CopySource={"Bucket": self.bucket, "Key": self._object(key)},
+                    MetadataDirective="REPLACE",
+                    ContentType="application/octet-stream",
+                )
+            else:
+                # Absent, or too large for a single copy: (re)upload the verified bytes.
                 self.client.upload_file(
                     str(path),
                     self.bucket,
