@@ -12,12 +12,14 @@ from registry.client.errors import (
     Forbidden,
     NotFound,
     PayloadTooLarge,
+    RangeNotSatisfiable,
     RateLimited,
     ServerError,
     ServiceUnavailable,
     TransportError,
     Unauthenticated,
     UnavailableForLegalReasons,
+    UnsupportedMediaType,
     ValidationFailed,
 )
 from registry.client.models import (
@@ -46,6 +48,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "ProgressCallback",
+    "RangeNotSatisfiable",
     "RateLimited",
     "ServerError",
     "ServiceUnavailable",
@@ -53,5 +56,6 @@ __all__ = [
     "TransportError",
     "Unauthenticated",
     "UnavailableForLegalReasons",
+    "UnsupportedMediaType",
     "ValidationFailed",
 ]

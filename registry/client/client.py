@@ -33,6 +33,7 @@ from registry.client.errors import (
     DigestMismatch,
     NotFound,
     TransportError,
+    content_range_total,
     error_from_response,
     parse_retry_after,
 )
@@ -422,6 +423,10 @@ class Agora:
             else:
                 # Hash what is kept so the final digest covers the whole file.
                 sha256_file(part, hasher)
+                if offset == size:
+                    # Complete but never renamed (interrupted at the end): the caller's
+                    # digest check decides, no request needed.
+                    return hasher.hexdigest()
         failures = 0
         while True:
             headers = {"Range": f"bytes={offset}-"} if offset else None
@@ -432,7 +437,7 @@ class Agora:
                     if response.status_code == 416:
                         # Nothing left to send from `offset`: either the part is complete
                         # (the digest check decides) or it is longer than the blob.
-                        total = _content_range_total(response.headers.get("Content-Range"))
+                        total = content_range_total(response.headers.get("Content-Range"))
                         if total is not None and total == offset:
                             return hasher.hexdigest()
                         hasher, offset = hashlib.sha256(), 0
@@ -588,11 +593,3 @@ def _content_range_start(value: str | None) -> int | None:
     span = value[len("bytes ") :].split("/", 1)[0]
     start, _, _ = span.partition("-")
     return int(start) if start.strip().isdigit() else None
-
-
-def _content_range_total(value: str | None) -> int | None:
-    # "bytes */1000" (416) or "bytes 0-99/1000"
-    if not value or "/" not in value:
-        return None
-    total = value.rsplit("/", 1)[1].strip()
-    return int(total) if total.isdigit() else None

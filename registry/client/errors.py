@@ -12,6 +12,8 @@ with httpx and pydantic only. ::
     ├── NotFound                    404
     ├── Conflict                    409
     ├── PayloadTooLarge             413
+    ├── UnsupportedMediaType        415
+    ├── RangeNotSatisfiable         416 (.size: the blob's length, from Content-Range)
     ├── RateLimited                 429 (.retry_after in seconds, when the server sent one)
     ├── UnavailableForLegalReasons  451 (a disabled expert, or anything derived from one)
     ├── ServerError                 5xx
@@ -100,6 +102,28 @@ class PayloadTooLarge(AgoraError):
     default_code = "payload_too_large"
 
 
+class UnsupportedMediaType(AgoraError):
+    default_status = 415
+    default_code = "unsupported_media_type"
+
+
+class RangeNotSatisfiable(AgoraError):
+    default_status = 416
+    default_code = "range_not_satisfiable"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        problem: dict[str, Any] | None = None,
+        size: int | None = None,
+    ) -> None:
+        super().__init__(detail, status=status, code=code, problem=problem)
+        self.size = size
+
+
 class RateLimited(AgoraError):
     default_status = 429
     default_code = "rate_limited"
@@ -151,6 +175,8 @@ _BY_STATUS: dict[int, type[AgoraError]] = {
     404: NotFound,
     409: Conflict,
     413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    416: RangeNotSatisfiable,
     422: ValidationFailed,
     429: RateLimited,
     451: UnavailableForLegalReasons,
@@ -207,4 +233,20 @@ def error_from_response(response: httpx.Response) -> AgoraError:
             problem=problem,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
+    if cls is RangeNotSatisfiable:
+        return RangeNotSatisfiable(
+            detail,
+            status=status,
+            code=code,
+            problem=problem,
+            size=content_range_total(response.headers.get("Content-Range")),
+        )
     return cls(detail, status=status, code=code, problem=problem)
+
+
+def content_range_total(value: str | None) -> int | None:
+    """The complete length from ``Content-Range: bytes a-b/N`` or ``bytes */N``."""
+    if not value or "/" not in value:
+        return None
+    total = value.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None

@@ -26,12 +26,14 @@ from registry.client import (
     Forbidden,
     NotFound,
     PayloadTooLarge,
+    RangeNotSatisfiable,
     RateLimited,
     ServerError,
     ServiceUnavailable,
     TransportError,
     Unauthenticated,
     UnavailableForLegalReasons,
+    UnsupportedMediaType,
     ValidationFailed,
 )
 
@@ -84,6 +86,7 @@ def test_public_surface_is_all_and_importable() -> None:
         "NotFound",
         "PayloadTooLarge",
         "ProgressCallback",
+        "RangeNotSatisfiable",
         "RateLimited",
         "ServerError",
         "ServiceUnavailable",
@@ -91,6 +94,7 @@ def test_public_surface_is_all_and_importable() -> None:
         "TransportError",
         "Unauthenticated",
         "UnavailableForLegalReasons",
+        "UnsupportedMediaType",
         "ValidationFailed",
     }
     assert set(sdk.__all__) == expected
@@ -126,6 +130,8 @@ def test_sdk_import_pulls_no_server_dependencies() -> None:
         (404, NotFound),
         (409, Conflict),
         (413, PayloadTooLarge),
+        (415, UnsupportedMediaType),
+        (416, RangeNotSatisfiable),
         (418, BadRequest),
         (422, ValidationFailed),
         (451, UnavailableForLegalReasons),
