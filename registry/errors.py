@@ -10,6 +10,8 @@
     ├── NotFound                    404
     ├── Conflict                    409 (state conflict: stale fencing token, reused key...)
     ├── PayloadTooLarge             413
+    ├── UnsupportedMediaType        415 (a body that is not multipart/form-data where one is needed)
+    ├── RangeNotSatisfiable         416 (a Range header outside the blob)
     ├── UnavailableForLegalReasons  451 (a disabled expert, or anything derived from one)
     └── ServiceUnavailable          503 (database or storage unreachable)
 
@@ -107,3 +109,21 @@ class ServiceUnavailable(AgoraError):
     status = 503
     title = "Service unavailable"
     default_code = "service_unavailable"
+
+
+class UnsupportedMediaType(AgoraError):
+    status = 415
+    title = "Unsupported media type"
+    default_code = "unsupported_media_type"
+
+
+class RangeNotSatisfiable(AgoraError):
+    status = 416
+    title = "Range not satisfiable"
+    default_code = "range_not_satisfiable"
+
+    def __init__(self, detail: str, *, size: int, code: str | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.size = size
+        # RFC 9110: a 416 tells the client the representation's length.
+        self.headers = {"Content-Range": f"bytes */{size}"}

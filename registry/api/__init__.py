@@ -1,0 +1,1 @@
+"""HTTP layer: thin routes over ``registry.services``; errors mapped to HTTP in ``problems``."""

@@ -1,0 +1,195 @@
+"""Base model revisions: upload (admin), list, get, download files."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from registry.api.common import IdempotentRequest, json_response, record_outcome
+from registry.api.deps import RuntimeDep, SessionDep, require_roles
+from registry.api.downloads import blob_response
+from registry.api.uploads import ParsedForm, parse_multipart
+from registry.errors import AgoraError
+from registry.runtime import Runtime
+from registry.services import base_models as svc
+from registry.services.blobs import get_blob
+from registry.services.idempotency import StoredResponse
+from registry.services.tokens import Principal
+from registry.validation import validate_base_config, validate_base_weights, validate_tokenizer
+
+router = APIRouter(prefix="/v1/base-models", tags=["base models"])
+
+_UPLOAD_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["config", "tokenizer", "weights"],
+                    "properties": {
+                        "config": {"type": "string", "format": "binary"},
+                        "tokenizer": {"type": "string", "format": "binary"},
+                        "weights": {"type": "string", "format": "binary"},
+                        "name": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+_MEDIA = {"config": "application/json", "tokenizer": "application/json"}
+
+
+def _store(
+    runtime: Runtime, principal: Principal, form: ParsedForm, idem: IdempotentRequest
+) -> StoredResponse:
+    with runtime.sessions() as session:
+        stored = idem.replay(session)
+        if stored is not None:
+            return stored
+        files = form.files
+        config = dict(validate_base_config(files["config"].read_bytes()).raw)
+        validate_tokenizer(files["tokenizer"].read_bytes())
+        validate_base_weights(files["weights"].path)
+        revision = svc.revision_id({field: files[field].sha256 for field in svc.BASE_FILES})
+
+        def existing_view(s: Session) -> StoredResponse | None:
+            base = svc.find_base_model(session=s, revision=revision)
+            if base is None:
+                return None
+            return StoredResponse(200, svc.base_model_view(session=s, base=base))
+
+        with session.begin():
+            # Re-posting identical files is a no-op answered 200, not a conflict.
+            found = existing_view(session)
+        if found is not None:
+            already: StoredResponse = found
+            return idem.commit_or_replay(session, lambda _s: already)
+
+        # Blobs first, then the row: a crash in between leaves only unreferenced blobs.
+        keys = {
+            field: runtime.store.commit(files[field].path, files[field].sha256)
+            for field in svc.BASE_FILES
+        }
+        name = form.fields.get("name", "").strip() or str(
+            config.get("name") or f"base-{revision[:12]}"
+        )
+
+        def write(s: Session) -> StoredResponse:
+            base = svc.create_base_model(
+                session=s,
+                revision=revision,
+                name=name[:200],
+                config=config,
+                files={f: (files[f].sha256, files[f].size, keys[f]) for f in svc.BASE_FILES},
+                created_by=principal.name,
+            )
+            return StoredResponse(201, svc.base_model_view(session=s, base=base))
+
+        try:
+            return idem.commit_or_replay(session, write)
+        except IntegrityError:
+            # Two admins posting the same revision at once: the loser answers like a re-post.
+            session.rollback()
+            with session.begin():
+                found = existing_view(session)
+            if found is None:
+                raise
+            return found
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Upload a base model revision (admin)",
+    openapi_extra=_UPLOAD_DOC,
+    responses={200: {"description": "identical files were already stored"}},
+)
+async def create_base_model(
+    request: Request,
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, Depends(require_roles("admin"))],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    s = runtime.settings
+    form = await parse_multipart(
+        request,
+        staging=runtime.staging,
+        file_limits={
+            "config": s.max_base_config_bytes,
+            "tokenizer": s.max_base_tokenizer_bytes,
+            "weights": s.max_base_weights_bytes,
+        },
+        field_names={"name"},
+        field_limit=s.max_form_field_bytes,
+        required_files=set(svc.BASE_FILES),
+    )
+    size = sum(f.size for f in form.files.values())
+    try:
+        idem = IdempotentRequest(
+            principal=principal,
+            key=idempotency_key,
+            method="POST",
+            path=request.url.path,
+            fingerprint=form.fingerprint(),
+        )
+        response = await run_in_threadpool(_store, runtime, principal, form, idem)
+    except AgoraError:
+        record_outcome(runtime, kind="base_model", accepted=False, size=size)
+        raise
+    finally:
+        form.discard()
+    record_outcome(runtime, kind="base_model", accepted=True, size=size)
+    return json_response(response)
+
+
+@router.get("", summary="List base model revisions")
+def list_base_models(session: SessionDep) -> dict[str, Any]:
+    with session.begin():
+        return {
+            "items": [
+                svc.base_model_view(session=session, base=b)
+                for b in svc.list_base_models(session=session)
+            ]
+        }
+
+
+@router.get("/{revision}", summary="Get a base model revision")
+def get_base_model(revision: str, session: SessionDep) -> dict[str, Any]:
+    with session.begin():
+        base = svc.get_base_model(session=session, revision=revision)
+        return svc.base_model_view(session=session, base=base)
+
+
+@router.get(
+    "/{revision}/files/{field}",
+    summary="Download config, tokenizer or weights (streamed, HTTP Range)",
+    response_class=StreamingResponse,
+)
+def download_base_file(
+    revision: str,
+    field: str,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> StreamingResponse:
+    with session.begin():
+        base = svc.get_base_model(session=session, revision=revision)
+        blob = get_blob(session=session, digest=svc.file_digest(base, field))
+    return blob_response(
+        runtime=runtime,
+        digest=blob.digest,
+        storage_key=blob.storage_key,
+        size=blob.size,
+        range_header=range_header,
+        media_type=_MEDIA.get(field, "application/octet-stream"),
+        kind="base_model",
+        filename=svc.BASE_FILES[field],
+    )

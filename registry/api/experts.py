@@ -1,0 +1,263 @@
+"""Experts: submit (strictly validated), list, get, versions, datasheet, weights."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from sqlalchemy.orm import Session
+
+from registry.api.common import IdempotentRequest, json_response, record_outcome
+from registry.api.deps import OptionalPrincipal, RuntimeDep, SessionDep, require_roles
+from registry.api.downloads import blob_response
+from registry.api.uploads import ParsedForm, parse_multipart
+from registry.db.models import Expert
+from registry.errors import AgoraError, Forbidden, Unauthenticated, UnavailableForLegalReasons
+from registry.runtime import Runtime
+from registry.services import experts as svc
+from registry.services.blobs import get_blob
+from registry.services.idempotency import StoredResponse
+from registry.services.tokens import Principal
+
+router = APIRouter(prefix="/v1/experts", tags=["experts"])
+
+_SUBMIT_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["weights", "datasheet", "base_revision"],
+                    "properties": {
+                        "weights": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "safetensors expert (agora.expert/1)",
+                        },
+                        "datasheet": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "markdown with YAML front matter",
+                        },
+                        "base_revision": {"type": "string"},
+                        "expert_id": {
+                            "type": "string",
+                            "description": "add a new version to this expert (its owner only)",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _submit(
+    runtime: Runtime, principal: Principal, form: ParsedForm, idem: IdempotentRequest
+) -> StoredResponse:
+    weights = form.files["weights"]
+    datasheet = form.files["datasheet"]
+    base_revision = form.fields.get("base_revision", "").strip()
+    expert_id = form.fields.get("expert_id", "").strip() or None
+    with runtime.sessions() as session:
+        stored = idem.replay(session)
+        if stored is not None:
+            return stored
+        with session.begin():
+            base = svc.find_stored_base(session=session, revision=base_revision)
+            if expert_id is not None:
+                # Refuse someone else's expert before any byte is committed to storage.
+                svc.check_owner(
+                    expert=svc.get_expert(session=session, expert_id=expert_id),
+                    principal=principal,
+                )
+        validated = svc.validate_submission(
+            base=base,
+            base_revision=base_revision,
+            weights_path=weights.path,
+            datasheet=datasheet.read_bytes(),
+            max_expert_bytes=runtime.settings.max_expert_bytes,
+            max_datasheet_bytes=runtime.settings.max_datasheet_bytes,
+        )
+        # The blob is committed before the row: a failure in between leaves an orphan blob
+        # for the garbage collector, never a row that names missing bytes.
+        key = runtime.store.commit(weights.path, weights.sha256)
+
+        def write(s: Session) -> StoredResponse:
+            expert, version = svc.record_version(
+                session=s,
+                principal=principal,
+                expert_id=expert_id,
+                validated=validated,
+                digest=weights.sha256,
+                size=weights.size,
+                storage_key=key,
+            )
+            return StoredResponse(
+                201,
+                {
+                    "id": expert.id,
+                    "version": version.version,
+                    "digest": f"sha256:{version.digest}",
+                    "status": expert.status,
+                },
+            )
+
+        return idem.commit_or_replay(session, write)
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Submit an expert, or a new version of one's own expert",
+    openapi_extra=_SUBMIT_DOC,
+)
+async def submit_expert(
+    request: Request,
+    runtime: RuntimeDep,
+    principal: Annotated[Principal, Depends(require_roles("contributor", "admin"))],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    s = runtime.settings
+    form = await parse_multipart(
+        request,
+        staging=runtime.staging,
+        file_limits={"weights": s.max_expert_bytes, "datasheet": s.max_datasheet_bytes},
+        field_names={"base_revision", "expert_id"},
+        field_limit=s.max_form_field_bytes,
+        required_files={"weights", "datasheet"},
+        required_fields={"base_revision"},
+    )
+    size = sum(f.size for f in form.files.values())
+    try:
+        idem = IdempotentRequest(
+            principal=principal,
+            key=idempotency_key,
+            method="POST",
+            path=request.url.path,
+            fingerprint=form.fingerprint(),
+        )
+        response = await run_in_threadpool(_submit, runtime, principal, form, idem)
+    except AgoraError:
+        record_outcome(runtime, kind="expert", accepted=False, size=size)
+        raise
+    finally:
+        form.discard()
+    record_outcome(runtime, kind="expert", accepted=True, size=size)
+    return json_response(response)
+
+
+@router.get("", summary="List experts (newest first, cursor-paginated)")
+def list_experts(
+    *,
+    session: SessionDep,
+    principal: OptionalPrincipal,
+    base_revision: str | None = None,
+    status: str = "active",
+    q: Annotated[str | None, Query(description="text to find in the domain or name")] = None,
+    limit: Annotated[int, Query(ge=1, le=svc.MAX_PAGE)] = svc.DEFAULT_PAGE,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    if status != "active":
+        # Disabled experts are moderation business, not public listings.
+        if principal is None:
+            raise Unauthenticated("listing non-active experts needs a token", code="missing_token")
+        if principal.role not in ("moderator", "admin"):
+            raise Forbidden(
+                "only moderators and admins list non-active experts", code="insufficient_role"
+            )
+    with session.begin():
+        items, next_cursor = svc.list_experts(
+            session=session,
+            base_revision=base_revision,
+            status=status,
+            q=q,
+            limit=limit,
+            cursor=cursor,
+        )
+        return {"items": [svc.expert_view(e) for e in items], "next_cursor": next_cursor}
+
+
+@router.get("/{expert_id}", summary="Get an expert with its versions")
+def get_expert(expert_id: str, session: SessionDep) -> dict[str, Any]:
+    with session.begin():
+        expert = svc.get_expert(session=session, expert_id=expert_id)
+        view = svc.expert_view(expert)
+        view["versions"] = [
+            svc.version_view(v) for v in svc.list_versions(session=session, expert_id=expert.id)
+        ]
+        return view
+
+
+@router.get("/{expert_id}/versions", summary="List an expert's immutable versions")
+def list_versions(expert_id: str, session: SessionDep) -> dict[str, Any]:
+    with session.begin():
+        expert = svc.get_expert(session=session, expert_id=expert_id)
+        return {
+            "items": [
+                svc.version_view(v) for v in svc.list_versions(session=session, expert_id=expert.id)
+            ]
+        }
+
+
+def _servable(expert: Expert) -> None:
+    if expert.status != "active":
+        raise UnavailableForLegalReasons(
+            f"expert {expert.id} is {expert.status}; its artifacts are withdrawn",
+            code="expert_disabled",
+        )
+
+
+@router.get(
+    "/{expert_id}/datasheet",
+    summary="The datasheet (markdown) of a version, default the latest",
+    response_class=PlainTextResponse,
+)
+def get_datasheet(
+    expert_id: str,
+    session: SessionDep,
+    version: Annotated[int | None, Query(ge=1)] = None,
+) -> PlainTextResponse:
+    with session.begin():
+        expert = svc.get_expert(session=session, expert_id=expert_id)
+        _servable(expert)
+        row = svc.get_version(session=session, expert=expert, version=version)
+        return PlainTextResponse(
+            row.datasheet,
+            media_type="text/markdown; charset=utf-8",
+            headers={"X-Agora-Version": str(row.version)},
+        )
+
+
+@router.get(
+    "/{expert_id}/weights",
+    summary="Download a version's weights (streamed, HTTP Range, digest header)",
+    response_class=StreamingResponse,
+)
+def download_weights(
+    expert_id: str,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    version: Annotated[int | None, Query(ge=1)] = None,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> StreamingResponse:
+    with session.begin():
+        expert = svc.get_expert(session=session, expert_id=expert_id)
+        _servable(expert)
+        row = svc.get_version(session=session, expert=expert, version=version)
+        blob = get_blob(session=session, digest=row.digest)
+    response = blob_response(
+        runtime=runtime,
+        digest=blob.digest,
+        storage_key=blob.storage_key,
+        size=blob.size,
+        range_header=range_header,
+        media_type="application/octet-stream",
+        kind="expert",
+        filename=f"{expert.id}-v{row.version}.safetensors",
+    )
+    response.headers["X-Agora-Version"] = str(row.version)
+    return response

@@ -1,0 +1,88 @@
+"""The app factory. Nothing is built at import: ``create_app`` wires routes, and its lifespan
+opens the database (migrating the embedded SQLite default, refusing a PostgreSQL that is
+behind), the blob store and the staging area."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from registry.api import base_models, experts, health
+from registry.api.problems import install_problem_handlers
+from registry.db.engine import ensure_migrated, make_engine, make_sessionmaker, upgrade
+from registry.metrics import Metrics, MetricsMiddleware
+from registry.runtime import Runtime
+from registry.settings import Settings
+from registry.storage import open_blob_store, open_staging
+
+log = logging.getLogger("registry")
+
+API_DESCRIPTION = """\
+Agora's registry: base model revisions, experts (weights + datasheet, strictly validated),
+content-addressed downloads with HTTP Range. Errors are RFC 9457 problem+json with a stable
+machine-readable `code`. Writes need `Authorization: Bearer agora_...`
+(`agora admin create-token --role ROLE --name NAME`).
+"""
+
+
+def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        if settings.should_auto_migrate:
+            upgrade(engine)
+        else:
+            ensure_migrated(engine)
+        store = open_blob_store(settings)
+        staging = open_staging(settings)
+        staging.directory.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        engine.dispose()
+        raise
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        store=store,
+        staging=staging,
+        metrics=metrics,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = build_runtime(settings, metrics)
+        app.state.runtime = runtime
+        log.info(
+            "registry ready: database %s, blobs in %s",
+            runtime.engine.url.render_as_string(hide_password=True),
+            runtime.store.location,
+        )
+        try:
+            yield
+        finally:
+            app.state.runtime = None
+            runtime.engine.dispose()
+
+    app = FastAPI(
+        title="Agora registry",
+        version="1",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.runtime = None
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(base_models.router)
+    app.include_router(experts.router)
+    return app

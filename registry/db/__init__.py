@@ -1,0 +1,1 @@
+"""Database layer: ORM models, engine construction and the migration state check."""

@@ -1,0 +1,65 @@
+"""Bearer tokens: ``agora_<random>``, shown once, stored as a sha256 hash."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry.db.models import Token
+from registry.errors import BadRequest
+
+ROLES = ("contributor", "moderator", "admin", "worker")
+TOKEN_PREFIX = "agora_"  # noqa: S105 (a public prefix, not a secret)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: the token's name is the identity that owns experts."""
+
+    token_id: int
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def hash_token(secret: str) -> str:
+    # A plain sha256 suffices: the secret has 256 bits of entropy, so there is nothing for a
+    # slow password hash to protect against, and lookups stay a single indexed equality.
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def create_token(*, session: Session, name: str, role: str) -> tuple[Token, str]:
+    """Create a token; returns the row and the secret (the only time it exists in clear)."""
+    if role not in ROLES:
+        raise BadRequest(f"unknown role {role!r}; one of {', '.join(ROLES)}", code="unknown_role")
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise BadRequest("a token name is 1 to 100 characters", code="invalid_name")
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = Token(
+        name=name,
+        role=role,
+        prefix=secret[: len(TOKEN_PREFIX) + 6],
+        token_hash=hash_token(secret),
+    )
+    session.add(token)
+    session.flush()
+    return token, secret
+
+
+def authenticate(*, session: Session, secret: str) -> Principal | None:
+    if not secret.startswith(TOKEN_PREFIX):
+        return None
+    token = session.scalars(
+        select(Token).where(Token.token_hash == hash_token(secret), Token.revoked_at.is_(None))
+    ).one_or_none()
+    if token is None:
+        return None
+    return Principal(token_id=token.id, name=token.name, role=token.role)

@@ -1,0 +1,85 @@
+"""Service settings, read from the environment with the ``AGORA_`` prefix.
+
+The embedded default needs nothing: a SQLite file and a blob directory under ``./.agora/``.
+Production points ``AGORA_DATABASE_URL`` at PostgreSQL and ``AGORA_STORAGE_URL`` at
+``s3://bucket[/prefix]`` (with ``AGORA_S3_ENDPOINT_URL`` for MinIO or any other S3).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGORA_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".agora"),
+        description="Root of the embedded defaults: SQLite file, blob directory, staging area.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default sqlite:///<data_dir>/agora.db.",
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="file:///path or s3://bucket[/prefix]; default <data_dir>/blobs.",
+    )
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO...).")
+    s3_region: str = "us-east-1"
+    # A part size of 64 MiB keeps a 1 GiB upload to 16 parts and bounds the transfer
+    # buffers boto3 holds (part size x concurrency) well below the 200 MB RSS goal.
+    s3_multipart_chunk_bytes: int = 64 * MiB
+    s3_multipart_threshold_bytes: int = 64 * MiB
+
+    auto_migrate: bool | None = Field(
+        default=None,
+        description=(
+            "Run migrations at start. Default: only for SQLite (the embedded default); a "
+            "shared PostgreSQL is migrated explicitly with `agora db upgrade`."
+        ),
+    )
+
+    max_expert_bytes: int = 4 * GiB
+    max_datasheet_bytes: int = 256 * KiB
+    max_base_config_bytes: int = 1 * MiB
+    max_base_tokenizer_bytes: int = 64 * MiB
+    max_base_weights_bytes: int = 64 * GiB
+    max_form_field_bytes: int = 16 * KiB
+
+    blob_gc_grace_seconds: int = Field(
+        default=24 * 3600,
+        description="Unreferenced blobs younger than this are kept (an upload may be in flight).",
+    )
+    idempotency_ttl_seconds: int = 24 * 3600
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'agora.db').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return (self.data_dir / "blobs").resolve().as_uri()
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.data_dir / "staging"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
