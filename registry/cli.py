@@ -1,0 +1,133 @@
+"""``agora serve``, ``agora db upgrade``, ``agora admin create-token`` and ``agora admin gc``.
+
+Cheap to import: FastAPI, SQLAlchemy and uvicorn are imported inside the commands, so
+``agora --help`` and the SDK-only install stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from registry.runtime import Runtime
+    from registry.settings import Settings
+
+ROLE_HELP = "contributor, moderator, admin or worker"
+
+
+def _settings() -> Settings:
+    from registry.settings import Settings
+
+    return Settings()
+
+
+def _runtime(settings: Settings) -> Runtime:
+    """The service's runtime, or a one-line refusal when the database is not migrated."""
+    from registry.app import build_runtime
+    from registry.db.engine import DatabaseNotMigrated
+    from registry.metrics import Metrics
+
+    try:
+        return build_runtime(settings, Metrics())
+    except DatabaseNotMigrated as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Serve the registry (embedded default: SQLite + blobs under ./.agora/)."""
+    import uvicorn
+
+    from registry.app import create_app
+
+    settings = _settings()
+    # Check the database before uvicorn starts, so a refusal is one clear line, not a trace.
+    _runtime(settings).engine.dispose()
+    url = f"http://{host}:{port}"
+    typer.echo(f"Agora registry on {url}")
+    typer.echo(f"  API docs:  {url}/docs")
+    typer.echo(f"  database:  {settings.resolved_database_url}")
+    typer.echo(f"  blobs:     {settings.resolved_storage_url}")
+    typer.echo("  admin token: agora admin create-token --role admin --name <you>")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def db_upgrade() -> None:
+    """Migrate the database at AGORA_DATABASE_URL to this version's schema."""
+    from registry.db.engine import make_engine, migration_state, upgrade
+
+    settings = _settings()
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        upgrade(engine)
+        current, _ = migration_state(engine)
+    finally:
+        engine.dispose()
+    where = engine.url.render_as_string(hide_password=True)
+    typer.echo(f"database {where} is at revision {', '.join(sorted(current))}")
+
+
+def create_token(
+    role: Annotated[str, typer.Option(help=ROLE_HELP)],
+    name: Annotated[str, typer.Option(help="Who the token is for; owns what it submits.")],
+) -> None:
+    """Create a bearer token. It is printed once, as the last line; only its hash is kept."""
+    from registry.errors import AgoraError
+    from registry.services.tokens import create_token as make_token
+
+    runtime = _runtime(_settings())
+    try:
+        with runtime.sessions() as session, session.begin():
+            token, secret = make_token(session=session, name=name, role=role)
+            token_id = token.id
+    except AgoraError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(code=2) from None
+    finally:
+        runtime.engine.dispose()
+    typer.echo(f"created {role} token #{token_id} for {name!r}; it is shown only now:")
+    typer.echo(secret)
+
+
+def gc(
+    grace_seconds: Annotated[
+        int | None,
+        typer.Option(help="Keep unreferenced blobs younger than this (default: settings)."),
+    ] = None,
+) -> None:
+    """Delete blobs no row references, once older than the grace period."""
+    import datetime as dt
+
+    from registry.services import idempotency
+    from registry.services.gc import collect_garbage
+
+    settings = _settings()
+    grace = dt.timedelta(
+        seconds=settings.blob_gc_grace_seconds if grace_seconds is None else grace_seconds
+    )
+    runtime = _runtime(settings)
+    try:
+        with runtime.sessions() as session, session.begin():
+            report = collect_garbage(
+                session=session, store=runtime.store, staging=runtime.staging, grace=grace
+            )
+            pruned = idempotency.prune(
+                session=session,
+                older_than=dt.timedelta(seconds=settings.idempotency_ttl_seconds),
+            )
+    finally:
+        runtime.engine.dispose()
+    typer.echo(str(report))
+    typer.echo(f"expired idempotency keys removed: {pruned}")
+
+
+def register(root: typer.Typer, groups: dict[str, typer.Typer]) -> None:
+    root.command("serve")(serve)
+    groups["db"].command("upgrade")(db_upgrade)
+    groups["admin"].command("create-token")(create_token)
+    groups["admin"].command("gc")(gc)
