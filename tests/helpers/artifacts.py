@@ -125,6 +125,15 @@ def write_safetensors(
     return path
 
 
+def raw_safetensors(header: Mapping[str, Any] | bytes, data: bytes = b"") -> bytes:
+    """Safetensors-shaped bytes around any header, broken or not (for malformed-file tests).
+
+    ``header`` is a JSON-able mapping or the exact header bytes; nothing is checked.
+    """
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
 # --------------------------------------------------------------------------- base model
 
 
