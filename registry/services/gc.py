@@ -1,0 +1,103 @@
+"""Garbage collection of blobs nothing references any more.
+
+The database is the commit point, so the collector works from it outward, in two phases
+with a commit between them (it therefore runs its own transactions; call it with a
+session that is not inside one):
+
+1. ``blobs`` rows that no other row references (found by walking every foreign key to
+   ``blobs.digest`` in the ORM metadata, so tables added later are covered without edits)
+   and that are older than the grace period are deleted, and that deletion is committed.
+2. Only then are store objects with no ``blobs`` row, older than the grace period, deleted.
+   Deleting an object before its row's deletion is committed could leave a row pointing
+   at a missing blob if that commit failed (e.g. an upload began referencing the row).
+3. Staging files older than the grace period (left by a crashed upload) are removed.
+
+The grace period protects uploads in flight: a blob is committed to the store before its
+row, and a re-upload of stored bytes refreshes the object's age (see ``BlobStore.commit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from sqlalchemy import Column, delete, exists, select
+from sqlalchemy.orm import Session
+
+from registry.db.models import Base, Blob
+from registry.storage import BlobStore, Staging, digest_of_key
+
+
+@dataclasses.dataclass(frozen=True)
+class GcReport:
+    rows_deleted: int = 0
+    objects_deleted: int = 0
+    bytes_freed: int = 0
+    staging_deleted: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"deleted {self.rows_deleted} unreferenced blob row(s), "
+            f"{self.objects_deleted} stored object(s) ({self.bytes_freed} bytes), "
+            f"{self.staging_deleted} stale staging file(s)"
+        )
+
+
+def blob_references() -> list[Column[str]]:
+    """Every column, in every table, that holds a foreign key to ``blobs.digest``."""
+    digest_column = Blob.__table__.c.digest
+    columns: list[Column[str]] = []
+    for table in Base.metadata.sorted_tables:
+        for fk in table.foreign_keys:
+            if fk.column is digest_column:
+                columns.append(fk.parent)
+    return columns
+
+
+def collect_garbage(
+    *,
+    session: Session,
+    store: BlobStore,
+    staging: Staging,
+    grace: dt.timedelta,
+    now: dt.datetime | None = None,
+) -> GcReport:
+    now = now or dt.datetime.now(dt.UTC)
+    cutoff = now - grace
+
+    # Phase 1: unreferenced rows, committed before any object goes.
+    unreferenced = Blob.created_at < cutoff
+    for column in blob_references():
+        unreferenced = unreferenced & ~exists().where(column == Blob.digest)
+    with session.begin():
+        doomed = session.execute(select(Blob.digest, Blob.size).where(unreferenced)).all()
+        if doomed:
+            session.execute(delete(Blob).where(Blob.digest.in_([digest for digest, _ in doomed])))
+    rows_deleted = len(doomed)
+
+    # Phase 2: objects no row names. Rows are read after phase 1 committed.
+    with session.begin():
+        known = set(session.scalars(select(Blob.digest)))
+    objects_deleted = 0
+    bytes_freed = 0
+    for key, modified in list(store.list_keys()):
+        digest = digest_of_key(key)
+        if digest is None or digest in known or modified >= cutoff:
+            continue
+        try:
+            size = store.size(key)
+        except FileNotFoundError:
+            continue
+        store.delete(key)
+        objects_deleted += 1
+        bytes_freed += size
+
+    # Phase 3: staging files of uploads that died mid-way.
+    staging_deleted = len(staging.sweep(older_than_seconds=grace.total_seconds()))
+
+    return GcReport(
+        rows_deleted=rows_deleted,
+        objects_deleted=objects_deleted,
+        bytes_freed=bytes_freed,
+        staging_deleted=staging_deleted,
+    )
