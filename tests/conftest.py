@@ -1,1 +1,118 @@
-"""Shared test configuration. Package-specific fixtures live in each tests/<package>/conftest.py."""
+"""Shared test configuration: databases (SQLite and PostgreSQL) and an S3 server on loopback.
+
+Every database test runs on SQLite *and* PostgreSQL by depending on ``database_url``
+(migrated once per backend, emptied after each test) or ``empty_database_url`` (a fresh,
+un-migrated database). PostgreSQL comes from ``AGORA_TEST_DATABASE_URL`` (for example
+``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``): each test database is created
+from it with a unique name and dropped afterwards. Unset, the PostgreSQL variants are
+skipped with a reason; set but unreachable, they fail: CI must not pass without them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from s3_fixture import s3_server, s3_storage_url
+
+__all__ = ["s3_server", "s3_storage_url"]
+
+PG_ENV = "AGORA_TEST_DATABASE_URL"
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        pytest.skip(f"PostgreSQL variant: set {PG_ENV}=postgresql+psycopg://... to run it")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as exc:
+        pytest.fail(f"{PG_ENV} is set but PostgreSQL is unreachable: {exc}", pytrace=False)
+    finally:
+        engine.dispose()
+    return url
+
+
+@contextmanager
+def temporary_postgres_database(admin_url: str) -> Iterator[str]:
+    """Create a uniquely named database next to ``admin_url``'s; drop it afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"agora_test_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@contextmanager
+def _database(kind: str, request: pytest.FixtureRequest, directory: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'agora.db'}"
+        return
+    admin_url: str = request.getfixturevalue("postgres_admin_url")
+    with temporary_postgres_database(admin_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def migrated_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """One database per backend for the whole session, migrated once with Alembic."""
+    from registry.db.engine import make_engine, upgrade
+
+    with _database(request.param, request, tmp_path_factory.mktemp("db")) as url:
+        engine = make_engine(url)
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
+        yield url
+
+
+@pytest.fixture
+def database_url(migrated_database_url: str) -> Iterator[str]:
+    """A migrated database, emptied after the test (tests commit, as the routes do)."""
+    yield migrated_database_url
+    from sqlalchemy import delete, text
+
+    from registry.db.engine import make_engine
+    from registry.db.models import Base
+
+    engine = make_engine(migrated_database_url)
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+                connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            else:
+                for table in reversed(Base.metadata.sorted_tables):
+                    connection.execute(delete(table))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database with no schema at all, on each backend."""
+    with _database(request.param, request, tmp_path) as url:
+        yield url

@@ -1,0 +1,382 @@
+"""Expert submission, versions, listing and downloads through the HTTP API (SQLite + PG)."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from io import BytesIO
+
+import numpy as np
+import pytest
+from helpers.artifacts import make_datasheet
+
+
+def test_submit_then_download_bit_exact(api) -> None:
+    weights = api.expert_bytes(seed=1)
+    response = api.submit(weights=weights)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    digest = hashlib.sha256(weights).hexdigest()
+    assert body["version"] == 1
+    assert body["status"] == "active"
+    assert body["digest"] == f"sha256:{digest}"
+    assert body["id"].startswith("ex_")
+    assert len(body["id"]) == 29
+
+    download = api.client.get(f"/v1/experts/{body['id']}/weights")
+    assert download.status_code == 200
+    assert download.content == weights
+    assert download.headers["x-agora-digest"] == f"sha256:{digest}"
+    assert download.headers["etag"] == f'"{digest}"'
+    assert download.headers["accept-ranges"] == "bytes"
+    assert int(download.headers["content-length"]) == len(weights)
+
+
+def test_expert_metadata_comes_from_the_datasheet(api) -> None:
+    datasheet = make_datasheet(name="Legal contracts", domain="Commercial contract clauses")
+    expert_id = api.submit(datasheet=datasheet).json()["id"]
+    expert = api.client.get(f"/v1/experts/{expert_id}").json()
+    assert expert["name"] == "Legal contracts"
+    assert expert["domain"] == "Commercial contract clauses"
+    assert expert["owner"] == "alice"
+    assert expert["base_revision"] == api.base.revision
+    assert expert["latest_version"] == 1
+    assert [v["version"] for v in expert["versions"]] == [1]
+    sheet = api.client.get(f"/v1/experts/{expert_id}/datasheet")
+    assert sheet.status_code == 200
+    assert sheet.headers["content-type"].startswith("text/markdown")
+    assert sheet.content == datasheet
+
+
+@pytest.mark.parametrize(
+    ("range_header", "start", "stop"),
+    [("bytes=10-19", 10, 20), ("bytes=100-", 100, None), ("bytes=-7", -7, None)],
+)
+def test_weights_range_requests(api, range_header, start, stop) -> None:
+    weights = api.expert_bytes()
+    expert_id = api.submit(weights=weights).json()["id"]
+    response = api.client.get(f"/v1/experts/{expert_id}/weights", headers={"Range": range_header})
+    assert response.status_code == 206
+    expected = weights[start:stop]
+    assert response.content == expected
+    first = start if start >= 0 else len(weights) + start
+    assert response.headers["content-range"] == (
+        f"bytes {first}-{first + len(expected) - 1}/{len(weights)}"
+    )
+
+
+def test_unsatisfiable_range_is_416(api) -> None:
+    weights = api.expert_bytes()
+    expert_id = api.submit(weights=weights).json()["id"]
+    response = api.client.get(
+        f"/v1/experts/{expert_id}/weights", headers={"Range": f"bytes={len(weights)}-"}
+    )
+    assert response.status_code == 416
+    assert response.headers["content-range"] == f"bytes */{len(weights)}"
+    assert response.json()["code"] == "range_not_satisfiable"
+
+
+def test_new_version_keeps_old_versions_immutable(api) -> None:
+    v1 = api.expert_bytes(seed=1)
+    v2 = api.expert_bytes(seed=2)
+    expert_id = api.submit(weights=v1).json()["id"]
+    second = api.submit(weights=v2, expert_id=expert_id)
+    assert second.status_code == 201, second.text
+    assert second.json()["id"] == expert_id
+    assert second.json()["version"] == 2
+
+    get = api.client.get
+    assert get(f"/v1/experts/{expert_id}/weights").content == v2
+    assert get(f"/v1/experts/{expert_id}/weights?version=1").content == v1
+    assert get(f"/v1/experts/{expert_id}/weights?version=2").content == v2
+    versions = get(f"/v1/experts/{expert_id}/versions").json()["items"]
+    assert [(v["version"], v["digest"]) for v in versions] == [
+        (1, f"sha256:{hashlib.sha256(v1).hexdigest()}"),
+        (2, f"sha256:{hashlib.sha256(v2).hexdigest()}"),
+    ]
+    assert get(f"/v1/experts/{expert_id}").json()["latest_version"] == 2
+    missing = get(f"/v1/experts/{expert_id}/weights?version=3")
+    assert missing.status_code == 404
+    assert missing.json()["code"] == "version_not_found"
+
+
+def test_identical_bytes_are_stored_once(api) -> None:
+    before = api.leftovers()
+    weights = api.expert_bytes(seed=5)
+    first = api.submit(weights=weights).json()
+    second = api.submit(weights=weights, datasheet=make_datasheet(name="Same bytes again"))
+    assert second.status_code == 201
+    assert second.json()["id"] != first["id"]
+    assert second.json()["digest"] == first["digest"]
+    after = api.leftovers()
+    assert after.experts == before.experts + 2
+    assert after.blob_rows == before.blob_rows + 1
+    assert len(after.blob_files) == len(before.blob_files) + 1
+
+
+def test_other_contributor_cannot_add_a_version(api) -> None:
+    expert_id = api.submit(api.tokens.alice).json()["id"]
+    before = api.leftovers()
+    response = api.submit(api.tokens.bob, weights=api.expert_bytes(seed=9), expert_id=expert_id)
+    assert response.status_code == 403
+    assert response.json()["code"] == "not_owner"
+    assert api.leftovers() == before
+    # An admin may act on anyone's expert.
+    admin = api.submit(api.tokens.admin, weights=api.expert_bytes(seed=9), expert_id=expert_id)
+    assert admin.status_code == 201
+    assert admin.json()["version"] == 2
+
+
+def test_version_of_unknown_expert_is_404(api) -> None:
+    response = api.submit(expert_id="ex_00000000000000000000000000")
+    assert response.status_code == 404
+    assert response.json()["code"] == "expert_not_found"
+
+
+def _bad_weights(api) -> dict[str, tuple[bytes, str]]:
+    zip_buffer = BytesIO()
+    with zipfile.ZipFile(zip_buffer, "w") as archive:
+        archive.writestr("data.pkl", b"not really")
+    first = api.base.schema["tensors"][0]
+    shape = tuple(first["shape"])
+    nan = np.zeros(shape, dtype=np.float32)
+    nan[0, 0] = np.nan
+    wrong_shape = np.zeros((shape[0] + 1, *shape[1:]), dtype=np.float32)
+    good = api.expert_bytes()
+    return {
+        "zip": (zip_buffer.getvalue(), "not_safetensors"),
+        "pickle": (pickle.dumps({"w": [1.0, 2.0]}), "not_safetensors"),
+        "truncated": (good[:-16], "data_size_mismatch"),
+        "wrong_format": (
+            api.expert_bytes(metadata_overrides={"format": "agora.expert/0"}),
+            "wrong_format",
+        ),
+        "revision_mismatch": (
+            api.expert_bytes(metadata_overrides={"base_revision": "0" * 64}),
+            "base_revision_mismatch",
+        ),
+        "nan": (api.expert_bytes(tensor_overrides={first["name"]: nan}), "non_finite_values"),
+        "wrong_shape": (
+            api.expert_bytes(tensor_overrides={first["name"]: wrong_shape}),
+            "tensor_shape_mismatch",
+        ),
+        "missing_tensor": (
+            api.expert_bytes(tensor_overrides={first["name"]: None}),
+            "tensor_set_mismatch",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "zip",
+        "pickle",
+        "truncated",
+        "wrong_format",
+        "revision_mismatch",
+        "nan",
+        "wrong_shape",
+        "missing_tensor",
+    ],
+)
+def test_invalid_weights_are_refused_and_leave_nothing(api, case) -> None:
+    weights, code = _bad_weights(api)[case]
+    before = api.leftovers()
+    response = api.submit(weights=weights)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == code
+    after = api.leftovers()
+    assert after == before
+    assert after.staging_files == []
+
+
+@pytest.mark.parametrize(
+    ("datasheet", "code"),
+    [
+        (b"# no front matter at all\n", "datasheet_front_matter"),
+        (make_datasheet(license=None), "datasheet_invalid"),
+        (make_datasheet(samples=["x" * (65 * 1024)]), "samples_too_large"),
+    ],
+)
+def test_invalid_datasheet_is_refused_and_leaves_nothing(api, datasheet, code) -> None:
+    before = api.leftovers()
+    response = api.submit(datasheet=datasheet)
+    assert response.status_code in (413, 422), response.text
+    assert response.json()["code"] == code
+    assert api.leftovers() == before
+
+
+def test_unknown_base_revision_is_refused(api) -> None:
+    before = api.leftovers()
+    response = api.submit(base_revision="f" * 64)
+    assert response.status_code == 422
+    assert response.json()["code"] == "unknown_base_revision"
+    assert api.leftovers() == before
+
+
+def test_missing_datasheet_is_refused(api) -> None:
+    response = api.client.post(
+        "/v1/experts",
+        files={"weights": ("e.safetensors", api.expert_bytes())},
+        data={"base_revision": api.base.revision},
+        headers=api.auth(api.tokens.alice),
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "missing_field"
+    assert api.leftovers().staging_files == []
+
+
+def test_oversized_upload_is_413_and_leaves_nothing(api) -> None:
+    runtime = api.app.state.runtime
+    weights = api.expert_bytes()
+    runtime.settings = runtime.settings.model_copy(update={"max_expert_bytes": len(weights) - 1})
+    before = api.leftovers()
+    response = api.submit(weights=weights)
+    assert response.status_code == 413
+    assert response.json()["code"] == "file_too_large"
+    assert api.leftovers() == before
+    assert before.staging_files == []
+
+
+def test_writes_need_multipart(api) -> None:
+    response = api.client.post(
+        "/v1/experts",
+        json={"base_revision": api.base.revision},
+        headers=api.auth(api.tokens.alice),
+    )
+    assert response.status_code == 415
+    assert response.json()["code"] == "expected_multipart"
+
+
+def test_unexpected_field_is_refused(api) -> None:
+    response = api.client.post(
+        "/v1/experts",
+        files={
+            "weights": ("e.safetensors", api.expert_bytes()),
+            "datasheet": ("d.md", make_datasheet()),
+            "extra": ("x.bin", b"x"),
+        },
+        data={"base_revision": api.base.revision},
+        headers=api.auth(api.tokens.alice),
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "unexpected_field"
+    assert api.leftovers().staging_files == []
+
+
+def test_idempotency_key_replays_the_first_response(api) -> None:
+    headers = {"Idempotency-Key": "submit-1"}
+    weights = api.expert_bytes(seed=3)
+    first = api.submit(weights=weights, headers=headers)
+    assert first.status_code == 201
+    replay = api.submit(weights=weights, headers=headers)
+    assert replay.status_code == 201
+    assert replay.json() == first.json()
+    assert api.leftovers().experts == 1
+    # The key belongs to alice's token: bob's identical key is a different request.
+    bob = api.submit(api.tokens.bob, weights=weights, headers=headers)
+    assert bob.status_code == 201
+    assert bob.json()["id"] != first.json()["id"]
+
+
+def test_idempotency_key_reused_for_other_content_is_409(api) -> None:
+    headers = {"Idempotency-Key": "submit-2"}
+    assert api.submit(weights=api.expert_bytes(seed=1), headers=headers).status_code == 201
+    before = api.leftovers()
+    response = api.submit(weights=api.expert_bytes(seed=2), headers=headers)
+    assert response.status_code == 409
+    assert response.json()["code"] == "idempotency_key_reused"
+    assert api.leftovers().experts == before.experts
+
+
+def _submit_many(api, count: int) -> list[str]:
+    return [api.submit(weights=api.expert_bytes(seed=i)).json()["id"] for i in range(count)]
+
+
+def test_list_paginates_with_an_opaque_cursor(api) -> None:
+    ids = _submit_many(api, 5)
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = api.client.get("/v1/experts", params=params).json()
+        seen += [item["id"] for item in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == list(reversed(ids))  # newest first, each exactly once
+
+
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"limit": 0}, "invalid_request"),
+        ({"limit": 101}, "invalid_request"),
+        ({"cursor": "not-a-cursor"}, "invalid_cursor"),
+        ({"status": "deleted"}, "invalid_status"),
+    ],
+)
+def test_list_rejects_bad_parameters(api, params, code) -> None:
+    if params.get("status"):
+        response = api.client.get(
+            "/v1/experts", params=params, headers=api.auth(api.tokens.moderator)
+        )
+    else:
+        response = api.client.get("/v1/experts", params=params)
+    assert response.status_code == 400
+    assert response.json()["code"] == code
+
+
+def test_list_filters_by_domain_text_and_base(api) -> None:
+    legal = api.submit(
+        weights=api.expert_bytes(seed=1),
+        datasheet=make_datasheet(name="Contracts", domain="Commercial LAW and contracts"),
+    ).json()["id"]
+    api.submit(weights=api.expert_bytes(seed=2))
+    found = api.client.get("/v1/experts", params={"q": "law"}).json()["items"]
+    assert [item["id"] for item in found] == [legal]
+    # LIKE wildcards in q are literal: "%" matches no domain.
+    assert api.client.get("/v1/experts", params={"q": "%"}).json()["items"] == []
+    by_base = api.client.get("/v1/experts", params={"base_revision": api.base.revision})
+    assert len(by_base.json()["items"]) == 2
+    other = api.client.get("/v1/experts", params={"base_revision": "0" * 64})
+    assert other.json()["items"] == []
+
+
+def test_listing_disabled_experts_needs_a_moderator(api) -> None:
+    anonymous = api.client.get("/v1/experts", params={"status": "disabled"})
+    assert anonymous.status_code == 401
+    contributor = api.client.get(
+        "/v1/experts", params={"status": "disabled"}, headers=api.auth(api.tokens.alice)
+    )
+    assert contributor.status_code == 403
+    moderator = api.client.get(
+        "/v1/experts", params={"status": "disabled"}, headers=api.auth(api.tokens.moderator)
+    )
+    assert moderator.status_code == 200
+
+
+def test_disabled_expert_downloads_are_451(api) -> None:
+    from registry.db.models import Expert
+
+    expert_id = api.submit().json()["id"]
+    with api.app.state.runtime.sessions() as session, session.begin():
+        session.get(Expert, expert_id).status = "disabled"
+    for path in ("weights", "datasheet"):
+        response = api.client.get(f"/v1/experts/{expert_id}/{path}")
+        assert response.status_code == 451
+        assert response.json()["code"] == "expert_disabled"
+    assert api.client.get("/v1/experts").json()["items"] == []
+
+
+def test_unknown_expert_is_404_problem(api) -> None:
+    response = api.client.get("/v1/experts/ex_nope")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "expert_not_found"
