@@ -106,7 +106,9 @@ class MLPRouter(nn.Module):
 
 def route(logits_TE: torch.Tensor, active_E: torch.Tensor, k: int) -> LayerRouting:
     """Softmax over active modules, top-k, gates renormalised over the k chosen."""
-    masked_TE = logits_TE.float().masked_fill(~active_E, float("-inf"))
+    # At least fp32 for the softmax (bf16 logits would round the gates); fp64 stays fp64.
+    ctype = torch.promote_types(logits_TE.dtype, torch.float32)
+    masked_TE = logits_TE.to(ctype).masked_fill(~active_E, float("-inf"))
     probs_TE = F.softmax(masked_TE, dim=-1)
     top_TK, idx_TK = probs_TE.topk(k, dim=-1)
     gates_TK = top_TK / top_TK.sum(-1, keepdim=True)
