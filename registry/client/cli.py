@@ -61,7 +61,9 @@ def _client(registry: str, token: str | None) -> Iterator[Agora]:
 
 
 def _describe_field_error(field: dict[str, Any]) -> str:
-    where = field.get("loc") or field.get("field") or field.get("pointer") or ""
+    where = (
+        field.get("tensor") or field.get("field") or field.get("loc") or field.get("pointer") or ""
+    )
     message = field.get("msg") or field.get("detail") or field.get("message") or field
     return f"{where}: {message}" if where else str(message)
 
@@ -128,22 +130,31 @@ def _list(
             for expert in experts:
                 typer.echo(json.dumps(expert.model_dump(mode="json"), sort_keys=True))
             return
-        table = Table("id", "name", "domain", "status", "version", "base")
-        count = 0
-        for expert in experts:
-            table.add_row(
+        rows = [
+            (
                 expert.id,
                 expert.name or "",
                 _shorten(expert.domain or "", 40),
                 expert.status,
                 str(expert.latest_version),
-                expert.base_revision[:12],
+                expert.base_revision[:8],
             )
-            count += 1
-    if count:
-        Console().print(table)
-    else:
+            for expert in experts
+        ]
+    if not rows:
         typer.echo("no experts match")
+        return
+    table = Table()
+    # Ids and statuses are what a user copies and scans: they never shrink; text columns do.
+    table.add_column("id", no_wrap=True, min_width=max(len(r[0]) for r in rows))
+    table.add_column("name", overflow="ellipsis", no_wrap=True)
+    table.add_column("domain", overflow="ellipsis", no_wrap=True)
+    table.add_column("status", no_wrap=True, min_width=max(len(r[3]) for r in rows))
+    table.add_column("v", justify="right", no_wrap=True)
+    table.add_column("base", no_wrap=True, min_width=8)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def _download(

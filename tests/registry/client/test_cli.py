@@ -1,0 +1,134 @@
+"""``agora expert submit|list|download`` against the app served by a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers.artifacts import make_base_files, make_datasheet, write_expert
+from typer.testing import CliRunner
+
+from agora.cli import build_app
+from registry.client import Agora
+
+
+@dataclass(frozen=True)
+class Setup:
+    url: str
+    alice: str
+    revision: str
+    schema: dict
+    env: dict[str, str]
+
+
+@pytest.fixture
+def setup(live_server, tmp_path: Path) -> Setup:
+    from registry.services.tokens import create_token
+
+    runtime = live_server.app.state.runtime
+    with runtime.sessions() as session, session.begin():
+        _, admin = create_token(session=session, name="admin", role="admin")
+        _, alice = create_token(session=session, name="alice", role="contributor")
+    files = make_base_files()
+    directory = tmp_path / "base"
+    directory.mkdir()
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+    with Agora(live_server.url, token=admin, cache_dir=tmp_path / "admin-cache") as agora:
+        base = agora.upload_base_model(
+            directory / "config.json", directory / "tokenizer.json", directory / "model.safetensors"
+        )
+    schema = json.loads(files["config.json"])["expert_schema"]
+    env = {
+        "AGORA_REGISTRY_URL": live_server.url,
+        "AGORA_TOKEN": alice,
+        "AGORA_CACHE_DIR": str(tmp_path / "cli-cache"),
+    }
+    return Setup(live_server.url, alice, base.revision, schema, env)
+
+
+def run(args: list[str], env: dict[str, str]):
+    return CliRunner().invoke(build_app(), args, env=env, catch_exceptions=False)
+
+
+def test_submit_list_download(setup: Setup, tmp_path: Path) -> None:
+    weights = write_expert(
+        tmp_path / "expert.safetensors", setup.schema, base_revision=setup.revision
+    )
+    sheet = tmp_path / "DATASHEET.md"
+    sheet.write_bytes(make_datasheet(name="Tide pools"))
+
+    submitted = run(
+        ["expert", "submit", str(weights), "--datasheet", str(sheet), "--base", setup.revision],
+        setup.env,
+    )
+    assert submitted.exit_code == 0, submitted.output
+    line = next(x for x in submitted.stdout.splitlines() if x.startswith("submitted "))
+    expert_id = line.split()[1]
+    assert expert_id.startswith("ex_")
+    assert "version 1" in line
+
+    listed = run(["expert", "list", "--json", "--base", setup.revision], setup.env)
+    assert listed.exit_code == 0, listed.output
+    rows = [json.loads(x) for x in listed.stdout.splitlines()]
+    assert [(r["id"], r["name"]) for r in rows] == [(expert_id, "Tide pools")]
+
+    table = run(["expert", "list", "-q", "tide"], setup.env)
+    assert expert_id in table.stdout
+
+    out = tmp_path / "downloaded.safetensors"
+    downloaded = run(["expert", "download", expert_id, "--out", str(out)], setup.env)
+    assert downloaded.exit_code == 0, downloaded.output
+    assert downloaded.stdout.strip().splitlines()[-1] == str(out)
+    assert out.read_bytes() == weights.read_bytes()
+
+
+def test_errors_are_one_line_with_code_and_exit_1(setup: Setup, tmp_path: Path) -> None:
+    missing = run(["expert", "download", "ex_00000000000000000000000000"], setup.env)
+    assert missing.exit_code == 1
+    assert "[expert_not_found]" in missing.stderr
+    assert "HTTP 404" in missing.stderr
+    assert "Traceback" not in missing.output
+
+    weights = write_expert(tmp_path / "e.safetensors", setup.schema, base_revision=setup.revision)
+    sheet = tmp_path / "DATASHEET.md"
+    sheet.write_bytes(make_datasheet())
+    no_token = {**setup.env, "AGORA_TOKEN": ""}
+    refused = run(
+        ["expert", "submit", str(weights), "--datasheet", str(sheet), "--base", setup.revision],
+        no_token,
+    )
+    assert refused.exit_code == 1
+    assert "HTTP 401" in refused.stderr
+
+    bad_sheet = tmp_path / "bad.md"
+    bad_sheet.write_text("no front matter here\n")
+    invalid = run(
+        [
+            "expert",
+            "submit",
+            str(weights),
+            "--datasheet",
+            str(bad_sheet),
+            "--base",
+            setup.revision,
+            "--token",
+            setup.alice,
+        ],
+        no_token,
+    )
+    assert invalid.exit_code == 1
+    assert "[datasheet_front_matter]" in invalid.stderr or "[datasheet_invalid]" in invalid.stderr
+
+
+def test_unreachable_registry_is_a_transport_error(tmp_path: Path, monkeypatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("registry.client.client.time.sleep", slept.append)
+    env = {"AGORA_REGISTRY_URL": "http://127.0.0.1:9", "AGORA_CACHE_DIR": str(tmp_path)}
+    # Port 9 (discard) is closed on loopback: refused at once, retried, then one error line.
+    result = run(["expert", "list", "--registry", "http://127.0.0.1:9"], env)
+    assert result.exit_code == 1
+    assert "[transport_error]" in result.stderr
+    assert len(slept) == 3  # the default max_retries
