@@ -112,14 +112,16 @@ def gc(
     )
     runtime = _runtime(settings)
     try:
-        with runtime.sessions() as session, session.begin():
+        with runtime.sessions() as session:
+            # collect_garbage commits its own phases: rows go before the objects they name.
             report = collect_garbage(
                 session=session, store=runtime.store, staging=runtime.staging, grace=grace
             )
-            pruned = idempotency.prune(
-                session=session,
-                older_than=dt.timedelta(seconds=settings.idempotency_ttl_seconds),
-            )
+            with session.begin():
+                pruned = idempotency.prune(
+                    session=session,
+                    older_than=dt.timedelta(seconds=settings.idempotency_ttl_seconds),
+                )
     finally:
         runtime.engine.dispose()
     typer.echo(str(report))

@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from s3_fixture import s3_server, s3_storage_url
 
-__all__ = ["s3_server", "s3_storage_url"]
+# The S3 server on loopback (moto's server mode): fixtures s3_server and s3_storage_url.
+pytest_plugins = ["s3_fixture"]
 
 PG_ENV = "AGORA_TEST_DATABASE_URL"
 BACKENDS = ["sqlite", "postgresql"]
