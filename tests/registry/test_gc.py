@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -139,3 +140,36 @@ def test_gc_leaves_the_session_usable(session: Session, store: BlobStore, stagin
     # The collector commits its own phases; the caller's session is left out of a transaction.
     collect_garbage(session=session, store=store, staging=staging, grace=GRACE)
     assert not session.in_transaction()
+
+
+def test_agora_admin_gc_removes_orphans_and_keeps_served_experts(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from agora.cli import build_app
+
+    weights = api.expert_bytes(seed=5)
+    submitted = api.submit(weights=weights)
+    assert submitted.status_code == 201
+    runtime = api.app.state.runtime
+    store, staging = runtime.store, runtime.staging
+    orphan = _orphan(store, staging, b"committed, then the process died", age=2 * GRACE)
+    before = {key for key, _ in store.list_keys()}
+    assert orphan in before
+
+    settings = runtime.settings
+    monkeypatch.setenv("AGORA_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("AGORA_DATABASE_URL", settings.resolved_database_url)
+    monkeypatch.setenv("AGORA_BLOB_GC_GRACE_SECONDS", str(int(GRACE.total_seconds())))
+    result = CliRunner().invoke(build_app(), ["admin", "gc"])
+
+    assert result.exit_code == 0, result.output
+    assert "1 stored object(s)" in result.output
+    assert {key for key, _ in store.list_keys()} == before - {orphan}
+    # Everything a row references is still served, bit-exact.
+    expert_id = submitted.json()["id"]
+    assert api.client.get(f"/v1/experts/{expert_id}/weights").content == weights
+    for field in ("config", "tokenizer", "weights"):
+        got = api.client.get(f"/v1/base-models/{api.base.revision}/files/{field}")
+        assert got.status_code == 200
