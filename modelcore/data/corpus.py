@@ -17,12 +17,13 @@ How a domain is built (``build_corpus``), and why:
    train budget independently; each split closes at the first passage that would overflow
    it, so a small corpus reads only the files it uses.
 
-A tiny domain with no held-out document gets the included document of smallest split hash
-moved to held-out (the only case where the split depends on the caps).
+A tiny domain whose documents all fall on one side gets the included document most
+inclined to the other side moved there (the only case where the split depends on the caps).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -52,7 +53,7 @@ class Domain:
     heldout_ids: list[str] = field(default_factory=list)
 
     def sizes(self) -> dict[str, int]:
-        docs = {pid.rsplit("#", 1)[0] for pid in self.train_ids + self.heldout_ids}
+        docs = {_doc_of(pid) for pid in self.train_ids + self.heldout_ids}
         return {
             "train_bytes": sum(len(t.encode("utf-8")) for t in self.train),
             "heldout_bytes": sum(len(t.encode("utf-8")) for t in self.heldout),
@@ -196,6 +197,26 @@ def _doc_passages(
     return [chunks[i] for i in sorted(picked)]
 
 
+def _doc_of(passage_id: str) -> str:
+    return passage_id.rsplit("#", 1)[0]
+
+
+def _rebalance_degenerate(
+    picked: dict[str, list[tuple[str, str]]], heldout_fraction: float
+) -> None:
+    """A tiny domain whose documents all hashed to one side gives the other side the
+    document most inclined to it (smallest / largest split hash)."""
+    for empty, full, pick in (("heldout", "train", min), ("train", "heldout", max)):
+        if picked[empty] or (empty == "heldout" and heldout_fraction == 0):
+            continue
+        docs = {_doc_of(pid) for pid, _ in picked[full]}
+        if len(docs) < 2:
+            continue
+        moved = pick(docs, key=lambda d: _unit(f"split:{d}"))
+        picked[empty] = [p for p in picked[full] if _doc_of(p[0]) == moved]
+        picked[full] = [p for p in picked[full] if _doc_of(p[0]) != moved]
+
+
 def _build_domain(
     name: str,
     docs: list[SourceDoc],
@@ -234,13 +255,7 @@ def _build_domain(
             used[split] += n
     if not picked["train"] and not picked["heldout"]:
         return None
-    if not picked["heldout"] and heldout_fraction > 0:
-        # Degenerate (tiny) domain: give held-out the document most inclined to it.
-        doc_ids = {pid.rsplit("#", 1)[0] for pid, _ in picked["train"]}
-        if len(doc_ids) > 1:
-            moved = min(doc_ids, key=lambda d: _unit(f"split:{d}"))
-            picked["heldout"] = [p for p in picked["train"] if p[0].rsplit("#", 1)[0] == moved]
-            picked["train"] = [p for p in picked["train"] if p[0].rsplit("#", 1)[0] != moved]
+    _rebalance_degenerate(picked, heldout_fraction)
 
     # Sorted by the stable id (numeric passage index), independent of the sampling order.
     def key(item: tuple[str, str]) -> tuple[str, int]:
@@ -254,10 +269,18 @@ def _build_domain(
     )
 
 
+@functools.cache
+def _installed() -> tuple[str, ...]:
+    """Installed distributions, listed once per process (as the license texts are)."""
+    return tuple(
+        sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    )
+
+
 def _cache_key(params: dict[str, Any], paths: SourcePaths) -> str:
     # Everything the sources depend on short of reading them: interpreter, installed
     # distributions (licenses), roots. Editing installed files in place is not detected.
-    dists = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    dists = list(_installed())
     blob = json.dumps(
         {
             "params": params,

@@ -20,6 +20,7 @@ machine with the same Python (stdlib, docs, tests) or the same packages (license
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.metadata
 import os
 import re
@@ -150,7 +151,11 @@ def _shingles(text: str) -> frozenset[str]:
 
 
 def _near_duplicate(a: frozenset[str], b: frozenset[str]) -> bool:
-    return len(a & b) >= _DUP_JACCARD * len(a | b)
+    small, large = sorted((len(a), len(b)))
+    if small < _DUP_JACCARD * large:
+        return False  # Jaccard <= small / large: skips most pairs without intersecting
+    inter = len(a & b)
+    return inter >= _DUP_JACCARD * (small + large - inter)
 
 
 def _record_paths(dist: importlib.metadata.Distribution) -> list[str]:
@@ -163,6 +168,13 @@ def _record_paths(dist: importlib.metadata.Distribution) -> list[str]:
 
 
 def _licenses(paths: SourcePaths) -> list[SourceDoc]:
+    return list(_license_docs())
+
+
+@functools.cache
+def _license_docs() -> tuple[SourceDoc, ...]:
+    """Read once per process: reading and deduplicating 324 files of 131 distributions
+    takes a second, and the installed distributions do not change under a training run."""
     candidates: list[tuple[str, Path]] = []
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower().replace("_", "-")
@@ -181,7 +193,7 @@ def _licenses(paths: SourcePaths) -> list[SourceDoc]:
         shingles = _shingles(text)
         if not any(_near_duplicate(shingles, other) for _, _, other in kept):
             kept.append((doc_id, text, shingles))
-    return [SourceDoc(doc_id, lambda t=text: t) for doc_id, text, _ in kept]
+    return tuple(SourceDoc(doc_id, lambda t=text: t) for doc_id, text, _ in kept)
 
 
 def _c_headers(paths: SourcePaths) -> list[SourceDoc]:

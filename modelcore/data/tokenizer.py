@@ -129,10 +129,12 @@ def load_tokenizer(path_or_json: str | Path) -> Tokenizer:
     pre = spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or pre.get("type") != "ByteLevel":
         raise ValueError("tokenizer must be byte-level BPE (model BPE, pre_tokenizer ByteLevel)")
-    tok = Tokenizer.from_str(text)
+    declared = {t.get("content") for t in spec.get("added_tokens") or [] if t.get("special")}
     for special in SPECIAL_TOKENS:
-        if tok.token_to_id(special) is None:
+        # Must be a declared special token, or text would be merged across it.
+        if special not in declared:
             raise ValueError(f"tokenizer lacks the special token {special!r}")
+    tok = Tokenizer.from_str(text)
     # Not serialised by `tokenizers`, so it is restored here (see the module docstring).
     tok.encode_special_tokens = True
     return tok
