@@ -225,3 +225,16 @@ def test_header_metadata_and_offsets_survive_a_round_trip(write) -> None:
     assert header.metadata == meta
     (t,) = header.tensors
     assert (t.dtype, t.shape, t.nbytes, t.numel) == ("F64", (3,), 24, 3)
+
+
+def test_a_file_that_changes_after_its_header_was_read_is_refused(write) -> None:
+    from registry.validation import find_non_finite
+
+    path = write(encode_safetensors({"x": np.ones(4, np.float32)}))
+    header = read_header(path)
+    assert find_non_finite(path, header) == {}
+    with path.open("ab") as f:
+        f.write(b"\x00" * 8)
+    with pytest.raises(ValidationFailed) as info:
+        find_non_finite(path, header)
+    assert info.value.code == "data_size_mismatch"
