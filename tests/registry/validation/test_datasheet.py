@@ -200,3 +200,12 @@ def test_default_samples_cap_is_64_kib() -> None:
 def test_error_messages_stay_short_for_huge_values() -> None:
     err = refused(make_datasheet(license="x " * 5000))
     assert all(len(e["message"]) <= 300 for e in err.errors or [])
+
+
+def test_every_error_code_is_documented() -> None:
+    from registry.validation import TOO_LARGE_CODES, ErrorCode
+
+    doc = (REPO / "docs" / "validation.md").read_text()
+    for code in ErrorCode:
+        status = "413" if code in TOO_LARGE_CODES else "422"
+        assert f"| `{code.value}` | {status} |" in doc, code
