@@ -68,9 +68,9 @@ def stream_batches(
 ) -> Iterator[torch.Tensor]:
     """Endless (B, T+1) batches of windows of a 1-D token stream.
 
-    Each epoch cuts the stream into windows of T+1 tokens with stride T, starting at a
-    random offset in [0, T) (so window borders move between epochs), and visits them in a
-    random order; batches run on across epoch ends. Same seed, same batches.
+    Each epoch cuts the stream into windows of T+1 tokens with stride T, starting at an
+    offset in [0, T) that changes every epoch (so window borders move), and visits them in
+    a random order; batches run on across epoch ends. Same seed, same batches.
     """
     if tokens.dim() != 1:
         raise ValueError("tokens must be a 1-D stream")
@@ -82,8 +82,13 @@ def stream_batches(
     gen = torch.Generator().manual_seed(seed)
     tokens = tokens.to(torch.long)
     pending: list[torch.Tensor] = []
+    offsets: list[int] = []
     while True:
-        offset = int(torch.randint(0, seq_len, (1,), generator=gen))
+        if not offsets:
+            # Offsets drawn without replacement: within any T consecutive epochs every
+            # token of the stream is in some window, the first and last included.
+            offsets = torch.randperm(seq_len, generator=gen).tolist()
+        offset = offsets.pop()
         if (n - offset - 1) // seq_len < 1:
             offset = 0
         n_windows = (n - offset - 1) // seq_len
