@@ -151,7 +151,10 @@ def read_header_from(
     if len(raw) != header_size:
         raise invalid(ErrorCode.NOT_SAFETENSORS, "the file ended inside its header")
     if not raw.startswith(b"{"):
-        raise invalid(ErrorCode.NOT_SAFETENSORS, _describe(prefix + raw[:8]))
+        what = _describe(prefix + raw[:8])
+        if what == "not a safetensors file":
+            what += " (its header does not start with '{')"
+        raise invalid(ErrorCode.NOT_SAFETENSORS, what)
     try:
         header = strict_json.loads_bytes(raw)
     except strict_json.StrictJSONError as exc:
