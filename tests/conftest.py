@@ -64,12 +64,40 @@ def temporary_postgres_database(admin_url: str) -> Iterator[str]:
 
 
 @contextmanager
-def _database(kind: str, request: pytest.FixtureRequest, directory: Path) -> Iterator[str]:
+def temporary_postgres_schema(admin_url: str) -> Iterator[str]:
+    """A uniquely named, empty schema first on the search path of the returned URL.
+
+    As isolated as a database for the tests that need an un-migrated one, and much cheaper:
+    CREATE/DROP DATABASE each force a checkpoint, seconds apiece on a busy disk.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"agora_test_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE SCHEMA "{name}"'))
+        try:
+            url = make_url(admin_url).update_query_dict({"options": f"-csearch_path={name}"})
+            yield url.render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+    finally:
+        admin.dispose()
+
+
+@contextmanager
+def _database(
+    kind: str, request: pytest.FixtureRequest, directory: Path, *, cheap: bool = False
+) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{directory / 'agora.db'}"
         return
     admin_url: str = request.getfixturevalue("postgres_admin_url")
-    with temporary_postgres_database(admin_url) as url:
+    temporary = temporary_postgres_schema if cheap else temporary_postgres_database
+    with temporary(admin_url) as url:
         yield url
 
 
@@ -114,5 +142,5 @@ def database_url(migrated_database_url: str) -> Iterator[str]:
 @pytest.fixture(params=BACKENDS)
 def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh database with no schema at all, on each backend."""
-    with _database(request.param, request, tmp_path) as url:
+    with _database(request.param, request, tmp_path, cheap=True) as url:
         yield url

@@ -69,9 +69,9 @@ def test_unmigrated_database_refuses_to_start(empty_database_url: str, tmp_path)
 
 
 def test_postgres_is_not_migrated_implicitly(postgres_admin_url: str, tmp_path) -> None:
-    from conftest import temporary_postgres_database
+    from conftest import temporary_postgres_schema
 
-    with temporary_postgres_database(postgres_admin_url) as url:
+    with temporary_postgres_schema(postgres_admin_url) as url:
         settings = Settings(data_dir=tmp_path, database_url=url)
         assert settings.should_auto_migrate is False
         with pytest.raises(DatabaseNotMigrated), TestClient(create_app(settings)):
