@@ -32,12 +32,23 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
-            # WAL lets readers (downloads, listings) proceed while an upload commits.
+            # WAL: a transaction's short lookups do not wait for a writer's fsync.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(connection: Any) -> None:
+            # A deferred transaction that reads, then writes, fails at once with SQLITE_BUSY
+            # when another writer committed in between (busy_timeout does not apply), e.g.
+            # two versions of one expert submitted together. IMMEDIATE takes the write lock
+            # up front, so transactions queue instead; they are all short (validation and
+            # blob transfer happen outside them), so serialising them costs little.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -380,3 +380,22 @@ def test_unknown_expert_is_404_problem(api) -> None:
     assert response.status_code == 404
     assert response.headers["content-type"].startswith("application/problem+json")
     assert response.json()["code"] == "expert_not_found"
+
+
+def test_concurrent_versions_get_distinct_dense_numbers(api) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    expert_id = api.submit(weights=api.expert_bytes(seed=100)).json()["id"]
+    payloads = [api.expert_bytes(seed=101 + i) for i in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(lambda w: api.submit(weights=w, expert_id=expert_id), payloads))
+    assert [r.status_code for r in responses] == [201] * 6
+    assert sorted(r.json()["version"] for r in responses) == [2, 3, 4, 5, 6, 7]
+    versions = api.client.get(f"/v1/experts/{expert_id}/versions").json()["items"]
+    by_version = {v["version"]: v["digest"] for v in versions}
+    for response, weights in zip(responses, payloads, strict=True):
+        assert by_version[response.json()["version"]] == response.json()["digest"]
+        download = api.client.get(
+            f"/v1/experts/{expert_id}/weights", params={"version": response.json()["version"]}
+        )
+        assert download.content == weights
