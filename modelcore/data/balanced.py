@@ -26,7 +26,7 @@ __all__ = ["BalancedKMeansResult", "balanced_assign", "balanced_kmeans"]
 
 def _sq_dists(x_ND: np.ndarray, c_KD: np.ndarray) -> np.ndarray:
     d_NK = (x_ND * x_ND).sum(1)[:, None] - 2.0 * x_ND @ c_KD.T + (c_KD * c_KD).sum(1)[None, :]
-    return np.maximum(d_NK, 0.0)
+    return np.asarray(np.maximum(d_NK, 0.0))
 
 
 def balanced_assign(d_NK: np.ndarray) -> np.ndarray:

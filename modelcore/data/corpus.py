@@ -139,7 +139,9 @@ def _unit(key: str) -> float:
 
 def _split_bytes(piece: str, limit: int) -> list[str]:
     """Cut one over-long line into pieces of at most ``limit`` UTF-8 bytes (whole characters)."""
-    out, cur, size = [], [], 0
+    out: list[str] = []
+    cur: list[str] = []
+    size = 0
     for ch in piece:
         n = len(ch.encode("utf-8"))
         if size + n > limit and cur:

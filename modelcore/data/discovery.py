@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from modelcore.data.balanced import balanced_kmeans
 
@@ -92,7 +92,7 @@ class DomainDiscovery:
         return int(self.centroids.shape[0])
 
     def sizes(self) -> list[int]:
-        return np.bincount(self.labels, minlength=self.n_clusters).tolist()
+        return [int(c) for c in np.bincount(self.labels, minlength=self.n_clusters)]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) unit vectors of texts in the fitted TF-IDF/SVD space."""
@@ -103,11 +103,11 @@ class DomainDiscovery:
         x_ND = self.embed(texts)
         # Centroids have unit length; a text with no known word embeds to 0 (distance 1).
         d_NK = (x_ND * x_ND).sum(1)[:, None] + 1.0 - 2.0 * x_ND @ self.centroids.T
-        return np.maximum(d_NK, 0.0)
+        return np.asarray(np.maximum(d_NK, 0.0))
 
     def assign(self, texts: Sequence[str]) -> np.ndarray:
         """Nearest centroid of each text, unconstrained (balance is a training-time need)."""
-        return self.distances(texts).argmin(1)
+        return np.asarray(self.distances(texts).argmin(1))
 
     def weights(
         self, texts: Sequence[str], *, temperature: float = 0.1, top_k: int | None = None
@@ -123,7 +123,7 @@ class DomainDiscovery:
             logits = np.where(logits >= cut, logits, -np.inf)
         logits -= logits.max(1, keepdims=True)
         w = np.exp(logits)
-        return w / w.sum(1, keepdims=True)
+        return np.asarray(w / w.sum(1, keepdims=True))
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

@@ -87,14 +87,18 @@ def read_text(path: Path) -> str | None:
     return text.replace("\r\n", "\n")
 
 
+def _constant(text: str) -> str | None:
+    return text
+
+
 def _file_doc(doc_id: str, path: Path) -> SourceDoc:
-    return SourceDoc(doc_id, lambda: read_text(path))
+    return SourceDoc(doc_id, functools.partial(read_text, path))
 
 
 def _walk(root: Path, suffix: str, skip: frozenset[str] = frozenset()) -> list[str]:
     """Relative posix paths of files ending in ``suffix`` (plain strings: pathlib objects
     made this walk take a second over /usr/include's 8k files)."""
-    found = []
+    found: list[str] = []
     base = str(root)
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and d not in skip)
@@ -125,7 +129,7 @@ def _stdlib_text(path: Path) -> str | None:
 def _python_stdlib(paths: SourcePaths) -> list[SourceDoc]:
     root = paths.stdlib
     return [
-        SourceDoc(rel, lambda p=root / rel: _stdlib_text(p))
+        SourceDoc(rel, functools.partial(_stdlib_text, root / rel))
         for rel, is_test in _stdlib_files(root)
         if not is_test
     ]
@@ -141,7 +145,9 @@ def _python_docs(paths: SourcePaths) -> list[SourceDoc]:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions package the docs separately
         return []
-    return [SourceDoc(name, lambda n=name: str(topics[n])) for name in sorted(topics)]
+    return [
+        SourceDoc(name, functools.partial(_constant, str(topics[name]))) for name in sorted(topics)
+    ]
 
 
 def _shingles(text: str) -> frozenset[str]:
@@ -193,7 +199,7 @@ def _license_docs() -> tuple[SourceDoc, ...]:
         shingles = _shingles(text)
         if not any(_near_duplicate(shingles, other) for _, _, other in kept):
             kept.append((doc_id, text, shingles))
-    return tuple(SourceDoc(doc_id, lambda t=text: t) for doc_id, text, _ in kept)
+    return tuple(SourceDoc(doc_id, functools.partial(_constant, text)) for doc_id, text, _ in kept)
 
 
 def _c_headers(paths: SourcePaths) -> list[SourceDoc]:
