@@ -80,17 +80,13 @@ def collect_garbage(
         known = set(session.scalars(select(Blob.digest)))
     objects_deleted = 0
     bytes_freed = 0
-    for key, modified in list(store.list_keys()):
-        digest = digest_of_key(key)
-        if digest is None or digest in known or modified >= cutoff:
+    for blob in list(store.list_blobs()):
+        digest = digest_of_key(blob.key)
+        if digest is None or digest in known or blob.modified >= cutoff:
             continue
-        try:
-            size = store.size(key)
-        except FileNotFoundError:
-            continue
-        store.delete(key)
+        store.delete(blob.key)
         objects_deleted += 1
-        bytes_freed += size
+        bytes_freed += blob.size
 
     # Phase 3: staging files of uploads that died mid-way.
     staging_deleted = len(staging.sweep(older_than_seconds=grace.total_seconds()))

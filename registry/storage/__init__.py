@@ -15,6 +15,7 @@ from registry.storage.base import (
     BlobStore,
     Staging,
     StagingFile,
+    StoredBlob,
     blob_key,
     digest_of_key,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "LocalBlobStore",
     "Staging",
     "StagingFile",
+    "StoredBlob",
     "blob_key",
     "digest_of_key",
     "open_blob_store",

@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, NamedTuple, Self
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 KEY_PREFIX = "sha256/"
@@ -53,6 +53,12 @@ def digest_of_key(key: str) -> str | None:
     if len(fan) != 2 or not _HEX64.match(digest):
         return None
     return digest
+
+
+class StoredBlob(NamedTuple):
+    key: str
+    size: int
+    modified: dt.datetime  # UTC
 
 
 class BlobStore(abc.ABC):
@@ -92,8 +98,16 @@ class BlobStore(abc.ABC):
         """Remove a blob; removing an absent blob is not an error."""
 
     @abc.abstractmethod
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        """Every stored blob with its size and last-modified time, for the garbage collector.
+
+        Sizes come from the listing itself (no request per object on S3).
+        """
+
     def list_keys(self) -> Iterator[tuple[str, dt.datetime]]:
-        """Every stored blob key with its last-modified time (UTC), for the garbage collector."""
+        """Every stored blob key with its last-modified time (UTC)."""
+        for blob in self.list_blobs():
+            yield blob.key, blob.modified
 
     def read_bytes(self, key: str) -> bytes:
         """A whole (small) blob; meant for config and datasheet files, not weights."""

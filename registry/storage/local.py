@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from registry.errors import ServiceUnavailable
-from registry.storage.base import DEFAULT_CHUNK, BlobStore, blob_key, digest_of_key
+from registry.storage.base import DEFAULT_CHUNK, BlobStore, StoredBlob, blob_key, digest_of_key
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -105,7 +105,7 @@ class LocalBlobStore(BlobStore):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def list_keys(self) -> Iterator[tuple[str, dt.datetime]]:
+    def list_blobs(self) -> Iterator[StoredBlob]:
         base = self.root / "sha256"
         if not base.is_dir():
             return
@@ -117,7 +117,9 @@ class LocalBlobStore(BlobStore):
                 if digest_of_key(key) is None:
                     continue
                 try:
-                    mtime = blob.stat().st_mtime
+                    stat = blob.stat()
                 except FileNotFoundError:
                     continue
-                yield key, dt.datetime.fromtimestamp(mtime, dt.UTC)
+                yield StoredBlob(
+                    key, stat.st_size, dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC)
+                )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import ServiceUnavailable
-from registry.storage.base import DEFAULT_CHUNK, BlobStore, blob_key, digest_of_key
+from registry.storage.base import DEFAULT_CHUNK, BlobStore, StoredBlob, blob_key, digest_of_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -64,6 +64,11 @@ class S3BlobStore(BlobStore):
                     retries={"max_attempts": 5, "mode": "standard"},
                     # Enough connections for the transfer threads plus concurrent downloads.
                     max_pool_connections=max(10, 2 * max_concurrency),
+                    # Checksums only where S3 requires them: integrity is the server's own
+                    # sha256, and many S3-compatible servers (older MinIO, Ceph) reject the
+                    # default trailing CRC checksums that recent botocore sends.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
                 ),
             )
         self.client: S3Client = client
@@ -154,11 +159,11 @@ class S3BlobStore(BlobStore):
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
 
-    def list_keys(self) -> Iterator[tuple[str, dt.datetime]]:
+    def list_blobs(self) -> Iterator[StoredBlob]:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "sha256/"):
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(self.prefix) :]
                 if digest_of_key(key) is None:
                     continue
-                yield key, obj["LastModified"].astimezone(dt.UTC)
+                yield StoredBlob(key, int(obj["Size"]), obj["LastModified"].astimezone(dt.UTC))

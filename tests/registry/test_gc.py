@@ -173,3 +173,27 @@ def test_agora_admin_gc_removes_orphans_and_keeps_served_experts(
     for field in ("config", "tokenizer", "weights"):
         got = api.client.get(f"/v1/base-models/{api.base.revision}/files/{field}")
         assert got.status_code == 200
+
+
+def test_gc_on_s3_judges_orphans_by_their_listed_age(
+    session: Session, tmp_path: Path, s3_server: str, s3_storage_url: str
+) -> None:
+    from registry.storage.s3 import S3BlobStore, parse_s3_url
+
+    bucket, prefix = parse_s3_url(s3_storage_url)
+    store = S3BlobStore(bucket=bucket, prefix=prefix, endpoint_url=s3_server)
+    staging = Staging(tmp_path / "staging")
+    f = staging.new_file()
+    with f:
+        f.write(b"an S3 object whose row never came")
+    key = store.commit(f.path, f.hexdigest())
+
+    young = collect_garbage(session=session, store=store, staging=staging, grace=GRACE)
+    assert young.objects_deleted == 0
+    assert store.exists(key)
+
+    # The same object, judged from two grace periods in the future.
+    later = dt.datetime.now(dt.UTC) + 2 * GRACE
+    old = collect_garbage(session=session, store=store, staging=staging, grace=GRACE, now=later)
+    assert (old.objects_deleted, old.bytes_freed) == (1, len(b"an S3 object whose row never came"))
+    assert not store.exists(key)

@@ -92,6 +92,8 @@ def test_commit_round_trip_is_bit_exact(store: BlobStore, staging: Staging) -> N
     assert store.size(key) == len(data)
     assert b"".join(store.iter_range(key, chunk_size=1 << 20)) == data
     assert [k for k, _ in store.list_keys()] == [key]
+    [listed] = list(store.list_blobs())
+    assert (listed.key, listed.size) == (key, len(data))
 
 
 def test_identical_bytes_are_stored_once(store: BlobStore, staging: Staging) -> None:
