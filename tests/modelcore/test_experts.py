@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from modelcore.config import ModelConfig
 from modelcore.experts import (
     add_modules,
+    calibrate_router_rows,
     expert_schema,
     extract_expert,
     freeze_for_insertion,
@@ -131,3 +132,27 @@ def test_bad_expert_files_are_refused(tmp_path: Path) -> None:
         save_expert(path, {"layers.0.modules.1.w_in": torch.zeros(1)}, base_revision=REV)
     with safe_open(str(path), framework="pt") as f:
         assert set(f.keys()) == set(tensors)
+
+
+def test_calibrated_router_rows_send_the_domain_to_the_new_module() -> None:
+    model = _model(5)
+    new = add_modules(model)
+    domain = [torch.randint(0, 40, (4, 16)) for _ in range(2)]
+
+    def share() -> list[float]:
+        out = model(domain[0])
+        return [
+            (r.topk_idx_TK == j).float().mean().item()
+            for r, j in zip(out.routing, new, strict=True)
+        ]
+
+    before = share()
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calibrate_router_rows(model, new, domain)
+    after = share()
+    assert all(a > 0.15 for a in after), (before, after)
+    assert all(a > b for a, b in zip(after, before, strict=True))
+    # Only the new router rows moved; the new modules are active again.
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, reference[n])}
+    assert changed == {f"layers.{i}.ffn.router.rows.1" for i in range(2)}
+    assert all(bool(a.all()) for a in model.active_modules)
