@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -168,18 +168,21 @@ def get_base_model(revision: str, session: SessionDep) -> dict[str, Any]:
         return svc.base_model_view(session=session, base=base)
 
 
-@router.get(
-    "/{revision}/files/{field}",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/{revision}/files/{field}",
     summary="Download config, tokenizer or weights (streamed, HTTP Range)",
     response_class=StreamingResponse,
 )
 def download_base_file(
+    *,
+    request: Request,
     revision: str,
     field: str,
     runtime: RuntimeDep,
     session: SessionDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
-) -> StreamingResponse:
+) -> Response:
     with session.begin():
         base = svc.get_base_model(session=session, revision=revision)
         blob = get_blob(session=session, digest=svc.file_digest(base, field))
@@ -192,4 +195,5 @@ def download_base_file(
         media_type=_MEDIA.get(field, "application/octet-stream"),
         kind="base_model",
         filename=svc.BASE_FILES[field],
+        head=request.method == "HEAD",
     )

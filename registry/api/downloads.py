@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from registry.errors import RangeNotSatisfiable
 from registry.runtime import Runtime
@@ -57,7 +57,8 @@ def blob_response(
     media_type: str,
     kind: str,
     filename: str | None = None,
-) -> StreamingResponse:
+    head: bool = False,
+) -> Response:
     byte_range = parse_range(range_header, size)
     start, stop = byte_range if byte_range is not None else (0, size)
     headers = {
@@ -72,6 +73,10 @@ def blob_response(
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     if byte_range is not None:
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    status = 206 if byte_range is not None else 200
+    if head:
+        # HEAD: the same headers (size, digest, range) and no body, without touching storage.
+        return Response(status_code=status, media_type=media_type, headers=headers)
     metrics = runtime.metrics
 
     def body() -> Iterator[bytes]:
@@ -83,7 +88,7 @@ def blob_response(
 
     return StreamingResponse(
         body(),
-        status_code=206 if byte_range is not None else 200,
+        status_code=status,
         media_type=media_type,
         headers=headers,
     )

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
 from registry.api.common import IdempotentRequest, json_response, record_outcome
@@ -232,18 +232,21 @@ def get_datasheet(
         )
 
 
-@router.get(
-    "/{expert_id}/weights",
+@router.api_route(
+    methods=["GET", "HEAD"],
+    path="/{expert_id}/weights",
     summary="Download a version's weights (streamed, HTTP Range, digest header)",
     response_class=StreamingResponse,
 )
 def download_weights(
+    *,
+    request: Request,
     expert_id: str,
     runtime: RuntimeDep,
     session: SessionDep,
     version: Annotated[int | None, Query(ge=1)] = None,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
-) -> StreamingResponse:
+) -> Response:
     with session.begin():
         expert = svc.get_expert(session=session, expert_id=expert_id)
         _servable(expert)
@@ -258,6 +261,7 @@ def download_weights(
         media_type="application/octet-stream",
         kind="expert",
         filename=f"{expert.id}-v{row.version}.safetensors",
+        head=request.method == "HEAD",
     )
     response.headers["X-Agora-Version"] = str(row.version)
     return response

@@ -399,3 +399,16 @@ def test_concurrent_versions_get_distinct_dense_numbers(api) -> None:
             f"/v1/experts/{expert_id}/weights", params={"version": response.json()["version"]}
         )
         assert download.content == weights
+
+
+def test_head_gives_size_and_digest_without_a_body(api) -> None:
+    weights = api.expert_bytes()
+    expert_id = api.submit(weights=weights).json()["id"]
+    head = api.client.head(f"/v1/experts/{expert_id}/weights")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert int(head.headers["content-length"]) == len(weights)
+    assert head.headers["x-agora-digest"] == f"sha256:{hashlib.sha256(weights).hexdigest()}"
+    ranged = api.client.head(f"/v1/experts/{expert_id}/weights", headers={"Range": "bytes=4-"})
+    assert ranged.status_code == 206
+    assert ranged.headers["content-range"] == f"bytes 4-{len(weights) - 1}/{len(weights)}"
