@@ -19,7 +19,13 @@ from modelcore.data.batches import (
     token_stream,
 )
 from modelcore.data.corpus import Corpus, Domain, build_corpus, chunk_text
-from modelcore.data.discovery import ClusterTree, DomainDiscovery, discover_domains
+from modelcore.data.discovery import (
+    ClusterTree,
+    DomainDiscovery,
+    discover_domains,
+    load_discovery,
+    save_discovery,
+)
 from modelcore.data.sources import DOMAIN_NAMES
 from modelcore.data.synthetic import synthetic_corpus
 from modelcore.data.tokenizer import (
@@ -55,8 +61,10 @@ __all__ = [
     "encode_texts",
     "eot_id",
     "eval_batches",
+    "load_discovery",
     "load_tokenizer",
     "pad_id",
+    "save_discovery",
     "save_tokenizer",
     "stream_batches",
     "synthetic_corpus",

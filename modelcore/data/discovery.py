@@ -16,10 +16,14 @@ Shapes: N texts, K clusters, D SVD dims.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -27,7 +31,10 @@ from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from modelcore.data.balanced import balanced_kmeans
 
-__all__ = ["ClusterTree", "DomainDiscovery", "discover_domains"]
+__all__ = ["ClusterTree", "DomainDiscovery", "discover_domains", "load_discovery", "save_discovery"]
+
+_FORMAT = "agora.discovery/1"
+_TFIDF = {"sublinear_tf": True}
 
 
 def _canonical(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +92,7 @@ class DomainDiscovery:
     tree: ClusterTree | None
     method: str
     _vectorizer: TfidfVectorizer = field(repr=False)
-    _svd: TruncatedSVD = field(repr=False)
+    _components: np.ndarray = field(repr=False)  # (D, V) SVD basis over the TF-IDF vocabulary
 
     @property
     def n_clusters(self) -> int:
@@ -96,7 +103,7 @@ class DomainDiscovery:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) unit vectors of texts in the fitted TF-IDF/SVD space."""
-        return _unit_rows(self._svd.transform(self._vectorizer.transform(list(texts))))
+        return _unit_rows(np.asarray(self._vectorizer.transform(list(texts)) @ self._components.T))
 
     def distances(self, texts: Sequence[str]) -> np.ndarray:
         """(N, K) squared Euclidean distances to the centroids."""
@@ -175,7 +182,7 @@ def _discover(
 ) -> DomainDiscovery:
     # sublinear tf: a word repeated 50 times in one passage (a variable name, a license
     # clause) should not outweigh vocabulary that marks the domain.
-    vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=max_features, dtype=np.float64)
+    vectorizer = TfidfVectorizer(**_TFIDF, max_features=max_features, dtype=np.float64)
     tfidf = vectorizer.fit_transform(texts)
     if tfidf.shape[1] < 2:
         raise ValueError("the texts have fewer than 2 distinct words; nothing to cluster on")
@@ -197,4 +204,50 @@ def _discover(
         labels = tree.cut(n_clusters)
     labels, _ = _canonical(np.asarray(labels, dtype=np.int64))
     centroids = _unit_rows(np.stack([x_ND[labels == j].mean(0) for j in range(n_clusters)]))
-    return DomainDiscovery(labels, centroids, tree, method, vectorizer, svd)
+    return DomainDiscovery(labels, centroids, tree, method, vectorizer, svd.components_)
+
+
+def save_discovery(found: DomainDiscovery, path: str | Path) -> None:
+    """Write a fitted discovery as safetensors (never pickle): centroids, SVD basis, idf and
+    labels as tensors; the vocabulary and method in ``__metadata__``. What a c-BTM expert
+    set needs to route new text to its clusters on another machine."""
+    vocab = found._vectorizer.vocabulary_
+    terms = [""] * len(vocab)
+    for term, idx in vocab.items():
+        terms[idx] = term
+    tensors = {
+        "centroids": np.ascontiguousarray(found.centroids, dtype=np.float64),
+        "components": np.ascontiguousarray(found._components, dtype=np.float64),
+        "idf": np.ascontiguousarray(found._vectorizer.idf_, dtype=np.float64),
+        "labels": np.ascontiguousarray(found.labels, dtype=np.int64),
+    }
+    if found.tree is not None:
+        tensors["tree_children"] = np.ascontiguousarray(found.tree.children, dtype=np.int64)
+        tensors["tree_distances"] = np.ascontiguousarray(found.tree.distances, dtype=np.float64)
+    metadata = {"format": _FORMAT, "method": found.method, "vocabulary": json.dumps(terms)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_discovery(path: str | Path) -> DomainDiscovery:
+    with safe_open(str(path), framework="numpy") as fh:
+        metadata = fh.metadata() or {}
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not an {_FORMAT} file")
+        tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
+    terms = json.loads(metadata["vocabulary"])
+    vectorizer = TfidfVectorizer(
+        **_TFIDF, vocabulary={t: i for i, t in enumerate(terms)}, dtype=np.float64
+    )
+    vectorizer.idf_ = tensors["idf"]
+    tree = None
+    if "tree_children" in tensors:
+        children = tensors["tree_children"]
+        tree = ClusterTree(children, tensors["tree_distances"], children.shape[0] + 1)
+    return DomainDiscovery(
+        tensors["labels"],
+        tensors["centroids"],
+        tree,
+        metadata["method"],
+        vectorizer,
+        tensors["components"],
+    )

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from modelcore.data import Corpus, discover_domains, synthetic_corpus
+from modelcore.data import (
+    Corpus,
+    discover_domains,
+    load_discovery,
+    save_discovery,
+    synthetic_corpus,
+)
 from modelcore.data.balanced import balanced_assign, balanced_kmeans
 
 
@@ -104,3 +111,24 @@ def test_bad_arguments() -> None:
         discover_domains(["a b", "c d"], 1, method="dbscan")
     with pytest.raises(ValueError, match="at least 2 texts"):
         discover_domains(["a b"], 1)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "agglomerative"])
+def test_saved_discovery_routes_new_text_identically(
+    synth: Corpus, tmp_path: Path, method: str
+) -> None:
+    texts, _ = synth.texts()
+    found = discover_domains(texts, 4, method=method, seed=0)
+    path = tmp_path / "discovery.safetensors"
+    save_discovery(found, path)
+    back = load_discovery(path)
+    heldout, _ = synth.texts("heldout")
+    np.testing.assert_allclose(back.distances(heldout), found.distances(heldout), atol=1e-12)
+    assert np.array_equal(back.labels, found.labels)
+    assert back.method == method
+    if method == "agglomerative":
+        assert back.tree is not None
+        assert np.array_equal(back.tree.cut(7), found.tree.cut(7))  # type: ignore[union-attr]
+    path.write_bytes(path.read_bytes().replace(b"agora.discovery/1", b"agora.discovery/9"))
+    with pytest.raises(ValueError, match="not an"):
+        load_discovery(path)
