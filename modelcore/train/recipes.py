@@ -1,0 +1,116 @@
+"""End-to-end recipes shared by the CLI, the report script and the tests: build the
+corpus, train its tokenizer, make batches, create / pretrain a base, train an expert.
+
+Everything here is deterministic given its seed, so a base built twice with the same
+arguments has the same revision.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modelcore.config import ModelConfig
+from modelcore.data.corpus import Corpus, build_corpus
+from modelcore.data.tokenizer import train_tokenizer
+from modelcore.model import ModularLM
+
+# Bytes per domain the CLI's corpus takes by default: 256 KiB x 5 domains is enough text
+# for `small` to improve for a few thousand steps and builds in seconds.
+DEFAULT_MAX_BYTES_PER_DOMAIN = 256 * 1024
+# Tokenizer training text is capped: BPE counts on 1 MiB are as good as on 10 MiB for a
+# 4096-token vocabulary, and training takes a second instead of ten.
+TOKENIZER_MAX_BYTES = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """Where the built corpus is cached (``$XDG_CACHE_HOME/agora`` or ``~/.cache/agora``).
+
+    Read here, in the recipes the CLI calls, never inside the model code."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "agora"
+
+
+def load_corpus(
+    max_bytes_per_domain: int | None = DEFAULT_MAX_BYTES_PER_DOMAIN,
+    *,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    domains: Sequence[str] | None = None,
+    cache_dir: Path | None = None,
+) -> Corpus:
+    return build_corpus(
+        max_bytes_per_domain=max_bytes_per_domain,
+        heldout_fraction=heldout_fraction,
+        seed=seed,
+        domains=domains,
+        cache_dir=cache_dir,
+    )
+
+
+def corpus_tokenizer(corpus: Corpus, vocab_size: int, *, seed: int = 0):
+    """A byte-level BPE tokenizer trained on every domain's training text."""
+    texts, _ = corpus.texts("train")
+    return train_tokenizer(texts, vocab_size=vocab_size, seed=seed, max_bytes=TOKENIZER_MAX_BYTES)
+
+
+def batches(
+    tokenizer, texts: Sequence[str], *, seq_len: int, batch_size: int, seed: int
+) -> Iterator[torch.Tensor]:
+    """Endless (B, T+1) batches of token ids sampled from ``texts``."""
+    from modelcore.data.batches import token_batches
+
+    if not texts:
+        raise ValueError("no training text")
+    return token_batches(tokenizer, list(texts), seq_len=seq_len, batch_size=batch_size, seed=seed)
+
+
+def new_base(config: ModelConfig, tokenizer, *, seed: int, device=None) -> ModularLM:
+    """An untrained model whose vocabulary is exactly the tokenizer's."""
+    config = config.replace(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
+    torch.manual_seed(seed)
+    return ModularLM(config, device=device)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Step counts and rates of one preset (the CLI's defaults)."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    seq_len: int
+    expert_steps: int
+    expert_lr: float
+
+
+PRESET_SETTINGS = {
+    "tiny": TrainSettings(
+        steps=300, lr=3e-3, batch_size=16, seq_len=128, expert_steps=150, expert_lr=3e-3
+    ),
+    "small": TrainSettings(
+        steps=1500, lr=2e-3, batch_size=16, seq_len=256, expert_steps=400, expert_lr=2e-3
+    ),
+    "molm_4b_k2": TrainSettings(
+        steps=10000, lr=3e-4, batch_size=32, seq_len=1024, expert_steps=2000, expert_lr=3e-4
+    ),
+}
+
+
+def settings_for(config: ModelConfig) -> TrainSettings:
+    found = PRESET_SETTINGS.get(config.name)
+    if found is not None:
+        return found
+    return PRESET_SETTINGS["small"]
+
+
+def heldout_by_domain(corpus: Corpus, names: Sequence[str] | None = None) -> dict[str, list[str]]:
+    chosen = list(corpus.domains) if names is None else list(names)
+    unknown = [n for n in chosen if n not in corpus.domains]
+    if unknown:
+        raise ValueError(f"unknown domains {unknown}; known: {sorted(corpus.domains)}")
+    return {n: corpus.domains[n].heldout for n in chosen if corpus.domains[n].heldout}
