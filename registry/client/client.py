@@ -27,7 +27,14 @@ from typing import IO, Any, Self, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from registry.client.cache import BlobCache, default_cache_dir, parse_digest, place, sha256_file
+from registry.client.cache import (
+    BlobCache,
+    HashingWriter,
+    default_cache_dir,
+    parse_digest,
+    place,
+    sha256_file,
+)
 from registry.client.errors import (
     AgoraError,
     DigestMismatch,
@@ -469,10 +476,11 @@ class Agora:
                             f"the registry serves {advertised} where sha256:{hexdigest} "
                             "was expected"
                         )
-                    with part.open(mode) as out:
+                    # The writer is closed (every chunk received is on disk) before an
+                    # exception leaves this block, so `offset` is exactly the part's size.
+                    with HashingWriter(part, mode, hasher) as out:
                         for chunk in response.iter_bytes():
                             out.write(chunk)
-                            hasher.update(chunk)
                             offset += len(chunk)
                             if progress is not None:
                                 progress(offset, size)
