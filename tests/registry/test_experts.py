@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import zipfile
 from io import BytesIO
 
 import numpy as np
 import pytest
-from helpers.artifacts import make_datasheet
+from helpers.artifacts import make_datasheet, raw_safetensors
+
+from registry.validation import DEFAULT_MAX_HEADER_BYTES
 
 
 def test_submit_then_download_bit_exact(api) -> None:
@@ -134,55 +137,90 @@ def test_version_of_unknown_expert_is_404(api) -> None:
     assert response.json()["code"] == "expert_not_found"
 
 
-def _bad_weights(api) -> dict[str, tuple[bytes, str]]:
-    zip_buffer = BytesIO()
-    with zipfile.ZipFile(zip_buffer, "w") as archive:
+def _zip() -> bytes:
+    buffer = BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("data.pkl", b"not really")
+    return buffer.getvalue()
+
+
+def _with_first_tensor(api, make) -> bytes:
+    """An otherwise valid expert whose first tensor is ``make(shape)`` (None drops it)."""
     first = api.base.schema["tensors"][0]
-    shape = tuple(first["shape"])
-    nan = np.zeros(shape, dtype=np.float32)
-    nan[0, 0] = np.nan
-    wrong_shape = np.zeros((shape[0] + 1, *shape[1:]), dtype=np.float32)
-    good = api.expert_bytes()
-    return {
-        "zip": (zip_buffer.getvalue(), "not_safetensors"),
-        "pickle": (pickle.dumps({"w": [1.0, 2.0]}), "not_safetensors"),
-        "truncated": (good[:-16], "data_size_mismatch"),
-        "wrong_format": (
-            api.expert_bytes(metadata_overrides={"format": "agora.expert/0"}),
-            "wrong_format",
-        ),
-        "revision_mismatch": (
-            api.expert_bytes(metadata_overrides={"base_revision": "0" * 64}),
-            "base_revision_mismatch",
-        ),
-        "nan": (api.expert_bytes(tensor_overrides={first["name"]: nan}), "non_finite_values"),
-        "wrong_shape": (
-            api.expert_bytes(tensor_overrides={first["name"]: wrong_shape}),
-            "tensor_shape_mismatch",
-        ),
-        "missing_tensor": (
-            api.expert_bytes(tensor_overrides={first["name"]: None}),
-            "tensor_set_mismatch",
-        ),
-    }
+    return api.expert_bytes(tensor_overrides={first["name"]: make(tuple(first["shape"]))})
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "zip",
-        "pickle",
-        "truncated",
+def _poisoned(shape: tuple[int, ...], value: float) -> np.ndarray:
+    values = np.zeros(shape, dtype=np.float32)
+    values[-1, -1] = value
+    return values
+
+
+_ENTRY = json.dumps({"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}).encode()
+_GAP = {
+    "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+    "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+}
+
+# case -> (build the weights from the api fixture, the code the endpoint must answer)
+BAD_WEIGHTS = {
+    "zip": (lambda api: _zip(), "not_safetensors"),
+    "pickle": (lambda api: pickle.dumps({"w": [1.0, 2.0]}), "not_safetensors"),
+    "truncated": (lambda api: api.expert_bytes()[:-16], "data_size_mismatch"),
+    # A header over the cap, inside a file long enough to hold it.
+    "header_too_large": (
+        lambda api: raw_safetensors(b"{" + b" " * DEFAULT_MAX_HEADER_BYTES + b"}"),
+        "header_too_large",
+    ),
+    "header_not_json": (lambda api: raw_safetensors(b"{not json}"), "header_invalid"),
+    "header_not_braced": (lambda api: raw_safetensors(b"[1, 2, 3]"), "not_safetensors"),
+    "duplicate_key": (
+        lambda api: raw_safetensors(b'{"a":' + _ENTRY + b',"a":' + _ENTRY + b"}", b"\0" * 4),
+        "duplicate_key",
+    ),
+    "offsets_gap": (lambda api: raw_safetensors(_GAP, b"\0" * 12), "tensor_offsets_invalid"),
+    "metadata_not_string": (
+        lambda api: api.expert_bytes(metadata_overrides={"n_modules": 1}),
+        "metadata_not_string",
+    ),
+    "wrong_format": (
+        lambda api: api.expert_bytes(metadata_overrides={"format": "agora.expert/0"}),
         "wrong_format",
-        "revision_mismatch",
-        "nan",
-        "wrong_shape",
-        "missing_tensor",
-    ],
-)
+    ),
+    "revision_mismatch": (
+        lambda api: api.expert_bytes(metadata_overrides={"base_revision": "0" * 64}),
+        "base_revision_mismatch",
+    ),
+    "dtype_not_allowed": (lambda api: api.expert_bytes(dtype="float64"), "dtype_not_allowed"),
+    "mixed_dtypes": (
+        lambda api: _with_first_tensor(api, lambda shape: np.zeros(shape, np.float16)),
+        "mixed_dtypes",
+    ),
+    "nan": (
+        lambda api: _with_first_tensor(api, lambda shape: _poisoned(shape, np.nan)),
+        "non_finite_values",
+    ),
+    "inf": (
+        lambda api: _with_first_tensor(api, lambda shape: _poisoned(shape, -np.inf)),
+        "non_finite_values",
+    ),
+    "wrong_shape": (
+        lambda api: _with_first_tensor(
+            api, lambda shape: np.zeros((shape[0] + 1, *shape[1:]), np.float32)
+        ),
+        "tensor_shape_mismatch",
+    ),
+    "missing_tensor": (
+        lambda api: _with_first_tensor(api, lambda shape: None),
+        "tensor_set_mismatch",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WEIGHTS))
 def test_invalid_weights_are_refused_and_leave_nothing(api, case) -> None:
-    weights, code = _bad_weights(api)[case]
+    build, code = BAD_WEIGHTS[case]
+    weights = build(api)
     before = api.leftovers()
     response = api.submit(weights=weights)
     assert response.status_code == 422, response.text
