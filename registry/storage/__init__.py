@@ -62,4 +62,7 @@ def open_blob_store(settings: Settings) -> BlobStore:
 
 
 def open_staging(settings: Settings) -> Staging:
-    return Staging(settings.staging_dir)
+    # Only the local store keeps the staging file itself (renamed into place), so only
+    # then is it worth flushing to disk while the upload is validated.
+    local = not settings.resolved_storage_url.startswith("s3://")
+    return Staging(settings.staging_dir, sync_on_close=local)

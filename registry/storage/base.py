@@ -24,6 +24,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,55 @@ class BlobStore(abc.ABC):
         return b"".join(self.iter_range(key))
 
 
+class _BackgroundSyncs:
+    """fsyncs started when a staging file is closed, finished by the local store's commit.
+
+    Flushing a 1 GiB upload to disk takes about half a second here (0.32 s for 512 MiB);
+    started at close, it overlaps the validation pass that reads the file back, instead
+    of adding to the upload's latency inside ``LocalBlobStore.commit``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[Path, tuple[threading.Thread, list[OSError]]] = {}
+
+    def start(self, fd: int, path: Path) -> None:
+        errors: list[OSError] = []
+
+        def flush() -> None:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                errors.append(exc)
+            finally:
+                os.close(fd)
+
+        thread = threading.Thread(target=flush, name="agora-staging-fsync", daemon=True)
+        with self._lock:
+            self._pending[path] = (thread, errors)
+        thread.start()
+
+    def wait(self, path: Path) -> bool:
+        """Wait for the flush of ``path``; False if none was started. Re-raises its error."""
+        with self._lock:
+            entry = self._pending.pop(path, None)
+        if entry is None:
+            return False
+        thread, errors = entry
+        thread.join()
+        if errors:
+            raise errors[0]
+        return True
+
+    def forget(self, path: Path) -> None:
+        """Stop tracking ``path`` (discarded); its flush finishes on its own."""
+        with self._lock:
+            self._pending.pop(path, None)
+
+
+background_syncs = _BackgroundSyncs()
+
+
 class StagingFile:
     """A file being received: every write is hashed in the same pass, nothing is buffered.
 
@@ -121,11 +171,12 @@ class StagingFile:
     file is complete and ``hexdigest()``/``size`` describe it.
     """
 
-    def __init__(self, fh: IO[bytes], path: Path) -> None:
+    def __init__(self, fh: IO[bytes], path: Path, *, sync_on_close: bool = False) -> None:
         self._fh = fh
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
+        self._sync_on_close = sync_on_close
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._hash.update(data)
@@ -136,11 +187,16 @@ class StagingFile:
         return self._hash.hexdigest()
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        if self._fh.closed:
+            return
+        if self._sync_on_close:
+            background_syncs.start(os.dup(self._fh.fileno()), self.path)
+        self._fh.close()
 
     def discard(self) -> None:
+        self._sync_on_close = False
         self.close()
+        background_syncs.forget(self.path)
         self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
@@ -162,15 +218,20 @@ class Staging:
 
     PREFIX = "upload-"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, sync_on_close: bool = False) -> None:
         self.directory = Path(directory)
+        # Start flushing each finished file to disk in the background (for the local store,
+        # which commits by renaming the very same file).
+        self.sync_on_close = sync_on_close
 
     def new_file(self) -> StagingFile:
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=self.PREFIX, dir=self.directory)
         # Unbuffered: callers write large chunks, and a Python-side buffer would only
         # add a copy of each one.
-        return StagingFile(os.fdopen(fd, "wb", buffering=0), Path(name))
+        return StagingFile(
+            os.fdopen(fd, "wb", buffering=0), Path(name), sync_on_close=self.sync_on_close
+        )
 
     def files(self) -> list[Path]:
         if not self.directory.is_dir():

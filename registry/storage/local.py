@@ -11,7 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from registry.errors import ServiceUnavailable
-from registry.storage.base import DEFAULT_CHUNK, BlobStore, StoredBlob, blob_key, digest_of_key
+from registry.storage.base import (
+    DEFAULT_CHUNK,
+    BlobStore,
+    StoredBlob,
+    background_syncs,
+    blob_key,
+    digest_of_key,
+)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -50,13 +57,15 @@ class LocalBlobStore(BlobStore):
         key = blob_key(hexdigest)
         target = self._path(key)
         if target.exists():
+            background_syncs.forget(path)
             path.unlink(missing_ok=True)
             # Refresh the age the garbage collector judges by: this blob may be an orphan
             # about to be collected, and a row is about to point at it.
             os.utime(target)
             return key
         target.parent.mkdir(parents=True, exist_ok=True)
-        if self.durable:
+        # The flush a staging file started when it closed, or one done here and now.
+        if not background_syncs.wait(path) and self.durable:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry.errors import ServiceUnavailable
-from registry.storage.base import DEFAULT_CHUNK, BlobStore, StoredBlob, blob_key, digest_of_key
+from registry.storage.base import (
+    DEFAULT_CHUNK,
+    BlobStore,
+    StoredBlob,
+    background_syncs,
+    blob_key,
+    digest_of_key,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -129,6 +136,7 @@ class S3BlobStore(BlobStore):
                     Config=self.transfer_config,
                 )
         finally:
+            background_syncs.forget(path)
             path.unlink(missing_ok=True)
         return key
 

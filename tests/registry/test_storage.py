@@ -200,3 +200,26 @@ def test_open_blob_store_from_settings(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError):
         open_blob_store(Settings(data_dir=tmp_path, storage_url="ftp://host/x"))
+
+
+def test_flush_started_at_close_is_finished_by_commit(tmp_path: Path) -> None:
+    from registry.storage.base import background_syncs
+
+    staging = Staging(tmp_path / "staging", sync_on_close=True)
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(1 << 20)
+    path, digest = _stage(staging, data)
+    assert path in background_syncs._pending, "the flush starts when the upload is complete"
+    key = store.commit(path, digest)
+    assert path not in background_syncs._pending
+    assert store.read_bytes(key) == data
+
+    # A discarded upload and a duplicate upload leave nothing tracked either.
+    dropped = staging.new_file()
+    dropped.write(b"rejected by validation")
+    dropped.close()
+    dropped.discard()
+    duplicate, _ = _stage(staging, data)
+    store.commit(duplicate, digest)
+    assert background_syncs._pending == {}
+    assert staging.files() == []
