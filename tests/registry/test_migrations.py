@@ -100,3 +100,24 @@ def test_cli_serve_refuses_and_db_upgrade_fixes_it(
     upgraded = runner.invoke(build_app(), ["db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
     assert _tables(empty_database_url) == set(Base.metadata.tables)
+
+
+def test_database_at_an_unknown_revision_refuses_to_start(
+    empty_database_url: str, tmp_path
+) -> None:
+    """A database migrated by a newer Agora (a revision this code lacks) is refused too."""
+    from sqlalchemy import text
+
+    engine = make_engine(empty_database_url)
+    try:
+        upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = 'from_the_future'"))
+    finally:
+        engine.dispose()
+    settings = Settings(data_dir=tmp_path, database_url=empty_database_url, auto_migrate=False)
+    with (
+        pytest.raises(DatabaseNotMigrated, match="from_the_future"),
+        TestClient(create_app(settings)),
+    ):
+        pass
