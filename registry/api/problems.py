@@ -2,7 +2,8 @@
 
 ``registry.errors.AgoraError`` subclasses carry their status; FastAPI's request validation
 errors become 400 ``invalid_request`` with field-level ``errors``; routing misses (404, 405)
-keep their status with a stable code; anything else is a logged 500 ``internal_error``.
+keep their status with a stable code; a database that cannot be reached is 503
+``database_unavailable``; anything else is a logged 500 ``internal_error``.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry.errors import AgoraError, BadRequest, RangeNotSatisfiable, Unauthenticated
+from registry.errors import (
+    AgoraError,
+    BadRequest,
+    RangeNotSatisfiable,
+    ServiceUnavailable,
+    Unauthenticated,
+)
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("registry.api")
@@ -83,6 +91,18 @@ def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(body, exc.status_code, headers)
 
 
+def _database_down(request: Request, exc: Exception) -> JSONResponse:
+    # A lost connection, a failed-over primary, SQLite "database is locked" past its busy
+    # timeout: the request may succeed later, so 503 + Retry-After (the SDK retries those).
+    log.warning("database error in %s %s: %s", request.method, request.url.path, exc)
+    err = ServiceUnavailable(
+        "the database is unavailable; retry shortly", code="database_unavailable"
+    )
+    return problem_response(
+        err.problem(instance=request.url.path), err.status, {"Retry-After": "2"}
+    )
+
+
 def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     err = AgoraError("the server failed to handle this request; it has been logged")
@@ -93,4 +113,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AgoraError, _agora_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(Exception, _unhandled)

@@ -450,3 +450,18 @@ def test_head_gives_size_and_digest_without_a_body(api) -> None:
     ranged = api.client.head(f"/v1/experts/{expert_id}/weights", headers={"Range": "bytes=4-"})
     assert ranged.status_code == 206
     assert ranged.headers["content-range"] == f"bytes 4-{len(weights) - 1}/{len(weights)}"
+
+
+def test_malformed_multipart_is_400_and_leaves_nothing(api) -> None:
+    headers = {
+        **api.auth(api.tokens.alice),
+        "Content-Type": "multipart/form-data; boundary=XYZ",
+    }
+    body = (
+        b'--XYZ\r\nContent-Disposition: form-data; name="weights"; filename="w"\r\n\r\n'
+        + api.expert_bytes()
+    )  # the body stops before its closing boundary
+    response = api.client.post("/v1/experts", content=body, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["code"] == "bad_multipart"
+    assert api.leftovers().staging_files == []

@@ -62,3 +62,16 @@ def test_openapi_documents_the_upload_fields(client) -> None:
     schema = spec["paths"]["/v1/experts"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert set(schema["schema"]["required"]) == {"weights", "datasheet", "base_revision"}
     assert client.get("/docs").status_code == 200
+
+
+def test_database_outage_is_503_with_retry_after(api) -> None:
+    # Point the running app at a database that is gone: requests must say "retry", not 500.
+    from registry.db.engine import make_engine, make_sessionmaker
+
+    runtime = api.app.state.runtime
+    gone = make_engine("sqlite:////nonexistent-dir/for/sure/agora.db")
+    runtime.sessions = make_sessionmaker(gone)
+    response = api.client.get("/v1/experts")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "2"
+    assert response.json()["code"] == "database_unavailable"
