@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,32 @@ def parse_s3_url(url: str) -> tuple[str, str]:
         raise ValueError(f"no bucket in {url!r}")
     prefix = prefix.strip("/")
     return bucket, f"{prefix}/" if prefix else ""
+
+
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+def _is_missing(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _MISSING
+
+
+@contextmanager
+def _storage_errors(action: str, bucket: str) -> Iterator[None]:
+    """S3 failures as the service's errors: an absent object is ``FileNotFoundError``;
+    an unreachable or failing S3 is a 503 ``storage_unavailable``, not a 500."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError, Boto3Error) as exc:
+        if _is_missing(exc):
+            raise FileNotFoundError(f"{action}: no such object in s3://{bucket}") from exc
+        raise ServiceUnavailable(
+            f"S3 bucket {bucket!r} failed to {action}: {exc}", code="storage_unavailable"
+        ) from exc
 
 
 # S3's single-request CopyObject limit.
@@ -102,39 +129,37 @@ class S3BlobStore(BlobStore):
             ) from exc
 
     def _head(self, key: str) -> dict[str, Any] | None:
-        from botocore.exceptions import ClientError
-
         try:
-            return dict(self.client.head_object(Bucket=self.bucket, Key=self._object(key)))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return None
-            raise
+            with _storage_errors("read an object's size", self.bucket):
+                return dict(self.client.head_object(Bucket=self.bucket, Key=self._object(key)))
+        except FileNotFoundError:
+            return None
 
     def commit(self, path: Path, hexdigest: str) -> str:
         key = blob_key(hexdigest)
         try:
             head = self._head(key)
-            if head is not None and int(head["ContentLength"]) <= _MAX_COPY_BYTES:
-                # Already stored: copy the object onto itself to refresh LastModified, the
-                # age the garbage collector judges by (it may be an orphan about to go, and
-                # a row is about to point at it).
-                self.client.copy_object(
-                    Bucket=self.bucket,
-                    Key=self._object(key),
-                    CopySource={"Bucket": self.bucket, "Key": self._object(key)},
-                    MetadataDirective="REPLACE",
-                    ContentType="application/octet-stream",
-                )
-            else:
-                # Absent, or too large for a single copy: (re)upload the verified bytes.
-                self.client.upload_file(
-                    str(path),
-                    self.bucket,
-                    self._object(key),
-                    ExtraArgs={"ContentType": "application/octet-stream"},
-                    Config=self.transfer_config,
-                )
+            with _storage_errors("store a blob", self.bucket):
+                if head is not None and int(head["ContentLength"]) <= _MAX_COPY_BYTES:
+                    # Already stored: copy the object onto itself to refresh LastModified,
+                    # the age the garbage collector judges by (it may be an orphan about to
+                    # go, and a row is about to point at it).
+                    self.client.copy_object(
+                        Bucket=self.bucket,
+                        Key=self._object(key),
+                        CopySource={"Bucket": self.bucket, "Key": self._object(key)},
+                        MetadataDirective="REPLACE",
+                        ContentType="application/octet-stream",
+                    )
+                else:
+                    # Absent, or too large for a single copy: (re)upload the verified bytes.
+                    self.client.upload_file(
+                        str(path),
+                        self.bucket,
+                        self._object(key),
+                        ExtraArgs={"ContentType": "application/octet-stream"},
+                        Config=self.transfer_config,
+                    )
         finally:
             background_syncs.forget(path)
             path.unlink(missing_ok=True)
@@ -155,21 +180,28 @@ class S3BlobStore(BlobStore):
         if stop is not None and stop <= start:
             return
         byte_range = f"bytes={start}-" + ("" if stop is None else str(stop - 1))
-        response = self.client.get_object(
-            Bucket=self.bucket, Key=self._object(key), Range=byte_range
-        )
-        body = response["Body"]
-        try:
-            yield from body.iter_chunks(chunk_size)
-        finally:
-            body.close()
+        with _storage_errors("read a blob", self.bucket):
+            response = self.client.get_object(
+                Bucket=self.bucket, Key=self._object(key), Range=byte_range
+            )
+            body = response["Body"]
+            try:
+                yield from body.iter_chunks(chunk_size)
+            finally:
+                body.close()
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
+        with _storage_errors("delete a blob", self.bucket):
+            self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
 
     def list_blobs(self) -> Iterator[StoredBlob]:
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "sha256/"):
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "sha256/")
+        with _storage_errors("list blobs", self.bucket):
+            yield from self._blobs_in(pages)
+
+    def _blobs_in(self, pages: Any) -> Iterator[StoredBlob]:
+        for page in pages:
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(self.prefix) :]
                 if digest_of_key(key) is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,8 @@ def test_delete_and_absent_blobs(store: BlobStore, staging: Staging) -> None:
     store.delete(key)  # deleting an absent blob is not an error
     with pytest.raises(FileNotFoundError):
         store.size(key)
+    with pytest.raises(FileNotFoundError):
+        b"".join(store.iter_range(key))
     assert list(store.list_keys()) == []
 
 
@@ -222,4 +225,35 @@ def test_flush_started_at_close_is_finished_by_commit(tmp_path: Path) -> None:
     duplicate, _ = _stage(staging, data)
     store.commit(duplicate, digest)
     assert background_syncs._pending == {}
+    assert staging.files() == []
+
+
+def test_s3_outage_is_a_503_and_leaves_no_staging_file(tmp_path: Path, staging: Staging) -> None:
+    import boto3
+    from botocore.config import Config
+
+    # A port nothing listens on; one attempt, so the test does not sit in retry backoff.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=dead,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=2),
+    )
+    store = S3BlobStore(bucket="b", endpoint_url=dead, client=client)
+    path, digest = _stage(staging, b"bytes that cannot be stored now")
+
+    for attempt in (
+        lambda: store.commit(path, digest),
+        lambda: b"".join(store.iter_range(blob_key(digest))),
+        lambda: list(store.list_blobs()),
+        lambda: store.delete(blob_key(digest)),
+    ):
+        with pytest.raises(ServiceUnavailable) as exc:
+            attempt()
+        assert exc.value.code == "storage_unavailable"
     assert staging.files() == []
