@@ -290,10 +290,19 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def _max_or_none(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else max(a, b)
+
+
+def _fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="expert size (default 1024)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir in /tmp")
+    parser.add_argument("--repeat", type=int, default=2, help="upload/download rounds (best)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--profile", type=Path, default=None, help="run the server under cProfile, stats here"
@@ -350,21 +359,32 @@ def run(args: argparse.Namespace, work: Path) -> None:
             # SDK verifies before returning), so one core's sha256 speed bounds either way.
             hash_s = timed(sha256_file, expert)[0]
 
-            sampler = RssSampler(server)
-            baseline = sampler.rss()
-            with sampler:
-                up_s, submitted = timed(agora.submit_expert, expert, DATASHEET, base.revision)
-            up_peak = sampler.peak
-            up_hwm = sampler.kernel_peak
+            baseline = RssSampler(server).rss()
+            ups: list[float] = []
+            downs: list[float] = []
+            up_peak = down_peak = 0
+            up_hwm: int | None = 0
+            down_hwm: int | None = 0
+            # Repeats, because a shared machine's load moves the numbers: report the best,
+            # list them all. A repeated upload of the same bytes is a new expert over the
+            # same stored blob, validated again in full.
+            for i in range(args.repeat):
+                with RssSampler(server) as sampler:
+                    up_s, submitted = timed(agora.submit_expert, expert, DATASHEET, base.revision)
+                ups.append(up_s)
+                up_peak = max(up_peak, sampler.peak)
+                up_hwm = _max_or_none(up_hwm, sampler.kernel_peak)
 
-            with Agora(url, token=token, cache_dir=work / "fresh-cache") as fresh:
-                sampler = RssSampler(server)
-                with sampler:
-                    down_s, path = timed(fresh.download, submitted.id)
-                down_peak = sampler.peak
-                down_hwm = sampler.kernel_peak
-            if sha256_file(path).hexdigest() != digest:
-                raise SystemExit("downloaded bytes differ from the uploaded expert")
+                with Agora(url, token=token, cache_dir=work / f"fresh-cache-{i}") as fresh:
+                    with RssSampler(server) as sampler:
+                        down_s, path = timed(fresh.download, submitted.id)
+                    downs.append(down_s)
+                    down_peak = max(down_peak, sampler.peak)
+                    down_hwm = _max_or_none(down_hwm, sampler.kernel_peak)
+                if sha256_file(path).hexdigest() != digest:
+                    raise SystemExit("downloaded bytes differ from the uploaded expert")
+                shutil.rmtree(work / f"fresh-cache-{i}")
+            up_s, down_s = min(ups), min(downs)
 
     def mibs(seconds: float) -> float:
         return size / MiB / seconds
@@ -379,11 +399,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"{copy_s / hash_s:>9.2f}"
     )
     print(
-        f"{'upload (submit_expert, validated)':<34}{up_s:>9.2f}{mibs(up_s):>10.0f}"
-        f"{copy_s / up_s:>9.2f}"
+        f"{'upload (submit_expert, best)':<34}{up_s:>9.2f}{mibs(up_s):>10.0f}{copy_s / up_s:>9.2f}"
     )
     print(
-        f"{'download (verified, to cache)':<34}{down_s:>9.2f}{mibs(down_s):>10.0f}"
+        f"{'download (verified, best)':<34}{down_s:>9.2f}{mibs(down_s):>10.0f}"
         f"{copy_s / down_s:>9.2f}"
     )
     print()
@@ -397,6 +416,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             f"kernel peak RSS (VmHWM) growth: upload {(up_hwm - baseline) / MiB:+.0f} MiB, "
             f"download {(down_hwm - baseline) / MiB:+.0f} MiB"
         )
+    print(f"all runs, seconds: upload {_fmt(ups)}; download {_fmt(downs)}")
     print("downloaded bytes identical to the uploaded expert: yes (sha256)")
     if args.profile:
         print(f"server profile: {args.profile} (python -m pstats)")

@@ -132,3 +132,24 @@ def test_unreachable_registry_is_a_transport_error(tmp_path: Path, monkeypatch) 
     assert result.exit_code == 1
     assert "[transport_error]" in result.stderr
     assert len(slept) == 3  # the default max_retries
+
+
+def test_docs_sdk_snippet_runs_as_written(setup: Setup, tmp_path: Path, monkeypatch) -> None:
+    """The ten-line example in docs/sdk.md (the README's) works against a real server."""
+    docs = Path(__file__).resolve().parents[3] / "docs" / "sdk.md"
+    text = docs.read_text()
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'Agora("http://127.0.0.1:8000", token="agora_...")' in snippet
+    snippet = snippet.replace("http://127.0.0.1:8000", setup.url).replace(
+        '"agora_..."', repr(setup.alice)
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AGORA_CACHE_DIR", str(tmp_path / "snippet-cache"))
+    write_expert(tmp_path / "expert.safetensors", setup.schema, base_revision=setup.revision)
+    (tmp_path / "datasheet.md").write_bytes(make_datasheet(domain="Tide pools and rock shores"))
+
+    exec(compile(snippet, str(docs), "exec"), {"__name__": "snippet"})
+
+    assert (tmp_path / "downloaded.safetensors").read_bytes() == (
+        tmp_path / "expert.safetensors"
+    ).read_bytes()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -423,3 +424,22 @@ def test_error_base_class_catches_everything(tmp_path: Path) -> None:
         agora.get_datasheet("ex_nope")
     assert isinstance(info.value, NotFound)
     assert info.value.code == "expert_not_found"
+
+
+def test_a_failing_disk_write_surfaces_and_the_writer_stops(tmp_path: Path) -> None:
+    from registry.client.cache import HashingWriter
+
+    class BrokenHasher:
+        def update(self, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+    def fill(path: Path) -> HashingWriter:
+        with HashingWriter(path, "wb", BrokenHasher()) as writer:  # type: ignore[arg-type]
+            for _ in range(64):  # enough batches to reach the background thread
+                writer.write(b"\0" * (256 << 10))
+        return writer
+
+    threads_before = threading.active_count()
+    with pytest.raises(OSError, match="No space left"):
+        fill(tmp_path / "x.part")
+    assert threading.active_count() == threads_before  # the writer thread was joined
