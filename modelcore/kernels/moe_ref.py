@@ -68,22 +68,66 @@ def grouped_mm_ref(
     if gates_TK is not None and grouped_out:
         raise ValueError("gates combine token outputs; they cannot be used with grouped_out")
     k = plan.k
-    src_A = (
-        torch.arange(plan.sorted_assign_A.numel(), device=x.device)
-        if grouped_in
-        else (plan.sorted_assign_A // k)
-    )
-    x_sorted_AD = x if grouped_in else x.index_select(0, src_A)
     # Expert blocks are contiguous, so split sizes come from the offsets. tolist() is the
     # one host sync of the reference; the Triton kernel reads offsets on the device.
     counts = torch.diff(plan.offsets_E, prepend=plan.offsets_E.new_zeros(1)).tolist()
-    pieces = [blk @ w_EDH[e] for e, blk in enumerate(torch.split(x_sorted_AD, counts, dim=0))]
-    y_sorted_AH = torch.cat(pieces, dim=0) if pieces else x_sorted_AD.new_zeros(0, w_EDH.shape[-1])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_EDH, gates_TK)
+    )
+    if needs_grad:
+        y_AH = _grouped_autograd(x, w_EDH, plan, counts, grouped_in, grouped_out)
+    else:
+        y_AH = _grouped_inference(x, w_EDH, plan, counts, grouped_in, grouped_out)
     if grouped_out:
-        return y_sorted_AH
-    y_AH = torch.empty_like(y_sorted_AH).index_copy(0, plan.sorted_assign_A, y_sorted_AH)
+        return y_AH
     if gates_TK is None:
         return y_AH
     T = gates_TK.shape[0]
     y_TKH = y_AH.view(T, k, -1)
     return torch.einsum("tkh,tk->th", y_TKH, gates_TK.to(y_TKH.dtype))
+
+
+def _grouped_autograd(
+    x: torch.Tensor,
+    w_EDH: torch.Tensor,
+    plan: RoutingPlan,
+    counts: list[int],
+    grouped_in: bool,
+    grouped_out: bool,
+) -> torch.Tensor:
+    """One gather, one matmul per block, one cat, one scatter: every step is a single
+    autograd node over the whole batch, so the backward costs O(A) too (per-expert gathers
+    or in-place scatters would each add a full-size gradient buffer to the backward)."""
+    x_sorted_AD = x if grouped_in else x.index_select(0, plan.sorted_assign_A // plan.k)
+    pieces = [blk @ w_EDH[e] for e, blk in enumerate(torch.split(x_sorted_AD, counts, dim=0))]
+    y_sorted_AH = torch.cat(pieces, dim=0) if pieces else x_sorted_AD.new_zeros(0, w_EDH.shape[-1])
+    if grouped_out:
+        return y_sorted_AH
+    return torch.empty_like(y_sorted_AH).index_copy(0, plan.sorted_assign_A, y_sorted_AH)
+
+
+def _grouped_inference(
+    x: torch.Tensor,
+    w_EDH: torch.Tensor,
+    plan: RoutingPlan,
+    counts: list[int],
+    grouped_in: bool,
+    grouped_out: bool,
+) -> torch.Tensor:
+    """The same products without autograd: each expert's ``torch.mm`` writes its block of
+    the sorted result in place (``out=``), which drops the cat of ``_grouped_autograd``
+    (one full copy of the (A, H) output) and keeps the op count at E + 2 (one gather, E
+    matmuls, one scatter): on 2 busy cores every extra parallel op also pays a thread
+    barrier, which made a per-expert gather/scatter schedule slower, not faster."""
+    A, H = plan.sorted_assign_A.numel(), w_EDH.shape[-1]
+    x_sorted_AD = x if grouped_in else x.index_select(0, plan.sorted_assign_A // plan.k)
+    y_sorted_AH = x.new_empty(A, H)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            rows = slice(start, start + n)
+            torch.mm(x_sorted_AD[rows], w_EDH[e], out=y_sorted_AH[rows])
+        start += n
+    if grouped_out:
+        return y_sorted_AH
+    return torch.empty_like(y_sorted_AH).index_copy_(0, plan.sorted_assign_A, y_sorted_AH)

@@ -24,6 +24,11 @@ query block) also writes, for every key block it passes, each row's two running 
 over query blocks in order) reads them back instead of re-walking the row, so every dK/dV
 tile has a single owner accumulating in fp32 registers: deterministic, no atomics. The
 price is 8 bytes per (row, key block), e.g. 0.8 GB at B*H=48, T=16384, BLOCK=64.
+
+Wide heads (ModuleFormer's MoLM uses one 1024-wide head): the head dim is cut into
+NUM_DC chunks of BLOCK_D. Each program owns one chunk of the *output* columns (grid axis
+2) and sums the contractions over D (q.k, do.v) chunk by chunk. With one chunk (D <= 128)
+q and do stay in registers for the whole key loop, as in flash attention.
 """
 
 import triton.language as tl
@@ -41,28 +46,58 @@ def sb_fwd_kernel(
     INCLUDE_DIAG: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_DC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(T, BLOCK), BH). Longest rows first: block n_blocks-1 is program 0."""
+    """Grid (cdiv(T, BLOCK), BH, NUM_DC). Longest rows first: the last block is program 0."""
     ib = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    dc = tl.program_id(2)
     base = bh * T * D
     i = ib * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, BLOCK_D)
+    d = dc * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's output columns
     i_mask = i < T
     d_mask = d < D
-    q = tl.load(
-        Q + base + i[:, None] * D + d[None, :], mask=i_mask[:, None] & d_mask[None, :], other=0.0
-    )
+    if NUM_DC == 1:
+        q = tl.load(
+            Q + base + i[:, None] * D + d[None, :],
+            mask=i_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
     acc_o = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
     acc_lo = tl.zeros((BLOCK,), dtype=tl.float32)  # sum of lo over keys already passed
     for t in range(0, ib + 1):
         jb = ib - t
         j = jb * BLOCK + tl.arange(0, BLOCK)
-        kv_mask = (j < T)[:, None] & d_mask[None, :]
-        k = tl.load(K + base + j[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + j[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
-        z = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        j_mask = j < T
+        v = tl.load(
+            V + base + j[:, None] * D + d[None, :],
+            mask=j_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if NUM_DC == 1:
+            k = tl.load(
+                K + base + j[:, None] * D + d[None, :],
+                mask=j_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            z = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            z = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            for c in tl.static_range(NUM_DC):
+                dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                q_c = tl.load(
+                    Q + base + i[:, None] * D + dd[None, :],
+                    mask=i_mask[:, None] & (dd < D)[None, :],
+                    other=0.0,
+                )
+                k_c = tl.load(
+                    K + base + j[:, None] * D + dd[None, :],
+                    mask=j_mask[:, None] & (dd < D)[None, :],
+                    other=0.0,
+                )
+                z = tl.dot(q_c, tl.trans(k_c), z, input_precision=PRECISION)
+        z = z * scale
         if INCLUDE_DIAG:
             inside = (j[None, :] <= i[:, None]) & i_mask[:, None]
         else:
@@ -85,7 +120,7 @@ def sb_fwd_kernel(
         out.to(O.dtype.element_ty),
         mask=i_mask[:, None] & d_mask[None, :],
     )
-    tl.store(LOGR + bh * T + i, acc_lo, mask=i_mask)
+    tl.store(LOGR + bh * T + i, acc_lo, mask=i_mask & (dc == 0))
 
 
 def sb_bwd_dq_kernel(
@@ -105,19 +140,22 @@ def sb_bwd_dq_kernel(
     INCLUDE_DIAG: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_DC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (n_blocks, BH). Writes dQ and the per-(key block, row) prefixes PRE_LO, PRE_G."""
+    """Grid (n_blocks, BH, NUM_DC). Writes dQ and the per-(key block, row) prefixes."""
     ib = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    dc = tl.program_id(2)
     base = bh * T * D
     i = ib * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, BLOCK_D)
+    d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
     i_mask = i < T
     d_mask = d < D
     qd_mask = i_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + base + i[:, None] * D + d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + base + i[:, None] * D + d[None, :], mask=qd_mask, other=0.0)
+    if NUM_DC == 1:
+        q = tl.load(Q + base + i[:, None] * D + d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + base + i[:, None] * D + d[None, :], mask=qd_mask, other=0.0)
     logr = tl.load(LOGR + bh * T + i, mask=i_mask, other=0.0)
     gr = tl.load(GR + bh * T + i, mask=i_mask, other=0.0)
     pre_lo = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -125,13 +163,38 @@ def sb_bwd_dq_kernel(
     dq = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
     pre_base = bh * n_blocks * T
     for jb in range(0, ib + 1):
-        tl.store(PRE_LO + pre_base + jb * T + i, pre_lo, mask=i_mask)
-        tl.store(PRE_G + pre_base + jb * T + i, pre_g, mask=i_mask)
+        # every D-chunk program computes the same prefixes; chunk 0 writes them
+        tl.store(PRE_LO + pre_base + jb * T + i, pre_lo, mask=i_mask & (dc == 0))
+        tl.store(PRE_G + pre_base + jb * T + i, pre_g, mask=i_mask & (dc == 0))
         j = jb * BLOCK + tl.arange(0, BLOCK)
-        kv_mask = (j < T)[:, None] & d_mask[None, :]
-        k = tl.load(K + base + j[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + base + j[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
-        z = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        j_mask = j < T
+        k = tl.load(
+            K + base + j[:, None] * D + d[None, :],
+            mask=j_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if NUM_DC == 1:
+            v = tl.load(
+                V + base + j[:, None] * D + d[None, :],
+                mask=j_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            z = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            dattn = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        else:
+            z = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            dattn = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            for c in tl.static_range(NUM_DC):
+                dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                row_m = i_mask[:, None] & (dd < D)[None, :]
+                col_m = j_mask[:, None] & (dd < D)[None, :]
+                q_c = tl.load(Q + base + i[:, None] * D + dd[None, :], mask=row_m, other=0.0)
+                do_c = tl.load(DO + base + i[:, None] * D + dd[None, :], mask=row_m, other=0.0)
+                k_c = tl.load(K + base + j[:, None] * D + dd[None, :], mask=col_m, other=0.0)
+                v_c = tl.load(V + base + j[:, None] * D + dd[None, :], mask=col_m, other=0.0)
+                z = tl.dot(q_c, tl.trans(k_c), z, input_precision=PRECISION)
+                dattn = tl.dot(do_c, tl.trans(v_c), dattn, input_precision=PRECISION)
+        z = z * scale
         if INCLUDE_DIAG:
             inside = (j[None, :] <= i[:, None]) & i_mask[:, None]
         else:
@@ -141,7 +204,7 @@ def sb_bwd_dq_kernel(
         lb = tl.minimum(z, 0.0) - log1p_e
         upto = pre_lo[:, None] + tl.cumsum(lo, axis=1)  # sum_{l <= j} lo_il
         attn = tl.where(inside, tl.exp(lb + logr[:, None] - upto), 0.0)
-        g = attn * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        g = attn * dattn
         before = pre_g[:, None] + tl.cumsum(g, axis=1) - g  # sum_{k < j} g_ik
         dz = g * tl.exp(lo) - tl.exp(lb) * (before + gr[:, None])
         dz = tl.where(inside, dz, 0.0)
@@ -171,14 +234,16 @@ def sb_bwd_dkv_kernel(
     INCLUDE_DIAG: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    NUM_DC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Grid (n_blocks, BH). Key block 0 sees the most query blocks, so it goes first."""
+    """Grid (n_blocks, BH, NUM_DC). Key block 0 sees the most query blocks: it goes first."""
     jb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    dc = tl.program_id(2)
     base = bh * T * D
     j = jb * BLOCK + tl.arange(0, BLOCK)
-    d = tl.arange(0, BLOCK_D)
+    d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
     j_mask = j < T
     d_mask = d < D
     kv_mask = j_mask[:, None] & d_mask[None, :]
@@ -197,7 +262,23 @@ def sb_bwd_dkv_kernel(
         gr = tl.load(GR + bh * T + i, mask=i_mask, other=0.0)
         pre_lo = tl.load(PRE_LO + pre_base + i, mask=i_mask, other=0.0)
         pre_g = tl.load(PRE_G + pre_base + i, mask=i_mask, other=0.0)
-        z = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if NUM_DC == 1:
+            z = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            dattn = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        else:
+            z = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            dattn = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+            for c in tl.static_range(NUM_DC):
+                dd = c * BLOCK_D + tl.arange(0, BLOCK_D)
+                row_m = i_mask[:, None] & (dd < D)[None, :]
+                col_m = j_mask[:, None] & (dd < D)[None, :]
+                q_c = tl.load(Q + base + i[:, None] * D + dd[None, :], mask=row_m, other=0.0)
+                do_c = tl.load(DO + base + i[:, None] * D + dd[None, :], mask=row_m, other=0.0)
+                k_c = tl.load(K + base + j[:, None] * D + dd[None, :], mask=col_m, other=0.0)
+                v_c = tl.load(V + base + j[:, None] * D + dd[None, :], mask=col_m, other=0.0)
+                z = tl.dot(q_c, tl.trans(k_c), z, input_precision=PRECISION)
+                dattn = tl.dot(do_c, tl.trans(v_c), dattn, input_precision=PRECISION)
+        z = z * scale
         if INCLUDE_DIAG:
             inside = (j[None, :] <= i[:, None]) & i_mask[:, None]
         else:
@@ -207,7 +288,7 @@ def sb_bwd_dkv_kernel(
         lb = tl.minimum(z, 0.0) - log1p_e
         upto = pre_lo[:, None] + tl.cumsum(lo, axis=1)
         attn = tl.where(inside, tl.exp(lb + logr[:, None] - upto), 0.0)
-        g = attn * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        g = attn * dattn
         before = pre_g[:, None] + tl.cumsum(g, axis=1) - g
         dz = g * tl.exp(lo) - tl.exp(lb) * (before + gr[:, None])
         dz = tl.where(inside, dz, 0.0)

@@ -21,13 +21,18 @@ from modelcore.kernels import sb_kernels
 from modelcore.kernels._triton_util import check_device, dot_precision, interpreting, jit
 
 
-def _config(D: int, dtype: torch.dtype) -> dict[str, int]:
-    block_d = max(16, triton.next_power_of_2(D))
+def _config(D: int) -> dict[str, int]:
+    """Tiles. The head dim is cut into chunks of at most 128 compiled (64 interpreted, so a
+    100-wide test head exercises the chunked path): wider tiles would not fit the registers
+    next to the (BLOCK, BLOCK) score tiles."""
+    max_d = 64 if interpreting() else 128
+    block_d = min(max(16, triton.next_power_of_2(D)), max_d)
+    cfg = {"BLOCK_D": block_d, "NUM_DC": triton.cdiv(D, block_d)}
     if interpreting():
-        return {"BLOCK": 32, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}
-    # 64 x 64 tiles: the backward holds q, do, k, v tiles plus four (64, 64) fp32 score-sized
-    # tiles live at once; 128-row tiles spill at D = 128.
-    return {"BLOCK": 64, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 2}
+        return {**cfg, "BLOCK": 32, "num_warps": 4, "num_stages": 1}
+    # 64 x 64 tiles: the backward holds q, do, k, v tiles plus four (64, 64) fp32
+    # score-sized tiles at once; 128-row tiles spill at D = 128.
+    return {**cfg, "BLOCK": 64, "num_warps": 4, "num_stages": 2}
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -49,12 +54,12 @@ def sb_fwd_op(
     o = torch.empty_like(qf)
     logr = torch.empty(qf.shape[0], T, device=q.device, dtype=torch.float32)
     if q.numel() > 0:
-        cfg = _config(D, q.dtype)
-        grid = (triton.cdiv(T, cfg["BLOCK"]), qf.shape[0])
+        cfg = _config(D)
+        grid = (triton.cdiv(T, cfg["BLOCK"]), qf.shape[0], cfg["NUM_DC"])
         jit(sb_kernels.sb_fwd_kernel)[grid](
             qf, kf, vf, o, logr, scale, T, D,
             INCLUDE_DIAG=include_diagonal, BLOCK=cfg["BLOCK"], BLOCK_D=cfg["BLOCK_D"],
-            PRECISION=dot_precision(q.dtype),
+            NUM_DC=cfg["NUM_DC"], PRECISION=dot_precision(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )  # fmt: skip
     return o.view(B, H, T, D), logr.view(B, H, T)
@@ -86,19 +91,20 @@ def sb_bwd_op(
     logr_f = logr.reshape(BH, T).contiguous()
     # G_i = dL/dlog r_i: the direct gradient plus the remainder term r_i (do_i . v_i).
     gr = dlogr.reshape(BH, T).float() + logr_f.exp() * (dof.float() * vf.float()).sum(-1)
-    cfg = _config(D, q.dtype)
+    cfg = _config(D)
     n_blocks = triton.cdiv(T, cfg["BLOCK"])
     pre_lo = torch.empty(BH, n_blocks, T, device=q.device, dtype=torch.float32)
     pre_g = torch.empty_like(pre_lo)
     common = {
         "INCLUDE_DIAG": include_diagonal, "BLOCK": cfg["BLOCK"], "BLOCK_D": cfg["BLOCK_D"],
-        "PRECISION": dot_precision(q.dtype),
+        "NUM_DC": cfg["NUM_DC"], "PRECISION": dot_precision(q.dtype),
         "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
     }  # fmt: skip
-    jit(sb_kernels.sb_bwd_dq_kernel)[(n_blocks, BH)](
+    grid = (n_blocks, BH, cfg["NUM_DC"])
+    jit(sb_kernels.sb_bwd_dq_kernel)[grid](
         qf, kf, vf, dof, logr_f, gr, dq, pre_lo, pre_g, scale, T, D, n_blocks, **common
     )
-    jit(sb_kernels.sb_bwd_dkv_kernel)[(n_blocks, BH)](
+    jit(sb_kernels.sb_bwd_dkv_kernel)[grid](
         qf, kf, vf, dof, logr_f, gr, dk, dv, pre_lo, pre_g, scale, T, D, n_blocks, **common
     )
     return dq.view(q.shape), dk.view(q.shape), dv.view(q.shape)
