@@ -168,11 +168,16 @@ def get_base_model(revision: str, session: SessionDep) -> dict[str, Any]:
         return svc.base_model_view(session=session, base=base)
 
 
-@router.api_route(
-    methods=["GET", "HEAD"],
-    path="/{revision}/files/{field}",
+@router.get(
+    "/{revision}/files/{field}",
     summary="Download config, tokenizer or weights (streamed, HTTP Range)",
     response_class=StreamingResponse,
+    operation_id="download_base_file",
+)
+@router.head(
+    "/{revision}/files/{field}",
+    summary="Size, digest and range headers of a base file, no body",
+    operation_id="head_base_file",
 )
 def download_base_file(
     *,

@@ -232,11 +232,16 @@ def get_datasheet(
         )
 
 
-@router.api_route(
-    methods=["GET", "HEAD"],
-    path="/{expert_id}/weights",
+@router.get(
+    "/{expert_id}/weights",
     summary="Download a version's weights (streamed, HTTP Range, digest header)",
     response_class=StreamingResponse,
+    operation_id="download_weights",
+)
+@router.head(
+    "/{expert_id}/weights",
+    summary="Size, digest and range headers of a version's weights, no body",
+    operation_id="head_weights",
 )
 def download_weights(
     *,
