@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelcore.data.batches import eval_batches
-from modelcore.data.tokenizer import pad_id
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -98,7 +97,7 @@ def module_usage(
     batch_size: int = 16,
 ) -> list[torch.Tensor]:
     """How often each FFN module is among a token's top-k, per MoE layer: list of (E,)
-    int64 counts over the scored (non-padding) tokens of ``texts``."""
+    int64 counts over the positions ``evaluate`` scores (one per text token)."""
     window = _seq_len(model, seq_len)
     device = _model_device(model)
     was_training = model.training
@@ -107,8 +106,9 @@ def module_usage(
     try:
         for batch in eval_batches(tokenizer, list(texts), seq_len=window, batch_size=batch_size):
             out = model(batch.tokens[:, :-1].to(device), aux="none")
-            # Routing is per input token; count the real ones (not padding after the end).
-            mask_N = (batch.tokens[:, :-1] != pad_id(tokenizer)).to(device).flatten()
+            # Count the positions whose prediction is scored (as in ``evaluate``): no
+            # padding, and not the positions predicting a separator.
+            mask_N = batch.mask.to(device).flatten()
             for layer, routing in enumerate(out.routing):
                 n_modules = routing.probs_TE.shape[-1]
                 idx_NK = routing.topk_idx_TK.reshape(mask_N.numel(), -1)[mask_N]
