@@ -11,7 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from registry.db.models import IdempotencyKey, utcnow
@@ -76,9 +76,7 @@ def remember(
 
 
 def prune(*, session: Session, older_than: dt.timedelta, now: dt.datetime | None = None) -> int:
+    """Forget keys older than ``older_than``; returns how many were removed."""
     cutoff = (now or utcnow()) - older_than
-    stale = session.scalars(
-        select(IdempotencyKey.key).where(IdempotencyKey.created_at < cutoff)
-    ).all()
-    session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff))
-    return len(stale)
+    result = session.execute(delete(IdempotencyKey).where(IdempotencyKey.created_at < cutoff))
+    return int(getattr(result, "rowcount", 0) or 0)

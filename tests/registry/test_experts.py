@@ -465,3 +465,23 @@ def test_malformed_multipart_is_400_and_leaves_nothing(api) -> None:
     assert response.status_code == 400
     assert response.json()["code"] == "bad_multipart"
     assert api.leftovers().staging_files == []
+
+
+def test_gc_forgets_old_idempotency_keys(api, database_url, tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from agora.cli import build_app
+
+    headers = {"Idempotency-Key": "old-key"}
+    first = api.submit(weights=api.expert_bytes(seed=1), headers=headers)
+    assert first.status_code == 201
+    monkeypatch.setenv("AGORA_DATABASE_URL", database_url)
+    monkeypatch.setenv("AGORA_DATA_DIR", str(tmp_path / "cli"))
+    monkeypatch.setenv("AGORA_IDEMPOTENCY_TTL_SECONDS", "0")
+    result = CliRunner().invoke(build_app(), ["admin", "gc"])
+    assert result.exit_code == 0, result.output
+    assert "expired idempotency keys removed: 1" in result.output
+    # The key is free again: other content under it is a new request, not a 409.
+    again = api.submit(weights=api.expert_bytes(seed=2), headers=headers)
+    assert again.status_code == 201
+    assert again.json()["id"] != first.json()["id"]
