@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, NamedTuple, Self
 
+from registry.errors import ServiceUnavailable
+
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 KEY_PREFIX = "sha256/"
 # 1 MiB reads keep per-chunk overhead (a syscall, a thread hop in the ASGI server) small
@@ -115,6 +117,13 @@ class BlobStore(abc.ABC):
         return b"".join(self.iter_range(key))
 
 
+def _staging_unavailable(directory: Path, exc: OSError) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"the staging area {directory} cannot take the upload: {exc.strerror or exc}",
+        code="storage_unavailable",
+    )
+
+
 class _BackgroundSyncs:
     """fsyncs started when a staging file is closed, finished by the local store's commit.
 
@@ -180,7 +189,10 @@ class StagingFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._hash.update(data)
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:  # ENOSPC, EIO: the service's problem, not the client's
+            raise _staging_unavailable(self.path.parent, exc) from exc
         self.size += len(data)
 
     def hexdigest(self) -> str:
@@ -225,8 +237,11 @@ class Staging:
         self.sync_on_close = sync_on_close
 
     def new_file(self) -> StagingFile:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=self.PREFIX, dir=self.directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=self.PREFIX, dir=self.directory)
+        except OSError as exc:
+            raise _staging_unavailable(self.directory, exc) from exc
         # Unbuffered: callers write large chunks, and a Python-side buffer would only
         # add a copy of each one.
         return StagingFile(

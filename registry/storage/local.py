@@ -54,6 +54,17 @@ class LocalBlobStore(BlobStore):
             ) from exc
 
     def commit(self, path: Path, hexdigest: str) -> str:
+        try:
+            return self._commit(path, hexdigest)
+        except OSError as exc:
+            background_syncs.forget(path)
+            path.unlink(missing_ok=True)
+            raise ServiceUnavailable(
+                f"blob directory {self.root} cannot store the blob: {exc.strerror or exc}",
+                code="storage_unavailable",
+            ) from exc
+
+    def _commit(self, path: Path, hexdigest: str) -> str:
         key = blob_key(hexdigest)
         target = self._path(key)
         if target.exists():

@@ -257,3 +257,24 @@ def test_s3_outage_is_a_503_and_leaves_no_staging_file(tmp_path: Path, staging: 
             attempt()
         assert exc.value.code == "storage_unavailable"
     assert staging.files() == []
+
+
+def test_a_full_or_broken_disk_is_a_503(tmp_path: Path, staging: Staging) -> None:
+    from registry.storage import StagingFile
+
+    full = StagingFile(open("/dev/full", "wb", buffering=0), tmp_path / "x")  # noqa: SIM115
+    with pytest.raises(ServiceUnavailable) as write_exc:
+        full.write(b"no space left")
+    full.close()
+    assert write_exc.value.code == "storage_unavailable"
+
+    occupied = tmp_path / "occupied"
+    occupied.write_text("a file where a directory should be")
+    with pytest.raises(ServiceUnavailable):
+        Staging(occupied).new_file()
+
+    path, digest = _stage(staging, b"valid bytes, nowhere to put them")
+    with pytest.raises(ServiceUnavailable) as commit_exc:
+        LocalBlobStore(occupied).commit(path, digest)
+    assert commit_exc.value.code == "storage_unavailable"
+    assert not path.exists(), "a failed commit removes the staging file"
