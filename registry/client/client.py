@@ -436,7 +436,10 @@ class Agora:
                     return hasher.hexdigest()
         failures = 0
         while True:
-            headers = {"Range": f"bytes={offset}-"} if offset else None
+            # Byte ranges are offsets into the stored bytes, so ask for them uncompressed.
+            headers = {"Accept-Encoding": "identity"}
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
             try:
                 with self._stream(
                     "GET", path, params=params, headers=headers, also_ok=frozenset({416})
@@ -479,7 +482,15 @@ class Agora:
                     # The writer is closed (every chunk received is on disk) before an
                     # exception leaves this block, so `offset` is exactly the part's size.
                     with HashingWriter(part, mode, hasher) as out:
-                        for chunk in response.iter_bytes():
+                        encoded = response.headers.get("Content-Encoding", "identity")
+                        # iter_raw skips httpx's decoder layer; only a server that ignored
+                        # our Accept-Encoding needs the decoding iterator.
+                        chunks = (
+                            response.iter_raw()
+                            if encoded.strip().lower() == "identity"
+                            else response.iter_bytes()
+                        )
+                        for chunk in chunks:
                             out.write(chunk)
                             offset += len(chunk)
                             if progress is not None:
