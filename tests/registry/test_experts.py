@@ -485,3 +485,12 @@ def test_gc_forgets_old_idempotency_keys(api, database_url, tmp_path, monkeypatc
     again = api.submit(weights=api.expert_bytes(seed=2), headers=headers)
     assert again.status_code == 201
     assert again.json()["id"] != first.json()["id"]
+
+
+def test_upload_written_in_many_batches_is_bit_exact(api, monkeypatch) -> None:
+    # Small batches: the worker thread writes the file in ~20 pieces, in order.
+    monkeypatch.setattr("registry.api.uploads.FLUSH_BYTES", 512)
+    weights = api.expert_bytes(seed=42)
+    body = api.submit(weights=weights).json()
+    assert body["digest"] == f"sha256:{hashlib.sha256(weights).hexdigest()}"
+    assert api.client.get(f"/v1/experts/{body['id']}/weights").content == weights
