@@ -197,3 +197,40 @@ def test_gc_on_s3_judges_orphans_by_their_listed_age(
     old = collect_garbage(session=session, store=store, staging=staging, grace=GRACE, now=later)
     assert (old.objects_deleted, old.bytes_freed) == (1, len(b"an S3 object whose row never came"))
     assert not store.exists(key)
+
+
+def test_a_row_that_never_commits_leaves_only_an_orphan_that_gc_collects(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from registry.services import experts as expert_service
+    from registry.storage import blob_key
+
+    def database_gone(**_: Any) -> None:
+        raise RuntimeError("the database went away between the blob and the row")
+
+    weights = api.expert_bytes(seed=11)
+    key = blob_key(hashlib.sha256(weights).hexdigest())
+    monkeypatch.setattr(expert_service, "record_version", database_gone)
+    with pytest.raises(RuntimeError):
+        api.submit(weights=weights)
+    monkeypatch.undo()
+
+    runtime = api.app.state.runtime
+    left = api.leftovers()
+    assert (left.experts, left.versions) == (0, 0), "no row names the blob"
+    assert left.staging_files == []
+    assert runtime.store.exists(key), "the blob was committed before the row failed"
+
+    with runtime.sessions() as session:
+        report = collect_garbage(
+            session=session, store=runtime.store, staging=runtime.staging, grace=dt.timedelta(0)
+        )
+    assert report.objects_deleted == 1
+    assert not runtime.store.exists(key)
+    # The base model's blobs are referenced, so they stay; and the expert can be sent again.
+    assert api.client.get(f"/v1/base-models/{api.base.revision}/files/weights").status_code == 200
+    again = api.submit(weights=weights)
+    assert again.status_code == 201
+    assert api.client.get(f"/v1/experts/{again.json()['id']}/weights").content == weights
