@@ -94,6 +94,44 @@ def create_token(
     typer.echo(secret)
 
 
+def list_tokens() -> None:
+    """List tokens: id, role, name, the secret's first characters, and whether revoked."""
+    from registry.services.tokens import list_tokens as all_tokens
+
+    runtime = _runtime(_settings())
+    try:
+        with runtime.sessions() as session, session.begin():
+            rows = [
+                (t.id, t.role, t.name, t.prefix, t.created_at, t.revoked_at)
+                for t in all_tokens(session=session)
+            ]
+    finally:
+        runtime.engine.dispose()
+    for token_id, role, name, prefix, created, revoked in rows:
+        state = f"revoked {revoked:%Y-%m-%d %H:%M}" if revoked else "active"
+        typer.echo(f"#{token_id}\t{role}\t{name}\t{prefix}...\t{created:%Y-%m-%d %H:%M}\t{state}")
+
+
+def revoke_token(
+    token_id: Annotated[int, typer.Argument(help="The #id `list-tokens` shows.")],
+) -> None:
+    """Revoke a token; requests presenting it are refused from now on."""
+    from registry.errors import AgoraError
+    from registry.services.tokens import revoke_token as revoke
+
+    runtime = _runtime(_settings())
+    try:
+        with runtime.sessions() as session, session.begin():
+            token = revoke(session=session, token_id=token_id)
+            name, role = token.name, token.role
+    except AgoraError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(code=2) from None
+    finally:
+        runtime.engine.dispose()
+    typer.echo(f"revoked token #{token_id} ({role} {name!r})")
+
+
 def gc(
     grace_seconds: Annotated[
         int | None,
@@ -132,4 +170,6 @@ def register(root: typer.Typer, groups: dict[str, typer.Typer]) -> None:
     root.command("serve")(serve)
     groups["db"].command("upgrade")(db_upgrade)
     groups["admin"].command("create-token")(create_token)
+    groups["admin"].command("list-tokens")(list_tokens)
+    groups["admin"].command("revoke-token")(revoke_token)
     groups["admin"].command("gc")(gc)

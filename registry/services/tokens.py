@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.db.models import Token
-from registry.errors import BadRequest
+from registry.db.models import Token, utcnow
+from registry.errors import BadRequest, NotFound
 
 ROLES = ("contributor", "moderator", "admin", "worker")
 TOKEN_PREFIX = "agora_"  # noqa: S105 (a public prefix, not a secret)
@@ -52,6 +52,21 @@ def create_token(*, session: Session, name: str, role: str) -> tuple[Token, str]
     session.add(token)
     session.flush()
     return token, secret
+
+
+def list_tokens(*, session: Session) -> list[Token]:
+    return list(session.scalars(select(Token).order_by(Token.id)))
+
+
+def revoke_token(*, session: Session, token_id: int) -> Token:
+    """Revoke a token at once: the next request that presents it is a 401."""
+    token = session.get(Token, token_id)
+    if token is None:
+        raise NotFound(f"no token #{token_id}", code="token_not_found")
+    if token.revoked_at is None:
+        token.revoked_at = utcnow()
+    session.flush()
+    return token
 
 
 def authenticate(*, session: Session, secret: str) -> Principal | None:

@@ -100,3 +100,25 @@ def test_cli_create_token_refuses_unknown_role(database_url, tmp_path, monkeypat
     )
     assert result.exit_code == 2
     assert "unknown role" in result.output
+
+
+def test_revoked_token_is_401_at_once(database_url, tmp_path, monkeypatch, api) -> None:
+    from agora.cli import build_app
+
+    monkeypatch.setenv("AGORA_DATABASE_URL", database_url)
+    monkeypatch.setenv("AGORA_DATA_DIR", str(tmp_path / "cli"))
+    runner = CliRunner()
+    assert api.submit(api.tokens.bob).status_code == 201
+    listing = runner.invoke(build_app(), ["admin", "list-tokens"])
+    assert listing.exit_code == 0, listing.output
+    bob_line = next(line for line in listing.output.splitlines() if "\tbob\t" in line)
+    assert api.tokens.bob not in listing.output  # only prefixes are ever shown
+    token_id = bob_line.split("\t")[0].lstrip("#")
+    revoked = runner.invoke(build_app(), ["admin", "revoke-token", token_id])
+    assert revoked.exit_code == 0, revoked.output
+    response = api.submit(api.tokens.bob, weights=api.expert_bytes(seed=3))
+    assert response.status_code == 401
+    assert response.json()["code"] == "invalid_token"
+    assert api.submit(api.tokens.alice, weights=api.expert_bytes(seed=4)).status_code == 201
+    missing = runner.invoke(build_app(), ["admin", "revoke-token", "99999"])
+    assert missing.exit_code == 2
