@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
-from sqlalchemy import Column, delete, exists, select
+from sqlalchemy import Column, ColumnElement, delete, exists, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from registry.db.models import Base, Blob
@@ -54,6 +55,25 @@ def blob_references() -> list[Column[str]]:
     return columns
 
 
+# An upload that starts referencing a blob row in the same instant makes the delete fail
+# its foreign key check; looking again a few times settles it (the row is then referenced).
+_PHASE1_ATTEMPTS = 3
+
+
+def _delete_unreferenced_rows(*, session: Session, unreferenced: ColumnElement[bool]) -> int:
+    for attempt in range(_PHASE1_ATTEMPTS):
+        try:
+            with session.begin():
+                # One statement: the references are checked when the rows are deleted, not
+                # from a list read earlier.
+                result = session.execute(delete(Blob).where(unreferenced))
+                return int(getattr(result, "rowcount", 0) or 0)
+        except IntegrityError:
+            if attempt == _PHASE1_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def collect_garbage(
     *,
     session: Session,
@@ -69,11 +89,7 @@ def collect_garbage(
     unreferenced = Blob.created_at < cutoff
     for column in blob_references():
         unreferenced = unreferenced & ~exists().where(column == Blob.digest)
-    with session.begin():
-        doomed = session.execute(select(Blob.digest, Blob.size).where(unreferenced)).all()
-        if doomed:
-            session.execute(delete(Blob).where(Blob.digest.in_([digest for digest, _ in doomed])))
-    rows_deleted = len(doomed)
+    rows_deleted = _delete_unreferenced_rows(session=session, unreferenced=unreferenced)
 
     # Phase 2: objects no row names. Rows are read after phase 1 committed.
     with session.begin():

@@ -234,3 +234,25 @@ def test_a_row_that_never_commits_leaves_only_an_orphan_that_gc_collects(
     again = api.submit(weights=weights)
     assert again.status_code == 201
     assert api.client.get(f"/v1/experts/{again.json()['id']}/weights").content == weights
+
+
+def test_gc_looks_again_when_an_upload_races_for_a_row(
+    session: Session, store: BlobStore, staging: Staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    _put(session, store, staging, b"about to be reused", age=2 * GRACE)
+    real_execute = session.execute
+    failures = []
+
+    def racing_execute(statement: Any, *args: Any, **kwargs: Any) -> Any:
+        if statement.is_delete and not failures:
+            # What PostgreSQL answers when an upload committed a reference meanwhile.
+            failures.append(statement)
+            raise IntegrityError("DELETE FROM blobs", {}, Exception("fk violation"))
+        return real_execute(statement, *args, **kwargs)
+
+    monkeypatch.setattr(session, "execute", racing_execute)
+    report = collect_garbage(session=session, store=store, staging=staging, grace=GRACE)
+    assert len(failures) == 1
+    assert report.rows_deleted == 1
