@@ -29,10 +29,11 @@ def _config(D: int) -> dict[str, int]:
     block_d = min(max(16, triton.next_power_of_2(D)), max_d)
     cfg = {"BLOCK_D": block_d, "NUM_DC": triton.cdiv(D, block_d)}
     if interpreting():
-        return {**cfg, "BLOCK": 32, "num_warps": 4, "num_stages": 1}
-    # 64 x 64 tiles: the backward holds q, do, k, v tiles plus four (64, 64) fp32
-    # score-sized tiles at once; 128-row tiles spill at D = 128.
-    return {**cfg, "BLOCK": 64, "num_warps": 4, "num_stages": 2}
+        return {**cfg, "BLOCK": 32, "num_warps": 4, "num_stages": 1, "bwd_warps": 4}
+    # 64 x 64 tiles: the backward holds q, do, k, v tiles, two (64, D) fp32 accumulators
+    # and four (64, 64) fp32 score-sized tiles at once, ~300 registers a thread at 4 warps
+    # for D = 128, hence 8 warps there; 128-row tiles would spill.
+    return {**cfg, "BLOCK": 64, "num_warps": 4, "num_stages": 2, "bwd_warps": 8}
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -98,7 +99,7 @@ def sb_bwd_op(
     common = {
         "INCLUDE_DIAG": include_diagonal, "BLOCK": cfg["BLOCK"], "BLOCK_D": cfg["BLOCK_D"],
         "NUM_DC": cfg["NUM_DC"], "PRECISION": dot_precision(q.dtype),
-        "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+        "num_warps": cfg["bwd_warps"], "num_stages": cfg["num_stages"],
     }  # fmt: skip
     grid = (n_blocks, BH, cfg["NUM_DC"])
     jit(sb_kernels.sb_bwd_dq_kernel)[grid](
