@@ -32,8 +32,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=8 tests/kernels
 tests_rc=$?
-step moe_gpu 120 "$PY" benchmarks/moe_gpu.py --reps 10
-step attention_gpu 75 "$PY" benchmarks/attention_gpu.py --reps 5
-step model_gpu 90 "$PY" benchmarks/model_gpu.py --reps 3
+step moe_gpu 100 "$PY" benchmarks/moe_gpu.py --reps 10
+step attention_gpu 60 "$PY" benchmarks/attention_gpu.py --reps 5
+step model_gpu 80 "$PY" benchmarks/model_gpu.py --batch 4 --seq 1024 --reps 3
 echo "=== suite done in ${SECONDS}s; tests exit $tests_rc"
 exit "$tests_rc"

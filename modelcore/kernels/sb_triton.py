@@ -21,19 +21,23 @@ from modelcore.kernels import sb_kernels
 from modelcore.kernels._triton_util import check_device, dot_precision, interpreting, jit
 
 
-def _config(D: int) -> dict[str, int]:
-    """Tiles. The head dim is cut into chunks of at most 128 compiled (64 interpreted, so a
-    100-wide test head exercises the chunked path): wider tiles would not fit the registers
-    next to the (BLOCK, BLOCK) score tiles."""
-    max_d = 64 if interpreting() else 128
+def _config(D: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tiles. The head dim is cut into chunks of at most 128 compiled (64 for fp32, and 64
+    interpreted so a 100-wide test head exercises the chunked path)."""
+    max_d = 64 if (interpreting() or dtype == torch.float32) else 128
     block_d = min(max(16, triton.next_power_of_2(D)), max_d)
-    cfg = {"BLOCK_D": block_d, "NUM_DC": triton.cdiv(D, block_d)}
+    n_dc = triton.cdiv(D, block_d)
+    cfg = {"BLOCK_D": block_d, "NUM_DC": n_dc}
     if interpreting():
         return {**cfg, "BLOCK": 32, "num_warps": 4, "num_stages": 1, "bwd_warps": 4}
     # 64 x 64 tiles: the backward holds q, do, k, v tiles, two (64, D) fp32 accumulators
     # and four (64, 64) fp32 score-sized tiles at once, ~300 registers a thread at 4 warps
-    # for D = 128, hence 8 warps there; 128-row tiles would spill.
-    return {**cfg, "BLOCK": 64, "num_warps": 4, "num_stages": 2, "bwd_warps": 8}
+    # for D = 128, hence 8 warps there; 128-row tiles would spill. With several D chunks
+    # every chunk's q/k (and do/v) tile is a load inside the key loop, and software
+    # pipelining would multi-buffer all of them (8 chunks x 2 x 16 KB per stage at D = 1024,
+    # past the 227 KB of shared memory), so chunked heads run unpipelined.
+    stages = 2 if n_dc == 1 else 1
+    return {**cfg, "BLOCK": 64, "num_warps": 4, "num_stages": stages, "bwd_warps": 8}
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -55,7 +59,7 @@ def sb_fwd_op(
     o = torch.empty_like(qf)
     logr = torch.empty(qf.shape[0], T, device=q.device, dtype=torch.float32)
     if q.numel() > 0:
-        cfg = _config(D)
+        cfg = _config(D, q.dtype)
         grid = (triton.cdiv(T, cfg["BLOCK"]), qf.shape[0], cfg["NUM_DC"])
         jit(sb_kernels.sb_fwd_kernel)[grid](
             qf, kf, vf, o, logr, scale, T, D,
@@ -92,7 +96,7 @@ def sb_bwd_op(
     logr_f = logr.reshape(BH, T).contiguous()
     # G_i = dL/dlog r_i: the direct gradient plus the remainder term r_i (do_i . v_i).
     gr = dlogr.reshape(BH, T).float() + logr_f.exp() * (dof.float() * vf.float()).sum(-1)
-    cfg = _config(D)
+    cfg = _config(D, q.dtype)
     n_blocks = triton.cdiv(T, cfg["BLOCK"])
     pre_lo = torch.empty(BH, n_blocks, T, device=q.device, dtype=torch.float32)
     pre_g = torch.empty_like(pre_lo)
