@@ -209,7 +209,11 @@ def calibrate_router_rows(
 
 
 def remove_modules(model: Any, idx_per_layer: Sequence[int]) -> None:
-    """Remove module ``idx_per_layer[i]`` from layer i (-1: keep the layer as is)."""
+    """Remove module ``idx_per_layer[i]`` from layer i (-1: keep the layer as is).
+
+    Later modules shift down by one, like list deletion: to take out several inserted
+    experts, remove them last-inserted first (their indices stay valid that way).
+    """
     for i, j in _layer_indices(model, idx_per_layer):
         model.ffn_layers[i].remove_module(j)
 
