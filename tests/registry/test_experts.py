@@ -494,3 +494,45 @@ def test_upload_written_in_many_batches_is_bit_exact(api, monkeypatch) -> None:
     body = api.submit(weights=weights).json()
     assert body["digest"] == f"sha256:{hashlib.sha256(weights).hexdigest()}"
     assert api.client.get(f"/v1/experts/{body['id']}/weights").content == weights
+
+
+def test_failure_after_the_blob_leaves_an_orphan_not_a_dangling_row(api, monkeypatch) -> None:
+    """Blob committed, then the row's transaction fails: no row names the blob, and the
+    garbage collector removes the orphan once its grace period has passed."""
+    import datetime as dt
+
+    from fastapi.testclient import TestClient
+
+    from registry.services import experts as service
+    from registry.services.gc import collect_garbage
+
+    def database_fails(**kwargs):
+        raise RuntimeError("the database went away mid-commit")
+
+    monkeypatch.setattr(service, "record_version", database_fails)
+    # Answer the 500 as a client would see it, instead of re-raising into the test.
+    api.client = TestClient(api.app, raise_server_exceptions=False)
+    before = api.leftovers()
+    response = api.submit(weights=api.expert_bytes(seed=77))
+    assert response.status_code == 500
+    assert response.json()["code"] == "internal_error"
+    after = api.leftovers()
+    assert (after.experts, after.versions, after.blob_rows) == (
+        before.experts,
+        before.versions,
+        before.blob_rows,
+    )
+    assert len(after.blob_files) == len(before.blob_files) + 1  # the orphan
+    assert after.staging_files == []
+
+    runtime = api.app.state.runtime
+    with runtime.sessions() as session:
+        report = collect_garbage(
+            session=session,
+            store=runtime.store,
+            staging=runtime.staging,
+            grace=dt.timedelta(seconds=60),
+            now=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5),
+        )
+    assert report.objects_deleted == 1
+    assert api.leftovers().blob_files == before.blob_files  # the base model's blobs stay
