@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,7 @@ def transport(client: TestClient, wire: Wire) -> httpx.BaseTransport:
 
 
 @pytest.fixture
-def make_agora(transport: httpx.BaseTransport, tmp_path: Path) -> Iterator[type[Agora]]:
+def make_agora(transport: httpx.BaseTransport, tmp_path: Path) -> Iterator[Callable[..., Agora]]:
     made: list[Agora] = []
 
     def factory(token: str | None = None, **kwargs: object) -> Agora:
@@ -109,7 +109,7 @@ def make_agora(transport: httpx.BaseTransport, tmp_path: Path) -> Iterator[type[
         made.append(agora)
         return agora
 
-    yield factory  # type: ignore[misc]
+    yield factory
     for agora in made:
         agora.close()
 
