@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from registry.api.common import IdempotentRequest, json_response, record_outcome
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.downloads import blob_response
+from registry.api.schemas import BaseModelListOut, BaseModelOut
 from registry.api.uploads import ParsedForm, parse_multipart
 from registry.errors import AgoraError
 from registry.runtime import Runtime
@@ -111,6 +112,7 @@ def _store(
     summary="Upload a base model revision (admin)",
     openapi_extra=_UPLOAD_DOC,
     responses={200: {"description": "identical files were already stored"}},
+    response_model=BaseModelOut,
 )
 async def create_base_model(
     request: Request,
@@ -150,7 +152,7 @@ async def create_base_model(
     return json_response(response)
 
 
-@router.get("", summary="List base model revisions")
+@router.get("", summary="List base model revisions", response_model=BaseModelListOut)
 def list_base_models(session: SessionDep) -> dict[str, Any]:
     with session.begin():
         return {
@@ -161,7 +163,7 @@ def list_base_models(session: SessionDep) -> dict[str, Any]:
         }
 
 
-@router.get("/{revision}", summary="Get a base model revision")
+@router.get("/{revision}", summary="Get a base model revision", response_model=BaseModelOut)
 def get_base_model(revision: str, session: SessionDep) -> dict[str, Any]:
     with session.begin():
         base = svc.get_base_model(session=session, revision=revision)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from registry.api.common import IdempotentRequest, json_response, record_outcome
 from registry.api.deps import OptionalPrincipal, RuntimeDep, SessionDep, require_roles
 from registry.api.downloads import blob_response
+from registry.api.schemas import ExpertDetailOut, ExpertPageOut, SubmittedOut, VersionListOut
 from registry.api.uploads import ParsedForm, parse_multipart
 from registry.db.models import Expert
 from registry.errors import AgoraError, Forbidden, Unauthenticated, UnavailableForLegalReasons
@@ -114,6 +115,7 @@ def _submit(
     status_code=201,
     summary="Submit an expert, or a new version of one's own expert",
     openapi_extra=_SUBMIT_DOC,
+    response_model=SubmittedOut,
 )
 async def submit_expert(
     request: Request,
@@ -150,7 +152,9 @@ async def submit_expert(
     return json_response(response)
 
 
-@router.get("", summary="List experts (newest first, cursor-paginated)")
+@router.get(
+    "", summary="List experts (newest first, cursor-paginated)", response_model=ExpertPageOut
+)
 def list_experts(
     *,
     session: SessionDep,
@@ -181,7 +185,9 @@ def list_experts(
         return {"items": [svc.expert_view(e) for e in items], "next_cursor": next_cursor}
 
 
-@router.get("/{expert_id}", summary="Get an expert with its versions")
+@router.get(
+    "/{expert_id}", summary="Get an expert with its versions", response_model=ExpertDetailOut
+)
 def get_expert(expert_id: str, session: SessionDep) -> dict[str, Any]:
     with session.begin():
         expert = svc.get_expert(session=session, expert_id=expert_id)
@@ -192,7 +198,11 @@ def get_expert(expert_id: str, session: SessionDep) -> dict[str, Any]:
         return view
 
 
-@router.get("/{expert_id}/versions", summary="List an expert's immutable versions")
+@router.get(
+    "/{expert_id}/versions",
+    summary="List an expert's immutable versions",
+    response_model=VersionListOut,
+)
 def list_versions(expert_id: str, session: SessionDep) -> dict[str, Any]:
     with session.begin():
         expert = svc.get_expert(session=session, expert_id=expert_id)

@@ -11,13 +11,14 @@ from sqlalchemy import text
 
 from registry.api.deps import RuntimeDep
 from registry.api.problems import problem_response
+from registry.api.schemas import HealthOut
 from registry.errors import AgoraError, ServiceUnavailable
 from registry.runtime import Runtime
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get("/healthz", summary="Liveness: the process answers", response_model=HealthOut)
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
