@@ -5,6 +5,7 @@ Layout under the cache directory (default ``$AGORA_CACHE_DIR``, else
 
     sha256/<hex>        a complete blob whose bytes hashed to <hex> when it was written
     sha256/<hex>.part   an interrupted download of <hex>; the next download resumes it
+    sha256/<hex>.lock   held (flock) by whoever is fetching <hex> right now
 
 Keying partial files by the expected digest means a resume only ever continues the same
 content; the final rename happens only after the whole file hashed to the right digest.
@@ -12,11 +13,13 @@ content; the final rename happens only after the whole file hashed to the right 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 # 1 MiB reads: large enough that hashing runs at hashlib's speed, small enough to stay
@@ -62,6 +65,29 @@ class BlobCache:
 
     def part_path(self, hexdigest: str) -> Path:
         return self.root / "sha256" / f"{hexdigest}.part"
+
+    @contextlib.contextmanager
+    def locked(self, hexdigest: str) -> Iterator[None]:
+        """Hold the cache entry ``hexdigest`` exclusively while it is being fetched.
+
+        Several workers on one machine share a cache; without this, two downloads of the same
+        blob would append to the same ``.part`` file. An advisory ``flock`` on a sidecar
+        file (released by the kernel if the process dies); where ``fcntl`` does not exist
+        (Windows) downloads are not serialised and a clash ends in a digest mismatch.
+        """
+        directory = self.root / "sha256"
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        fd = os.open(directory / f"{hexdigest}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def lookup(self, hexdigest: str) -> Path | None:
         """The cached blob if present and its bytes still hash to ``hexdigest``.

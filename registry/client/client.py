@@ -389,8 +389,25 @@ class Agora:
         size: int | None,
         progress: ProgressCallback | None,
     ) -> Path:
+        with self.cache.locked(hexdigest):
+            # Another process (or thread) sharing this cache may have fetched it meanwhile.
+            cached = self.cache.lookup(hexdigest)
+            if cached is not None:
+                return cached
+            return self._fetch_blob_locked(
+                path, params=params, hexdigest=hexdigest, size=size, progress=progress
+            )
+
+    def _fetch_blob_locked(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None,
+        hexdigest: str,
+        size: int | None,
+        progress: ProgressCallback | None,
+    ) -> Path:
         part = self.cache.part_path(hexdigest)
-        part.parent.mkdir(parents=True, exist_ok=True)
         resumed = part.exists() and part.stat().st_size > 0
         got = self._stream_to_part(
             path, params=params, part=part, hexdigest=hexdigest, size=size, progress=progress

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -398,8 +399,40 @@ def test_download_of_wrong_bytes_raises_and_keeps_nothing(tmp_path: Path) -> Non
         agora.download("ex_1", dest=tmp_path / "out.safetensors")
     assert info.value.code == "digest_mismatch"
     assert not (tmp_path / "out.safetensors").exists()
-    assert list((tmp_path / "cache").rglob("*.*")) == []
-    assert list((tmp_path / "cache" / "sha256").iterdir()) == []
+    kept = [p.name for p in (tmp_path / "cache" / "sha256").iterdir()]
+    assert kept == [f"{fake.digest}.lock"]  # no blob, no .part
+
+
+def test_concurrent_downloads_sharing_a_cache_transfer_once(tmp_path: Path) -> None:
+    blob = bytes(range(256)) * 200
+    fake = FakeWeights(blob)
+    slow_stream = _Stream.__iter__
+
+    def slow(self: _Stream) -> Iterator[bytes]:
+        for chunk in slow_stream(self):
+            time.sleep(0.002)  # long enough for the downloads to overlap
+            yield chunk
+
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        agora, _ = make_client(fake, tmp_path)  # same cache directory for both
+        try:
+            results.append(agora.download("ex_1").read_bytes())
+        except BaseException as exc:
+            errors.append(exc)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Stream, "__iter__", slow)
+        threads = [threading.Thread(target=fetch) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert results == [blob, blob]
+    assert fake.served == len(blob)  # the second waited for the first, then hit the cache
 
 
 def test_download_of_unknown_version_is_not_found(tmp_path: Path) -> None:
