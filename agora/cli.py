@@ -39,6 +39,7 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_show_locals=False,
     )
+
     @root.callback()
     def _root() -> None:
         """Agora: a registry and compute service for a decentralized, modular language model."""
