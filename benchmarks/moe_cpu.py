@@ -3,7 +3,7 @@
 Shape (issue 5): T=4096 tokens, d=1024, h=2048, E=32 experts, top-k=2, fp32, 2 threads.
 Three ways to compute the same T*k expert rows, all in this one process:
 
-* grouped: the reference path, ``plan_routing`` (sort + bincount + cumsum) then
+* grouped: the reference path, ``plan_routing`` (sort + block ends by searchsorted) then
   ``grouped_mm_ref`` (gather, one matmul per expert block, scatter back), timed together,
   as inference runs it (no autograd: the cache-blocked schedule). The forward of its
   autograd schedule (what CPU training runs) is printed too, for reference;

@@ -73,7 +73,7 @@ def _launch_mm(
         return
     cfg = _mm_blocks(A, E, x.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(A, bm) + E, triton.cdiv(Dout, bn))
+    grid = ((triton.cdiv(A, bm) + E) * triton.cdiv(Dout, bn),)
     jit(moe_kernels.grouped_mm_kernel)[grid](
         x, w_view, y, sorted_assign, offsets, scale if scale is not None else x,
         Din, Dout, E, k,
@@ -82,7 +82,7 @@ def _launch_mm(
         y.stride(0), y.stride(1),
         IN_MODE=in_mode, OUT_MODE=out_mode, HAS_SCALE=scale is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_E=max(16, triton.next_power_of_2(E)),
+        BLOCK_E=max(16, triton.next_power_of_2(E)), GROUP_M=4 if interpreting() else 8,
         PRECISION=dot_precision(x.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

@@ -170,8 +170,10 @@ def test_torch_compile_fullgraph(device):
     y_ref = _moe_ffn(x, w1, w2, router, grouped_mm_ref)
     want = torch.autograd.grad(y_ref.square().sum(), [x, w1, w2])
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    # fp32 throughout, but the compiled graph reorders the router's and the loss's
+    # reductions; gradients of y^2 reach ~5, so 1e-3 relative (observed 3e-4 on an H100).
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.gpu

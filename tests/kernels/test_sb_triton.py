@@ -131,7 +131,9 @@ def test_gpu_bf16_long():
 
 @pytest.mark.gpu
 def test_gpu_fp32_odd_and_deterministic():
-    _check((2, 7, 517, 50), torch.device("cuda"), include_diagonal=True, seed=10)
+    # exp/log compile to the GPU's approximate ex2/lg2 (~2 ulp); over 517 keys dk drifts
+    # up to ~2e-4 from the fp64 oracle (H100), hence 5e-4 at this length
+    _check((2, 7, 517, 50), torch.device("cuda"), include_diagonal=True, seed=10, tol=5e-4)
     qkv, do, drem = _inputs((1, 4, 700, 64), torch.device("cuda"), torch.float32, 11)
     first = _fwd_bwd(stickbreaking_attention_triton, qkv, do, drem)
     second = _fwd_bwd(stickbreaking_attention_triton, qkv, do, drem)
