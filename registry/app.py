@@ -9,11 +9,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 
-from registry.api import base_models, experts, health
+from registry.api import base_models, experts, health, moderation, search
 from registry.api.problems import install_problem_handlers
 from registry.db.engine import ensure_migrated, make_engine, make_sessionmaker, upgrade
 from registry.metrics import Metrics, MetricsMiddleware
+from registry.retrieval.embedders import Embedder, make_embedder
+from registry.retrieval.service import Retrieval
 from registry.runtime import Runtime
 from registry.settings import Settings
 from registry.storage import open_blob_store, open_staging
@@ -22,13 +25,18 @@ log = logging.getLogger("registry")
 
 API_DESCRIPTION = """\
 Agora's registry: base model revisions, experts (weights + datasheet, strictly validated),
-content-addressed downloads with HTTP Range. Errors are RFC 9457 problem+json with a stable
-machine-readable `code`. Writes need `Authorization: Bearer agora_...`
+content-addressed downloads with HTTP Range, search by sample text (FAISS over datasheet
+sample embeddings), moderation (disable / enable with a reason). Errors are RFC 9457
+problem+json with a stable machine-readable `code`. Writes need `Authorization: Bearer agora_...`
 (`agora admin create-token --role ROLE --name NAME`).
 """
 
 
-def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+def build_runtime(
+    settings: Settings, metrics: Metrics, *, embedder: Embedder | None = None
+) -> Runtime:
+    """Open the database, blob store and staging; the retrieval index is built separately
+    (``runtime.retrieval.start()``, in the lifespan), so CLI commands stay fast."""
     engine = make_engine(settings.resolved_database_url)
     try:
         if settings.should_auto_migrate:
@@ -41,23 +49,37 @@ def build_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     except BaseException:
         engine.dispose()
         raise
+    sessions = make_sessionmaker(engine)
     return Runtime(
         settings=settings,
         engine=engine,
-        sessions=make_sessionmaker(engine),
+        sessions=sessions,
         store=store,
         staging=staging,
         metrics=metrics,
+        retrieval=Retrieval(
+            sessions=sessions,
+            # The MiniLM embedder loads its model on first use, not here.
+            embedder=embedder if embedder is not None else make_embedder(settings.embedder),
+            settings=settings,
+        ),
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
+    """``embedder`` overrides ``settings.embedder`` (tests and benchmarks pass their own)."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = build_runtime(settings, metrics)
+        runtime = build_runtime(settings, metrics, embedder=embedder)
+        try:
+            # Re-embeds what the configured embedder lacks, then builds the FAISS indexes.
+            await run_in_threadpool(runtime.retrieval.start)
+        except BaseException:
+            runtime.engine.dispose()
+            raise
         app.state.runtime = runtime
         log.info(
             "registry ready: database %s, blobs in %s",
@@ -84,5 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(base_models.router)
+    app.include_router(search.router)
+    app.include_router(moderation.router)
     app.include_router(experts.router)
     return app

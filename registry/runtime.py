@@ -8,6 +8,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.metrics import Metrics
+from registry.retrieval.service import Retrieval
 from registry.settings import Settings
 from registry.storage import BlobStore, Staging
 
@@ -20,3 +21,4 @@ class Runtime:
     store: BlobStore
     staging: Staging
     metrics: Metrics
+    retrieval: Retrieval

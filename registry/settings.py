@@ -8,6 +8,7 @@ Production points ``AGORA_DATABASE_URL`` at PostgreSQL and ``AGORA_STORAGE_URL``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,29 @@ class Settings(BaseSettings):
         description="Unreferenced blobs younger than this are kept (an upload may be in flight).",
     )
     idempotency_ttl_seconds: int = 24 * 3600
+
+    embedder: Literal["minilm", "hashing"] = Field(
+        default="minilm",
+        description=(
+            "Retrieval embedder: minilm (all-MiniLM-L6-v2, needs the `embed` extra) or "
+            "hashing (hashed n-gram TF-IDF, no model). Changing it re-embeds at start."
+        ),
+    )
+    retrieval_exact_max_vectors: int = Field(
+        default=20_000,
+        description="Per base revision, exact FAISS search up to this many vectors; HNSW above.",
+    )
+    retrieval_refresh_seconds: float = Field(
+        default=2.0,
+        description="A search checks for other replicas' changes when the last check is older.",
+    )
+    retrieval_max_centroids: int = Field(
+        default=3, description="Mode centroids an expert may add to its mean vector."
+    )
+    search_max_k: int = 64
+    search_max_texts: int = 256
+    # The same budget as a datasheet's samples: a query is at most as much text as an expert.
+    search_max_text_bytes: int = 64 * KiB
 
     @property
     def resolved_database_url(self) -> str:

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests embed with the hashing embedder (no model, microseconds); the one test of the real
+# MiniLM asks for it explicitly. Inherited by the servers tests start as subprocesses.
+os.environ.setdefault("AGORA_EMBEDDER", "hashing")
+
 # The S3 server on loopback (moto's server mode): fixtures s3_server and s3_storage_url.
 pytest_plugins = ["s3_fixture"]
 

@@ -83,6 +83,9 @@ def _submit(
             max_expert_bytes=runtime.settings.max_expert_bytes,
             max_datasheet_bytes=runtime.settings.max_datasheet_bytes,
         )
+        # Embedded before the transaction (seconds for a large datasheet on MiniLM), stored in
+        # it: an accepted version always has its retrieval vectors.
+        vectors = runtime.retrieval.vectors_for_samples(validated.samples)
         # The blob is committed before the row: a failure in between leaves an orphan blob
         # for the garbage collector, never a row that names missing bytes.
         key = runtime.store.commit(weights.path, weights.sha256)
@@ -97,6 +100,9 @@ def _submit(
                 size=weights.size,
                 storage_key=key,
             )
+            runtime.retrieval.record_vectors(
+                session=s, expert_id=expert.id, version=version.version, vectors=vectors
+            )
             return StoredResponse(
                 201,
                 {
@@ -107,7 +113,10 @@ def _submit(
                 },
             )
 
-        return idem.commit_or_replay(session, write)
+        response = idem.commit_or_replay(session, write)
+    # Committed: this replica's index takes the new version in place, before answering.
+    runtime.retrieval.sync()
+    return response
 
 
 @router.post(

@@ -16,10 +16,12 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -149,3 +151,60 @@ class IdempotencyKey(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ExpertVector(Base):
+    """One retrieval vector of an expert's latest version, as made by one embedder.
+
+    The primary key is the vector's id in the FAISS index, so every replica builds the same
+    index from these rows. Vectors of several embedders may coexist (a rolling upgrade);
+    an index only ever loads those of the embedder it runs.
+    """
+
+    __tablename__ = "expert_vectors"
+    __table_args__ = (UniqueConstraint("expert_id", "embedder", "ordinal"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    embedder: Mapped[str] = mapped_column(String(100), index=True)
+    # 0 is the mean of the sample passages; 1.. the centroids of their modes, if any.
+    ordinal: Mapped[int] = mapped_column(Integer)
+    dim: Mapped[int] = mapped_column(Integer)
+    # float32, little-endian, unit L2 norm.
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RetrievalState(Base):
+    """One row: a counter bumped by every change that affects search (submit, disable,
+    enable, re-embed). The bump is an UPDATE of this row, so writers serialise on it and
+    versions become visible in commit order; replicas poll it to notice changes."""
+
+    __tablename__ = "retrieval_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
+class RetrievalChange(Base):
+    """Which expert changed at which counter value: a replica replays only these."""
+
+    __tablename__ = "retrieval_changes"
+
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ModerationAction(Base):
+    """A moderator's disable or enable of an expert, with the reason given (append-only)."""
+
+    __tablename__ = "moderation_actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(100))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -39,6 +39,8 @@ class ValidatedExpert:
     dtype: str
     datasheet_text: str
     datasheet_digest: str
+    # The datasheet's sample passages: retrieval embeds them into the expert's vectors.
+    samples: tuple[str, ...] = ()
 
 
 def _text(value: Any) -> str:
@@ -80,6 +82,7 @@ def validate_submission(
         dtype=str(info.dtype),
         datasheet_text=datasheet.decode("utf-8"),
         datasheet_digest=hashlib.sha256(datasheet).hexdigest(),
+        samples=tuple(str(s) for s in sheet.samples),
     )
 
 

@@ -1,0 +1,174 @@
+"""Moderation routes: disable / re-enable an expert (moderator or admin, reason required),
+and the list of actions taken on one expert."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from registry.api.common import IdempotentRequest, json_response
+from registry.api.deps import RuntimeDep, require_roles
+from registry.runtime import Runtime
+from registry.services import moderation as svc
+from registry.services.experts import get_expert
+from registry.services.idempotency import StoredResponse
+from registry.services.tokens import Principal
+
+router = APIRouter(prefix="/v1/experts", tags=["moderation"])
+
+Moderator = Annotated[Principal, Depends(require_roles("moderator", "admin"))]
+
+
+class ReasonIn(BaseModel):
+    # Optional here so that a missing reason is the service's `missing_reason`, not a
+    # generic validation error.
+    reason: str | None = Field(default=None, description="why; required, non-empty")
+
+
+class ModerationOut(BaseModel):
+    id: int
+    expert_id: str
+    action: str = Field(description="disable or enable")
+    status: str = Field(description="the expert's status after the action")
+    reason: str
+    actor: str
+    at: str
+
+
+class ModerationListOut(BaseModel):
+    items: list[ModerationOut]
+
+
+def _apply(
+    *,
+    runtime: Runtime,
+    principal: Principal,
+    expert_id: str,
+    action: str,
+    reason: str | None,
+    idem: IdempotentRequest,
+) -> StoredResponse:
+    with runtime.sessions() as session:
+        stored = idem.replay(session)
+        if stored is not None:
+            return stored
+
+        def write(s: Session) -> StoredResponse:
+            expert, row = svc.set_status(
+                session=s, expert_id=expert_id, action=action, reason=reason, principal=principal
+            )
+            return StoredResponse(200, {**svc.action_view(row), "status": expert.status})
+
+        response = idem.commit_or_replay(session, write)
+    # Committed: the expert leaves (or rejoins) this replica's search index before we answer.
+    runtime.retrieval.sync()
+    return response
+
+
+async def _moderate(
+    *,
+    request: Request,
+    runtime: Runtime,
+    principal: Principal,
+    expert_id: str,
+    action: str,
+    body: ReasonIn | None,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    reason = body.reason if body is not None else None
+    svc.check_reason(reason)
+    fingerprint = hashlib.sha256(
+        json.dumps({"expert_id": expert_id, "reason": reason}, sort_keys=True).encode()
+    ).hexdigest()
+    idem = IdempotentRequest(
+        principal=principal,
+        key=idempotency_key,
+        method="POST",
+        path=request.url.path,
+        fingerprint=fingerprint,
+    )
+    response = await run_in_threadpool(
+        lambda: _apply(
+            runtime=runtime,
+            principal=principal,
+            expert_id=expert_id,
+            action=action,
+            reason=reason,
+            idem=idem,
+        )
+    )
+    return json_response(response)
+
+
+@router.post(
+    "/{expert_id}/disable",
+    summary="Disable an expert (moderator/admin): withdrawn from search and downloads at once",
+    response_model=ModerationOut,
+)
+async def disable_expert(
+    *,
+    expert_id: str,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: Moderator,
+    body: Annotated[ReasonIn | None, Body()] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    return await _moderate(
+        request=request,
+        runtime=runtime,
+        principal=principal,
+        expert_id=expert_id,
+        action="disable",
+        body=body,
+        idempotency_key=idempotency_key,
+    )
+
+
+@router.post(
+    "/{expert_id}/enable",
+    summary="Re-enable a disabled expert (moderator/admin)",
+    response_model=ModerationOut,
+)
+async def enable_expert(
+    *,
+    expert_id: str,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: Moderator,
+    body: Annotated[ReasonIn | None, Body()] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    return await _moderate(
+        request=request,
+        runtime=runtime,
+        principal=principal,
+        expert_id=expert_id,
+        action="enable",
+        body=body,
+        idempotency_key=idempotency_key,
+    )
+
+
+@router.get(
+    "/{expert_id}/moderation",
+    summary="The moderation actions taken on an expert (moderator/admin)",
+    response_model=ModerationListOut,
+)
+def list_actions(expert_id: str, runtime: RuntimeDep, principal: Moderator) -> dict[str, Any]:
+    with runtime.sessions() as session, session.begin():
+        expert = get_expert(session=session, expert_id=expert_id)
+        rows = svc.list_actions(session=session, expert_id=expert.id)
+        return {
+            "items": [
+                {**svc.action_view(r), "status": "disabled" if r.action == "disable" else "active"}
+                for r in rows
+            ]
+        }
