@@ -167,6 +167,21 @@ TIES = register(
 )
 
 
+def _check_weights_allowed(method: MergeMethod, weights: Sequence[float] | None) -> None:
+    if method.name == "uniform" and weights is not None:
+        raise ValueError("uniform averaging takes no weights (use the weighted method)")
+    if method.name == "weighted" and weights is None:
+        raise ValueError("weighted averaging needs weights")
+
+
+def _canonical_order(weights: torch.Tensor, keys: Sequence[bytes]) -> list[int]:
+    """One summation order whatever order the experts were given in: float addition is
+    not associative, so permuted inputs would otherwise differ in the last bit. Sorted by
+    weight, then by a prefix of the expert's bytes (equal prefixes: equal experts, in
+    practice, whose order does not matter)."""
+    return sorted(range(len(keys)), key=lambda i: (float(weights[i]), keys[i]))
+
+
 def normalise_weights(weights: Sequence[float] | None, n: int) -> torch.Tensor:
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
@@ -190,11 +205,17 @@ def merge_tensors(
     m = get_method(method)
     if not experts:
         raise ValueError("nothing to merge")
+    _check_weights_allowed(m, weights)
     names = sorted(experts[0])
     for e in experts[1:]:
         if sorted(e) != names or any(e[n].shape != experts[0][n].shape for n in names):
             raise ValueError("experts to merge must have the same tensor names and shapes")
     w = normalise_weights(weights, len(experts))
+    first = names[0]
+    keys = [e[first].detach().reshape(-1)[:1024].cpu().numpy().tobytes() for e in experts]
+    order = _canonical_order(w, keys)
+    experts = [experts[i] for i in order]
+    w = w[order]
     out = {}
     for name in names:
         ref = None if reference is None else reference[name]
@@ -216,6 +237,13 @@ def _header(path: str) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]
     return meta, {k: (v["dtype"], list(v["shape"])) for k, v in doc.items()}
 
 
+def _data_prefix(path: str, n: int = 4096) -> bytes:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + size)
+        return f.read(n)
+
+
 def merge_files(
     paths: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -235,6 +263,7 @@ def merge_files(
     m = get_method(method)
     if not paths:
         raise ValueError("nothing to merge")
+    _check_weights_allowed(m, weights)
     files = [os.fspath(p) for p in paths]
     headers = [_header(p) for p in files]
     meta0, tensors0 = headers[0]
@@ -254,6 +283,8 @@ def merge_files(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
     out_dtype = DTYPES[out_dtype_name]
     w = normalise_weights(weights, len(files))
+    order = _canonical_order(w, [_data_prefix(p) for p in files])
+    files, w = [files[i] for i in order], w[order]
     merged_params = {**m.params, **params}
     metadata = {
         **{

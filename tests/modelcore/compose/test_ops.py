@@ -1,0 +1,192 @@
+"""Exactness of the composition operations (no training needed: random tiny models)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from modelcore.compose import merge
+from modelcore.compose.ensemble import (
+    ExpertEnsemble,
+    cbtm_log_weights,
+    log_mix,
+    mix_scores,
+    posterior_log_weights,
+)
+from modelcore.compose.mixture import mixture, remove_expert, insert_experts
+from modelcore.config import ModelConfig
+from modelcore.experts import add_modules, extract_expert, remove_modules
+from modelcore.model import ModularLM
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_name("tiny").replace(vocab_size=97, max_seq_len=32)
+    return ModularLM(cfg)
+
+
+def _expert(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = add_modules(model, generator=g)
+    # Make the module matter: a larger row wins routing, larger weights change outputs.
+    for i, j in enumerate(idx):
+        ffn = model.ffn_layers[i]
+        b = ffn.block_of(j)
+        with torch.no_grad():
+            ffn.router.rows[b].mul_(0).add_(torch.randn(ffn.router.rows[b].shape, generator=g))
+            ffn.w_out[b].mul_(30)
+    tensors = extract_expert(model, idx)
+    remove_modules(model, idx)
+    return tensors
+
+
+def test_each_ensemble_path_is_the_base_with_that_expert_inserted():
+    model = _model()
+    experts = [_expert(model, s) for s in (1, 2, 3)]
+    ids = torch.randint(0, 97, (2, 17))
+    ens = ExpertEnsemble(model, experts)
+    with torch.no_grad():
+        h = ens.hidden(ids)
+        for j, e in enumerate(experts):
+            with mixture(model, [e]):
+                want = model(ids, aux="none").logits
+            got = model.lm_head(h[j])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the paths really differ (the test would pass vacuously otherwise)
+        assert (model.lm_head(h[0]) - model.lm_head(h[1])).abs().max() > 1e-3
+
+
+def test_mixture_removal_restores_the_base_bit_for_bit():
+    model = _model()
+    experts = [_expert(model, s) for s in (1, 2)]
+    ids = torch.randint(0, 97, (2, 11))
+    before = model(ids, aux="none").logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    added = insert_experts(model, experts)
+    assert model.n_modules == [10, 10]
+    mixed = model(ids, aux="none").logits
+    assert not torch.equal(mixed, before)
+    remove_expert(model, added, 0)  # the first one out; the second's indices shift
+    with mixture(model, []):
+        pass
+    only_second = model(ids, aux="none").logits
+    remove_expert(model, added, 0)
+    after = model(ids, aux="none").logits
+    assert torch.equal(after, before)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with mixture(model, [experts[1]]):
+        assert torch.equal(model(ids, aux="none").logits, only_second)
+
+
+def test_log_mix_equals_the_stacked_logsumexp():
+    torch.manual_seed(0)
+    logits = [torch.randn(37, 501) * 5 for _ in range(4)]
+    log_w = torch.log_softmax(torch.randn(4, 37), dim=0)
+    want = torch.logsumexp(
+        torch.stack([torch.log_softmax(x, -1) for x in logits]) + log_w[:, :, None], dim=0
+    )
+    torch.testing.assert_close(log_mix(iter(logits), log_w), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        log_mix(iter(logits[:3]), log_w)
+
+
+def test_posterior_follows_the_likelihood_and_starts_at_the_prior():
+    ll = torch.tensor([[[-1.0, -1.0, -1.0]], [[-3.0, -3.0, -3.0]]])  # (P=2, B=1, T=3)
+    prior = torch.log(torch.tensor([0.25, 0.75]))
+    w = posterior_log_weights(ll, prior).exp()
+    torch.testing.assert_close(w[:, 0, 0], torch.tensor([0.25, 0.75]))
+    # after t targets the odds move by e^(2t)
+    for t in range(3):
+        odds = 0.25 / 0.75 * math.exp(2 * t)
+        assert float(w[0, 0, t]) == pytest.approx(odds / (1 + odds), rel=1e-5)
+    score = mix_scores(ll, posterior_log_weights(ll, prior))
+    assert float(score[0, 0]) == pytest.approx(math.log(0.25 * math.e**-1 + 0.75 * math.e**-3))
+
+
+def test_cbtm_weights_are_a_softmax_over_the_nearest_k():
+    d = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    w = cbtm_log_weights(d, temperature=2.0, top_k=2).exp()
+    e = torch.exp(-torch.tensor([1.0, 0.25]) / 2.0)
+    torch.testing.assert_close(w[0], torch.tensor([e[0], 0, 0, e[1]]) / e.sum())
+    with pytest.raises(ValueError):
+        cbtm_log_weights(d, temperature=0.0)
+
+
+def _random_expert(seed, shapes):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(*s, generator=g) * 0.02 for n, s in shapes.items()}
+
+
+SHAPES = {"layers.0.modules.0.w_in": (64, 48), "layers.0.modules.0.router_row": (32,)}
+
+
+@pytest.mark.parametrize("method", ["uniform", "weighted", "ties"])
+def test_averaging_identical_experts_returns_that_expert(method):
+    e = _random_expert(0, SHAPES)
+    params = {"density": 1.0} if method == "ties" else {}
+    weights = [0.2, 0.5, 0.3] if method != "uniform" else None
+    out = merge.merge_tensors([e, e, e], method, weights=weights, **params)
+    assert all(torch.equal(out[n], e[n]) for n in e)
+
+
+@pytest.mark.parametrize("method", ["uniform", "weighted", "ties"])
+def test_averaging_is_permutation_invariant(method):
+    es = [_random_expert(s, SHAPES) for s in range(5)]
+    w = [0.1, 0.4, 0.2, 0.2, 0.1]
+    perm = [3, 0, 4, 1, 2]
+    if method == "uniform":
+        a = merge.merge_tensors(es, method)
+        b = merge.merge_tensors([es[i] for i in perm], method)
+    else:
+        a = merge.merge_tensors(es, method, weights=w)
+        b = merge.merge_tensors([es[i] for i in perm], method, weights=[w[i] for i in perm])
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_ties_trims_elects_sign_and_takes_a_disjoint_mean():
+    a = torch.tensor([4.0, 1.0, -2.0, 0.1])
+    b = torch.tensor([2.0, -3.0, -2.5, 0.2])
+    c = torch.tensor([-1.0, -0.5, 6.0, 0.3])
+    w = torch.full((3,), 1 / 3, dtype=torch.float64)
+    out = merge.METHODS["ties"]([a, b, c], w, None, density=0.5)
+    # trimmed to the top 2 by magnitude: a=[4,0,-2,0], b=[0,-3,-2.5,0], c=[-1,0,6,0];
+    # elected signs (of the sums 3, -3, 1.5, 0): +, -, +, none; disjoint means of the
+    # agreeing values: 4 (c's -1 disagrees), -3, 6 (a's and b's negatives disagree), 0.
+    torch.testing.assert_close(out, torch.tensor([4.0, -3.0, 6.0, 0.0], dtype=torch.float64))
+    ref = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    shifted = merge.METHODS["ties"]([a + ref, b + ref, c + ref], w, ref, density=0.5)
+    torch.testing.assert_close(shifted, out + 1)
+    assert merge.TIES.paper.startswith("Yadav")
+    assert set(merge.METHODS) >= {"uniform", "weighted", "ties"}
+
+
+def test_merged_file_streams_validates_and_matches_the_in_memory_merge(tmp_path):
+    from modelcore.artifacts import config_document
+    from modelcore.experts import load_expert, save_expert
+    from registry.validation import validate_expert
+
+    model = _model()
+    experts = [_expert(model, s) for s in (1, 2, 3)]
+    rev = "ab" * 32
+    paths = []
+    for i, e in enumerate(experts):
+        paths.append(tmp_path / f"e{i}.safetensors")
+        save_expert(paths[-1], e, base_revision=rev)
+    schema = config_document(model.config)["expert_schema"]
+    for method, weights in (("uniform", None), ("weighted", [1, 2, 3]), ("ties", None)):
+        out = tmp_path / f"{method}.safetensors"
+        meta = merge.merge_files(paths, out, method, weights=weights)
+        info = validate_expert(out, expert_schema=schema, base_revision=rev)
+        assert info.dtype == "float32" and json.loads(meta["merge"])["method"] == method
+        got, _ = load_expert(out, config=model.config)
+        want = merge.merge_tensors(experts, method, weights=weights)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    with pytest.raises(ValueError, match="weights"):
+        merge.merge_files(paths, tmp_path / "bad.safetensors", "weighted", weights=[1, -1, 1])
+    assert not (tmp_path / "bad.safetensors").exists()
+    save_expert(tmp_path / "other.safetensors", experts[0], base_revision="cd" * 32)
+    with pytest.raises(ValueError, match="another base"):
+        merge.merge_files([paths[0], tmp_path / "other.safetensors"], tmp_path / "x.safetensors")
