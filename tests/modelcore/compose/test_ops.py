@@ -16,7 +16,7 @@ from modelcore.compose.ensemble import (
     mix_scores,
     posterior_log_weights,
 )
-from modelcore.compose.mixture import mixture, remove_expert, insert_experts
+from modelcore.compose.mixture import insert_experts, mixture, remove_expert
 from modelcore.config import ModelConfig
 from modelcore.experts import add_modules, extract_expert, remove_modules
 from modelcore.model import ModularLM
@@ -180,7 +180,8 @@ def test_merged_file_streams_validates_and_matches_the_in_memory_merge(tmp_path)
         out = tmp_path / f"{method}.safetensors"
         meta = merge.merge_files(paths, out, method, weights=weights)
         info = validate_expert(out, expert_schema=schema, base_revision=rev)
-        assert info.dtype == "float32" and json.loads(meta["merge"])["method"] == method
+        assert info.dtype == "float32"
+        assert json.loads(meta["merge"])["method"] == method
         got, _ = load_expert(out, config=model.config)
         want = merge.merge_tensors(experts, method, weights=weights)
         assert all(torch.equal(got[n], want[n]) for n in want)
