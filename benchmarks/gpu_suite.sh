@@ -30,7 +30,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   date -u +"%Y-%m-%d %H:%M UTC"
 } 2>&1 | tee "$OUT/device.txt"
 
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider --durations=8 tests/kernels
+step tests 180 "$PY" -m pytest -q -p no:cacheprovider --durations=8 tests/kernels
 tests_rc=$?
 step moe_gpu 100 "$PY" benchmarks/moe_gpu.py --reps 10
 step attention_gpu 60 "$PY" benchmarks/attention_gpu.py --reps 5
