@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from helpers.artifacts import make_datasheet
-
 from registry.db.models import Expert
 
 # Sample passages per domain (what a contributor puts in the datasheet) and held-out texts

@@ -27,7 +27,7 @@ def test_texts_retrieve_their_domains_expert_first(api, experts) -> None:
         body = response.json()
         assert body["embedder"].startswith("hashing-")
         results = body["results"]
-        assert [r["expert_id"] for r in results][0] == experts[domain].id, (domain, results)
+        assert results[0]["expert_id"] == experts[domain].id, (domain, results)
         assert len(results) == 3
         assert results[0]["name"] == f"{domain.capitalize()} expert"
         assert results[0]["version"] == 1
