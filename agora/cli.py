@@ -22,6 +22,7 @@ CLI_MODULES = (
     "registry.client.cli",
     "worker.cli",
     "agora.model_cli",
+    "agora.compose_cli",
 )
 
 GROUPS = {

@@ -282,9 +282,9 @@ def merge_files(
     if out_dtype_name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
     out_dtype = DTYPES[out_dtype_name]
-    w = normalise_weights(weights, len(files))
-    order = _canonical_order(w, [_data_prefix(p) for p in files])
-    files, w = [files[i] for i in order], w[order]
+    given = normalise_weights(weights, len(files))  # in the caller's order, for metadata
+    order = _canonical_order(given, [_data_prefix(p) for p in files])
+    files, w = [files[i] for i in order], given[order]
     merged_params = {**m.params, **params}
     metadata = {
         **{
@@ -294,7 +294,7 @@ def merge_files(
         },
         "dtype": out_dtype_name,
         "merge": json.dumps(
-            {"method": m.name, "weights": w.tolist(), "params": merged_params}, sort_keys=True
+            {"method": m.name, "weights": given.tolist(), "params": merged_params}, sort_keys=True
         ),
         **(extra_metadata or {}),
     }

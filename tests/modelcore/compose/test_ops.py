@@ -191,3 +191,41 @@ def test_merged_file_streams_validates_and_matches_the_in_memory_merge(tmp_path)
     save_expert(tmp_path / "other.safetensors", experts[0], base_revision="cd" * 32)
     with pytest.raises(ValueError, match="another base"):
         merge.merge_files([paths[0], tmp_path / "other.safetensors"], tmp_path / "x.safetensors")
+
+
+def test_distillation_resumed_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
+    from modelcore.compose.distill import DistillSettings, distill
+
+    model = _model()
+    teacher = ExpertEnsemble(model, [_expert(model, s) for s in (1, 2)])
+    prior = torch.log(torch.tensor([0.5, 0.5]))
+
+    def make():
+        g = torch.Generator().manual_seed(7)
+        while True:
+            yield torch.randint(0, 97, (2, 17), generator=g)
+
+    for student in ("expert", "dense"):
+        settings = DistillSettings(student=student, steps=5, lr=1e-2, checkpoint_every=2)
+        straight = distill(model, teacher, make, prior, settings)
+
+        class Crash(Exception):
+            pass
+
+        def crash_at_3(step, _kl):
+            if step == 3:
+                raise Crash
+
+        ckpt = tmp_path / student
+        with pytest.raises(Crash):
+            distill(model, teacher, make, prior, settings, checkpoint_dir=ckpt, on_step=crash_at_3)
+        assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+        resumed = distill(model, teacher, make, prior, settings, resume=ckpt)
+        assert resumed.resumed_from == 2
+        assert resumed.kl == straight.kl
+        assert len(resumed.kl) == 5
+        assert resumed.kl[-1] < resumed.kl[0]
+        a = dict(straight.student.named_parameters())
+        b = dict(resumed.student.named_parameters())
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    assert model.n_modules == [8, 8]  # the base itself is untouched

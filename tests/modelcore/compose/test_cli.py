@@ -1,0 +1,129 @@
+"""``agora eval --method``, ``agora expert merge|distill|matrix`` end to end on seed 0's
+trained base and experts (files written by the session fixture)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from agora.cli import build_app
+from modelcore.artifacts import load_base
+from modelcore.compose.merge import merge_tensors
+from modelcore.experts import load_expert
+
+SMALL = ["--max-bytes-per-domain", "16384"]
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    runner = CliRunner()
+    app = build_app()
+
+    def run(*args: str):
+        env = {"XDG_CACHE_HOME": str(cache), "COLUMNS": "400"}
+        return runner.invoke(app, [str(a) for a in args], env=env)
+
+    return run
+
+
+def _files(root):
+    return root / "base", [root / "licenses.safetensors", root / "python_docs.safetensors"]
+
+
+def test_eval_methods_print_the_plain_eval_json(cli, saved_base):
+    base, experts = _files(saved_base)
+    exp = [x for p in experts for x in ("--experts", p)]
+    dom = ["--domain", "licenses", "--domain", "python_stdlib"]
+    plain = cli("eval", "--base", base, "--json", *dom, *SMALL)
+    assert plain.exit_code == 0, plain.output
+    base_doc = json.loads(plain.stdout)
+    docs = {}
+    for method in ("mixture", "ensemble", "average"):
+        r = cli("eval", "--base", base, *exp, "--method", method, "--json", *dom, *SMALL)
+        assert r.exit_code == 0, r.output
+        docs[method] = json.loads(r.stdout)
+        assert docs[method]["method"] == method
+        assert set(docs[method]["domains"]) == {"licenses", "python_stdlib"}
+        for name, row in docs[method]["domains"].items():
+            assert set(row) == set(base_doc["domains"][name])
+            assert row["tokens"] == base_doc["domains"][name]["tokens"]
+    lic = {m: d["domains"]["licenses"]["bits_per_byte"] for m, d in docs.items()}
+    assert lic["ensemble"] < base_doc["domains"]["licenses"]["bits_per_byte"] - 0.1
+    assert docs["ensemble"]["mean_weights"]["licenses"][0] > 0.8  # the licenses expert
+    bad = cli("eval", "--base", base, *exp, "--method", "soup", "--json", *SMALL)
+    assert bad.exit_code == 2
+    assert "--method" in bad.output
+
+
+def test_expert_merge_writes_a_valid_average(cli, saved_base, tmp_path):
+    base, experts = _files(saved_base)
+    exp = [x for p in experts for x in ("--experts", p)]
+    bundle = load_base(base)
+    tensors = [load_expert(p)[0] for p in experts]
+    for method, extra in (("uniform", []), ("weighted", ["--weights", "3", "--weights", "1"]),
+                          ("ties", ["--density", "0.5"])):  # fmt: skip
+        out = tmp_path / f"{method}.safetensors"
+        r = cli("expert", "merge", "--base", base, *exp, "--method", method, *extra, "--out", out)
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.stdout)
+        assert summary["merge"]["method"] == method
+        got, meta = load_expert(out, config=bundle.config)
+        assert meta["base_revision"] == bundle.revision
+        weights = [3, 1] if method == "weighted" else None
+        params = {"density": 0.5} if method == "ties" else {}
+        want = merge_tensors(tensors, method, weights=weights, **params)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    post = cli("expert", "merge", "--base", base, *exp, "--posterior-domain", "licenses",
+               "--out", tmp_path / "post.safetensors", *SMALL)  # fmt: skip
+    assert post.exit_code == 0, post.output
+    w = json.loads(post.stdout)["merge"]["weights"]
+    assert w[0] > 0.9  # the licenses expert's share of the posterior on licenses text
+    one = cli("expert", "merge", "--base", base, "--experts", experts[0],
+              "--out", tmp_path / "one.safetensors")  # fmt: skip
+    assert one.exit_code == 2
+    assert not (tmp_path / "one.safetensors").exists()
+
+
+def test_expert_distill_resumes_and_reports_its_curve(cli, saved_base, tmp_path):
+    base, experts = _files(saved_base)
+    exp = [x for p in experts for x in ("--experts", p)]
+    out = tmp_path / "student.safetensors"
+    args = ["expert", "distill", "--base", base, *exp, "--domain", "licenses", "--out", out,
+            "--steps", "4", "--checkpoint-every", "2", "--no-progress", *SMALL]  # fmt: skip
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 4
+    assert len(summary["kl_curve"]) == 4
+    load_expert(out, config=load_base(base).config)
+    resumed = cli(*args, "--resume", tmp_path / "student.safetensors.ckpt")
+    # The checkpoint says step 4 of 4: resuming finishes at once with the same curve.
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["kl_curve"] == summary["kl_curve"]
+    assert json.loads(resumed.stdout)["resumed_from"] == 4
+    dense = tmp_path / "dense"
+    r = cli("expert", "distill", "--base", base, *exp, "--domain", "licenses", "--out", dense,
+            "--student", "dense", "--steps", "3", "--no-progress", *SMALL)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    small = load_base(dense)
+    assert small.config.n_layers < load_base(base).config.n_layers
+    assert small.config.ffn_experts == 1
+
+
+def test_expert_matrix_is_json_data(cli, saved_base):
+    base, experts = _files(saved_base)
+    exp = [x for p in experts for x in ("--experts", p)]
+    r = cli("expert", "matrix", "--base", base, *exp, "--method", "ensemble",
+            "--domain", "licenses", "--domain", "python_docs", *SMALL)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["domains"] == ["licenses", "python_docs"]
+    names = [row["name"] for row in doc["rows"]]
+    assert names == ["base", "licenses", "python_docs", "ensemble"]
+    by = {row["name"]: row["bits_per_byte"] for row in doc["rows"]}
+    assert by["licenses"]["licenses"] < by["base"]["licenses"]
+    assert by["ensemble"]["licenses"] < by["python_docs"]["licenses"]
