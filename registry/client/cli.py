@@ -1,4 +1,5 @@
-"""``agora expert submit|list|download``: the SDK on the command line.
+"""``agora expert submit|list|download|init``, ``agora search`` and ``agora expert
+disable|enable``: the SDK on the command line.
 
 The registry URL and token come from ``--registry`` / ``--token`` or the environment
 (``AGORA_REGISTRY_URL``, ``AGORA_TOKEN``). Errors print as one line with their code and
@@ -26,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from registry.client.client import DEFAULT_URL, Agora, ProgressCallback
+from registry.client.client import DEFAULT_TEMPERATURE, DEFAULT_URL, Agora, ProgressCallback
 from registry.client.errors import AgoraError
 
 RegistryOption = Annotated[
@@ -175,6 +176,99 @@ def _download(
     typer.echo(str(path))
 
 
+def _search(
+    *,
+    texts: Annotated[list[str], typer.Argument(help="Sample text(s) of your domain.")],
+    base: Annotated[str, typer.Option("--base", help="Base model revision.")],
+    k: Annotated[int, typer.Option("-k", min=1, max=64, help="How many experts.")] = 4,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-T", help="T of the weights softmax(-d^2/T).")
+    ] = DEFAULT_TEMPERATURE,
+    as_json: Annotated[bool, typer.Option("--json", help="The response as JSON.")] = False,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Find the experts that fit sample text, with their ensemble weights."""
+    with _client(registry, token) as agora:
+        found = agora.search(texts, base, k=k, temperature=temperature)
+    if as_json:
+        typer.echo(json.dumps(found.model_dump(mode="json"), sort_keys=True))
+        return
+    if not found.results:
+        typer.echo("no active expert of this base revision yet")
+        return
+    table = Table(caption=f"embedder {found.embedder}")
+    table.add_column("expert", no_wrap=True, min_width=max(len(r.expert_id) for r in found.results))
+    table.add_column("v", justify="right", no_wrap=True)
+    table.add_column("weight", justify="right", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("name", overflow="ellipsis", no_wrap=True)
+    table.add_column("domain", overflow="ellipsis", no_wrap=True)
+    for r in found.results:
+        table.add_row(
+            r.expert_id,
+            str(r.version),
+            f"{r.weight:.3f}",
+            f"{r.score:.3f}",
+            r.name or "",
+            _shorten(r.domain or "", 40),
+        )
+    Console().print(table)
+
+
+def _init(
+    *,
+    from_nearest: Annotated[
+        Path,
+        typer.Option(
+            "--from-nearest",
+            exists=True,
+            readable=True,
+            help="Your data: a text file or a directory of .txt files.",
+        ),
+    ],
+    base: Annotated[str, typer.Option("--base", help="Base model revision.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the starting weights.")],
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Start a new expert from the existing one closest to your data (its weights to --out,
+    for `agora expert train --init-from`)."""
+    with _client(registry, token) as agora:
+        nearest = agora.nearest_expert(from_nearest, base)
+        typer.echo(
+            f"nearest expert {nearest.expert_id} v{nearest.version} "
+            f"({nearest.name or 'unnamed'}; similarity {nearest.score:.3f})"
+        )
+        with _progress_bar(f"download {nearest.expert_id}") as bar:
+            path = agora.download(
+                nearest.expert_id, version=nearest.version, dest=out, progress=bar
+            )
+    typer.echo(str(path))
+
+
+def _moderate(action: str) -> Callable[..., None]:
+    def command(
+        *,
+        expert_id: Annotated[str, typer.Argument(help="Expert id (ex_...).")],
+        reason: Annotated[str, typer.Option("--reason", help="Why (required; recorded).")],
+        registry: RegistryOption = DEFAULT_URL,
+        token: TokenOption = None,
+    ) -> None:
+        with _client(registry, token) as agora:
+            done = (agora.disable_expert if action == "disable" else agora.enable_expert)(
+                expert_id, reason
+            )
+        typer.echo(f"{done.expert_id} is {done.status} ({done.action} by {done.actor})")
+
+    command.__doc__ = (
+        "Disable an expert (moderator): gone from search and downloads at once."
+        if action == "disable"
+        else "Re-enable a disabled expert (moderator)."
+    )
+    return command
+
+
 def _shorten(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -187,6 +281,10 @@ def register(root: typer.Typer, groups: dict[str, typer.Typer]) -> None:
         "submit": _submit,
         "list": _list,
         "download": _download,
+        "init": _init,
+        "disable": _moderate("disable"),
+        "enable": _moderate("enable"),
     }
     for name, command in commands.items():
         expert.command(name)(command)
+    root.command("search")(_search)

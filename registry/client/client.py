@@ -19,7 +19,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
@@ -48,10 +48,18 @@ from registry.client.models import (
     BaseModelRevision,
     Expert,
     ExpertPage,
+    ModerationAction,
+    SearchResult,
+    SearchResults,
     SubmittedExpert,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TEMPERATURE = 0.1
+# What `nearest_expert` sends of a contributor's data: under the server's 64 KiB / 256 texts
+# search limits, spread evenly over the passages so a long corpus is sampled, not truncated.
+NEAREST_MAX_BYTES = 60 * 1024
+NEAREST_MAX_TEXTS = 200
 # Reads may wait on the server validating a large upload (it hashes and scans every value
 # after the last byte arrives), so the read timeout is generous; connecting is not.
 DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
@@ -295,6 +303,56 @@ class Agora:
             target = target / f"{expert_id}-v{number}.safetensors"
         return place(path, target)
 
+    # -- search and moderation -------------------------------------------------------------
+
+    def search(
+        self,
+        texts: str | Sequence[str],
+        base_revision: str,
+        *,
+        k: int = 4,
+        temperature: float = DEFAULT_TEMPERATURE,
+    ) -> SearchResults:
+        """The ``k`` active experts of ``base_revision`` that best fit ``texts``, best first,
+        with ensemble weights softmax(-d^2 / temperature) that sum to 1."""
+        body = {
+            "texts": [texts] if isinstance(texts, str) else list(texts),
+            "base_revision": base_revision,
+            "k": k,
+            "temperature": temperature,
+        }
+        return _parse(SearchResults, self._request("POST", "/v1/search", json=body))
+
+    def nearest_expert(
+        self, texts_or_path: str | os.PathLike[str] | Sequence[str], base_revision: str
+    ) -> SearchResult:
+        """The existing expert closest to a contributor's data: a text file, a directory of
+        ``.txt`` files, or the texts themselves. The starting point for training a new one
+        (``agora expert init --from-nearest``)."""
+        passages = _sample_passages(_read_passages(texts_or_path))
+        if not passages:
+            raise AgoraError("no text to compare with the experts", code="empty_texts")
+        found = self.search(passages, base_revision, k=1)
+        if not found.results:
+            raise NotFound(
+                f"base revision {base_revision} has no active expert yet", code="no_expert"
+            )
+        return found.results[0]
+
+    def disable_expert(self, expert_id: str, reason: str) -> ModerationAction:
+        """Withdraw an expert (moderator or admin): gone from search and downloads at once."""
+        return self._moderate(expert_id, "disable", reason)
+
+    def enable_expert(self, expert_id: str, reason: str) -> ModerationAction:
+        """Re-enable a disabled expert (moderator or admin)."""
+        return self._moderate(expert_id, "enable", reason)
+
+    def _moderate(self, expert_id: str, action: str, reason: str) -> ModerationAction:
+        response = self._request(
+            "POST", f"/v1/experts/{_seg(expert_id)}/{action}", json={"reason": reason}
+        )
+        return _parse(ModerationAction, response)
+
     # -- base models -----------------------------------------------------------------------
 
     def list_base_models(self) -> list[BaseModelRevision]:
@@ -535,6 +593,7 @@ class Agora:
         params: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
         files: Mapping[str, Any] | None = None,
+        json: Any = None,
         headers: Mapping[str, str] | None = None,
         rewind: list[IO[bytes]] | None = None,
         idempotency_key: str | None = None,
@@ -551,7 +610,7 @@ class Agora:
             for raw in rewind or ():
                 raw.seek(0)
             request = self._http.build_request(
-                method, path, params=params, data=data, files=files, headers=all_headers
+                method, path, params=params, data=data, files=files, json=json, headers=all_headers
             )
             try:
                 response = self._http.send(request, stream=stream)
@@ -620,6 +679,44 @@ def _datasheet_bytes(datasheet: str | os.PathLike[str]) -> bytes:
     if "\n" not in datasheet and datasheet.strip() and Path(datasheet).is_file():
         return Path(datasheet).read_bytes()
     return datasheet.encode("utf-8")
+
+
+def _read_passages(source: str | os.PathLike[str] | Sequence[str]) -> list[str]:
+    """Passages (blank-line separated paragraphs) of a file, of a directory's ``.txt``
+    files, or the given texts; a one-line string naming an existing path is that path."""
+    if isinstance(source, str) and ("\n" in source or not Path(source).exists()):
+        texts = [source]
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source)
+        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+        if not files:
+            raise AgoraError(f"{path} holds no .txt file", code="empty_texts")
+        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    else:
+        texts = list(source)
+    passages: list[str] = []
+    for text in texts:
+        passages += [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+    return passages
+
+
+def _sample_passages(passages: list[str]) -> list[str]:
+    """At most NEAREST_MAX_TEXTS passages and NEAREST_MAX_BYTES, taken evenly across."""
+    if not passages:
+        return []
+    average = max(1, sum(len(p.encode()) for p in passages) // len(passages))
+    count = min(len(passages), NEAREST_MAX_TEXTS, max(1, NEAREST_MAX_BYTES // average))
+    step = len(passages) / count
+    picked = [passages[int(i * step)] for i in range(count)]
+    out: list[str] = []
+    budget = NEAREST_MAX_BYTES
+    for passage in picked:
+        data = passage.encode()[:budget].decode(errors="ignore")
+        if not data:
+            break
+        out.append(data)
+        budget -= len(data.encode())
+    return out
 
 
 def _content_range_start(value: str | None) -> int | None:

@@ -70,3 +70,42 @@ class Expert(_Model):
 class ExpertPage(_Model):
     items: list[Expert]
     next_cursor: str | None = None
+
+
+class SearchResult(_Model):
+    """One expert that fits the searched texts; ``weight`` is its share of the ensemble."""
+
+    expert_id: str
+    version: int
+    score: float
+    weight: float
+    distance: float | None = None
+    name: str | None = None
+    domain: str | None = None
+
+
+class SearchResults(_Model):
+    """The answer to ``Agora.search``: best first; weights sum to 1 (c-BTM softmax(-d^2/T))."""
+
+    results: list[SearchResult]
+    embedder: str
+
+    @property
+    def expert_ids(self) -> list[str]:
+        return [r.expert_id for r in self.results]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {r.expert_id: r.weight for r in self.results}
+
+
+class ModerationAction(_Model):
+    """A disable or enable of an expert, with its reason and who did it."""
+
+    id: int
+    expert_id: str
+    action: str
+    status: str
+    reason: str
+    actor: str
+    at: datetime | None = None
