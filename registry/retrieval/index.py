@@ -59,6 +59,9 @@ class ExpertIndex:
         self._vectors_of: dict[str, list[int]] = {}  # expert id -> its live vector ids
         self._tombstones: set[int] = set()  # HNSW only: ids in the graph no longer live
         self._selector: tuple[faiss.IDSelector, faiss.IDSelector] | None = None
+        # An upper bound of the vectors any one expert has (not lowered on removal: fetching
+        # a few more candidates is harmless; recomputing it would cost O(experts) a search).
+        self._max_per_expert = 1
         self._index: faiss.Index = self._new_index("exact")
         self.kind = "exact"
 
@@ -102,6 +105,7 @@ class ExpertIndex:
         with self._lock:
             self._rebuild(all_ids, all_vecs)
             self._owner, self._vectors_of = owner, vectors_of
+            self._max_per_expert = max((len(v) for v in vectors_of.values()), default=1)
 
     def _live_arrays(self) -> tuple[NDArray[np.int64], Vectors]:
         ids = np.fromiter(self._owner.keys(), dtype=np.int64, count=len(self._owner))
@@ -152,6 +156,7 @@ class ExpertIndex:
                 self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
             self._vectors_of[expert_id] = [int(i) for i in ids]
             self._owner.update((int(i), expert_id) for i in ids)
+            self._max_per_expert = max(self._max_per_expert, len(ids))
             self._maybe_compact_locked()
 
     def _maybe_compact_locked(self) -> None:
@@ -209,9 +214,8 @@ class ExpertIndex:
         with self._lock:
             if not self._owner:
                 return []
-            per_expert = max(len(v) for v in self._vectors_of.values())
             # Enough vectors that k distinct experts are among them, whatever their counts.
-            fetch = min(k * per_expert, len(self._owner))
+            fetch = min(k * self._max_per_expert, len(self._owner))
             if self.kind == "hnsw":
                 params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
                     efSearch=max(self.ef_search, fetch)
