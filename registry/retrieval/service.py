@@ -227,45 +227,45 @@ class Retrieval:
         self._checked_at = time.monotonic()
 
     def sync(self, *, force: bool = True) -> None:
-        """Catch up with the database's change log (when older than the refresh interval,
-        unless ``force``)."""
-        if (
-            not force
-            and time.monotonic() - self._checked_at < self.settings.retrieval_refresh_seconds
-        ):
+        """Catch up with the database's change log. ``force=False`` (searches) checks only
+        when the last check is older than the refresh interval, and never waits for a
+        catch-up another thread is running: the current index answers meanwhile."""
+        if not force:
+            if time.monotonic() - self._checked_at < self.settings.retrieval_refresh_seconds:
+                return
+            if not self._sync_lock.acquire(blocking=False):
+                return
+        else:
+            self._sync_lock.acquire()
+        try:
+            self._catch_up()
+        finally:
+            self._sync_lock.release()
+
+    def _catch_up(self) -> None:
+        """Replay the change log since our version (the caller holds ``_sync_lock``)."""
+        with self.sessions() as session, session.begin():
+            version = store.current_version(session=session)
+            if version == self._version:
+                self._checked_at = time.monotonic()
+                return
+            if version < self._version:
+                changed = None  # the counter went back (a restored database): rebuild
+            else:
+                changed = store.changed_experts(session=session, after=self._version, upto=version)
+        if changed is None:
+            self._full_reload()
             return
-        with self._sync_lock:
-            if (
-                not force
-                and time.monotonic() - self._checked_at < self.settings.retrieval_refresh_seconds
-            ):
-                return
-            with self.sessions() as session, session.begin():
-                version = store.current_version(session=session)
-                if version == self._version:
-                    self._checked_at = time.monotonic()
-                    return
-                if version < self._version:
-                    changed = None  # the counter went back (a restored database): rebuild
-                else:
-                    changed = store.changed_experts(
-                        session=session, after=self._version, upto=version
-                    )
-            if changed is None:
-                self._full_reload()
-                return
-            # Experts another replica accepted with another embedder need our vectors too.
-            self._embed_missing(changed)
-            with self.sessions() as session, session.begin():
-                loaded = list(
-                    store.load_experts(
-                        session=session, embedder=self.embedder.id, expert_ids=changed
-                    )
-                )
-            for item in loaded:
-                self._apply(item)
-            self._version = version
-            self._checked_at = time.monotonic()
+        # Experts another replica accepted with another embedder need our vectors too.
+        self._embed_missing(changed)
+        with self.sessions() as session, session.begin():
+            loaded = list(
+                store.load_experts(session=session, embedder=self.embedder.id, expert_ids=changed)
+            )
+        for item in loaded:
+            self._apply(item)
+        self._version = version
+        self._checked_at = time.monotonic()
 
     def _apply(self, item: LoadedExpert) -> None:
         entry = item.entry

