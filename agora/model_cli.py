@@ -201,7 +201,9 @@ def _base_train(
     batch_size: BatchSize = None,
     seq_len: SeqLen = None,
     aux: Annotated[str, typer.Option("--aux", help="mi | switch | none")] = "mi",
-    aux_weight: Annotated[float, typer.Option("--aux-weight", min=0.0)] = 0.1,
+    aux_weight: Annotated[
+        float, typer.Option("--aux-weight", min=0.0, help="Weight of the aux loss.")
+    ] = 1.0,
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
     overwrite: Overwrite = False,
     device: Device = None,

@@ -53,7 +53,10 @@ def calibrate_new_rows(
     copy_busiest: bool = True,
 ) -> None:
     """Set each new module's router row so it is in the top-k of ``coverage`` of the
-    tokens of ``batches`` ((B, T+1) ids of the expert's domain); see the module docstring."""
+    tokens of ``batches`` ((B, T+1) ids of the expert's domain); see the module docstring.
+
+    A row ``c * u`` can only win tokens whose router feature points along ``u``
+    (``h . u > 0``), so the share reached is at most theirs."""
     if not 0 < coverage < 1:
         raise ValueError("coverage must be in (0, 1)")
     layers = list(model.ffn_layers)

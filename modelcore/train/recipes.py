@@ -90,10 +90,12 @@ class TrainSettings:
 
 PRESET_SETTINGS = {
     "tiny": TrainSettings(
-        steps=300, lr=3e-3, batch_size=16, seq_len=128, expert_steps=150, expert_lr=3e-3
+        steps=250, lr=3e-3, batch_size=8, seq_len=128, expert_steps=100, expert_lr=1e-2
     ),
+    # One small step (B=8, T=256) costs ~1.5 CPU seconds here (1 thread), so the
+    # defaults keep `agora base train --preset small` to minutes, not hours.
     "small": TrainSettings(
-        steps=1500, lr=2e-3, batch_size=16, seq_len=256, expert_steps=400, expert_lr=2e-3
+        steps=300, lr=2e-3, batch_size=8, seq_len=256, expert_steps=100, expert_lr=1e-2
     ),
     "molm_4b_k2": TrainSettings(
         steps=10000, lr=3e-4, batch_size=32, seq_len=1024, expert_steps=2000, expert_lr=3e-4

@@ -154,3 +154,24 @@ def test_full_finetuning_moves_every_part_of_the_model():
     assert "embed.weight" in changed
     assert any("ffn.w_in" in k for k in changed)
     assert any("ffn.router.proj" in k for k in changed)
+
+
+@pytest.mark.parametrize("coverage", [0.25, 0.5])
+def test_calibrated_new_module_is_routed_for_the_requested_share_of_tokens(coverage):
+    from modelcore.train.insertion import calibrate_new_rows
+
+    model = small_model()
+    pretrain(model, counting_batches(), 10, 1e-2, progress=False)
+    domain = [next(counting_batches(9, step=3, batch=16)) for _ in range(2)]
+    idx = experts.add_modules(model)
+    calibrate_new_rows(model, idx, domain, coverage=coverage)
+    chosen: list[torch.Tensor] = []
+    model.ffn_layers[0].register_forward_hook(
+        lambda _m, _i, out: chosen.append((out[1].topk_idx_TK == idx[0]).any(-1))
+    )
+    with torch.no_grad():
+        for batch in domain:
+            model(batch[:, :-1], aux="none")
+    # Layer 0's input does not depend on any new module, so the share is exact up to ties.
+    share = float(torch.cat(chosen).float().mean())
+    assert share == pytest.approx(coverage, abs=0.05)
