@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelcore.compose._threads import single_thread
 from modelcore.experts import covered_layers, expert_schema
 
 # Rows of the logit matrix per block in ``log_mix``: 8 rows x 32k vocab x 4 bytes = 1 MiB,
-# the L2 size of most server cores, so the k passes over one block (logsumexp, shift,
-# exp, add) read DRAM once; on 2048 x 32768 x 4 tensors, 8-row blocks ran 3.1x faster
-# than whole-tensor ops (see benchmarks/compose.py).
+# about the L2 of a server core, so the passes over one block (softmax, weighted add,
+# final log) read DRAM once per input (benchmarks/compose.py measures it).
 _MIX_BLOCK_BYTES = 1 << 20
 
 
@@ -254,36 +254,52 @@ def estimate_prior(
 def log_mix(logits_chunks: Iterable[torch.Tensor], log_w_PN: torch.Tensor) -> torch.Tensor:
     """``log sum_j w_j softmax(logits_j)`` for P logit matrices (N, V), read one at a time.
 
-    No (P, N, V) stack is built: each path is added into one (N, V) accumulator, in row
-    blocks that fit in cache. ``w_j softmax(x_j) = exp(x_j - (lse_j - log w_j))`` never
-    exceeds 1, so the sum cannot overflow; a token whose mixed probability is below the
-    smallest normal float32 (1e-38, i.e. below -87 nats) is clamped there instead of -inf.
+    No (P, N, V) stack is built: each path is added into one (N, V) accumulator of
+    probabilities, in row blocks small enough to stay in cache while the block's softmax
+    (one fused kernel: one exp per element, the only transcendental besides the final
+    log) is computed and added with its weight. ``w_j softmax(x_j) <= 1``, so the sum
+    cannot overflow; a token whose mixed probability is below the smallest normal float32
+    (1e-38, i.e. -87 nats) is clamped there instead of -inf.
     """
-    out: torch.Tensor | None = None
-    log_w_PN = log_w_PN.float()
-    last = log_w_PN.shape[0] - 1
+    w_PN = log_w_PN.float().exp()
+    last = w_PN.shape[0] - 1
     tiny = torch.finfo(torch.float32).tiny
+    with single_thread():
+        out, p = _log_mix_blocks(logits_chunks, w_PN, last, tiny)
+    if out is None or p != last:
+        raise ValueError(f"expected {last + 1} logit matrices")
+    return out
+
+
+def _log_mix_blocks(
+    logits_chunks: Iterable[torch.Tensor], w_PN: torch.Tensor, last: int, tiny: float
+) -> tuple[torch.Tensor | None, int]:
+    out: torch.Tensor | None = None
+    p = -1
+    buf: torch.Tensor | None = None
     for p, chunk_NV in enumerate(logits_chunks):
         if p > last:
             raise ValueError(f"more logit matrices than weights ({last + 1})")
         x_NV = chunk_NV.float()
         N, V = x_NV.shape
+        # On a GPU one launch per op over the whole matrix (blocks would only add launches).
+        rows = N if x_NV.is_cuda else max(1, _MIX_BLOCK_BYTES // (4 * V))
         if out is None:
             out = torch.empty_like(x_NV)
-        rows = max(1, _MIX_BLOCK_BYTES // (4 * V))
+            buf = x_NV.new_empty(min(rows, N), V)
+        assert buf is not None
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
-            x, acc = x_NV[r0:r1], out[r0:r1]
-            shift = torch.logsumexp(x, dim=-1, keepdim=True) - log_w_PN[p, r0:r1, None]
+            acc, probs = out[r0:r1], buf[: r1 - r0]
+            torch.softmax(x_NV[r0:r1], dim=-1, out=probs)
+            w = w_PN[p, r0:r1, None]
             if p == 0:
-                torch.sub(x, shift, out=acc).exp_()
+                torch.mul(probs, w, out=acc)
             else:
-                acc.add_(torch.sub(x, shift).exp_())
+                acc.addcmul_(probs, w)
             if p == last:  # finish the block while it is still in cache
                 acc.clamp_min_(tiny).log_()
-    if out is None or p != last:
-        raise ValueError(f"expected {last + 1} logit matrices")
-    return out
+    return out, p
 
 
 def uniform_log_weights(n_paths: int) -> torch.Tensor:
