@@ -53,6 +53,7 @@ def serve(
     typer.echo(f"  API docs:  {url}/docs")
     typer.echo(f"  database:  {settings.resolved_database_url}")
     typer.echo(f"  blobs:     {settings.resolved_storage_url}")
+    typer.echo(f"  embedder:  {settings.embedder} (AGORA_EMBEDDER; search: POST /v1/search)")
     typer.echo("  admin token: agora admin create-token --role admin --name <you>")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
