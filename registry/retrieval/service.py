@@ -170,31 +170,34 @@ class Retrieval:
             log.info("embedding %d expert(s) with %s", len(missing), self.embedder.id)
         done = 0
         for start in range(0, len(missing), REEMBED_BATCH):
+            batch = missing[start : start + REEMBED_BATCH]
+            with self.sessions() as session, session.begin():
+                sheets = store.datasheets(session=session, versions=batch)
             made: list[tuple[str, int, Vectors]] = []
-            for expert_id, version, datasheet in missing[start : start + REEMBED_BATCH]:
+            for expert_id, version in batch:
+                raw = sheets.get(expert_id, "").encode("utf-8")
                 try:
-                    sheet = parse_datasheet(
-                        datasheet.encode("utf-8"), max_bytes=len(datasheet) * 4 + 1
-                    )
+                    sheet = parse_datasheet(raw, max_bytes=max(1, len(raw)))
                     made.append((expert_id, version, self.vectors_for_samples(sheet.samples)))
                 except (AgoraError, ValueError) as exc:
                     # A datasheet stored under older rules: the expert stays unsearchable
                     # rather than blocking start-up.
                     log.warning("expert %s v%d cannot be embedded: %s", expert_id, version, exc)
-            try:
-                with self.sessions() as session, session.begin():
-                    for expert_id, version, vectors in made:
-                        store.replace_vectors_of_embedder(
-                            session=session,
-                            expert_id=expert_id,
-                            version=version,
-                            embedder=self.embedder.id,
-                            vectors=vectors,
-                        )
-            except IntegrityError:
-                # Another replica with the same embedder stored these first: theirs serve.
-                log.info("vectors were stored concurrently by another replica")
-            done += len(made)
+            with self.sessions() as session, session.begin():
+                for expert_id, version, vectors in made:
+                    try:
+                        with session.begin_nested():
+                            stored = store.replace_vectors_of_embedder(
+                                session=session,
+                                expert_id=expert_id,
+                                version=version,
+                                embedder=self.embedder.id,
+                                vectors=vectors,
+                            )
+                    except IntegrityError:
+                        # Another replica with this embedder stored them first: theirs serve.
+                        stored = False
+                    done += int(stored)
         return done
 
     def _index_for(self, base_revision: str) -> ExpertIndex:

@@ -96,30 +96,39 @@ def store_vectors(
     """Replace the expert's vectors (of every embedder: they describe an older version, or
     are about to be re-made) by ``vectors`` of ``version`` made by ``embedder``."""
     session.execute(delete(ExpertVector).where(ExpertVector.expert_id == expert_id))
-    session.add_all(
-        ExpertVector(
-            expert_id=expert_id,
-            version=version,
-            embedder=embedder,
-            ordinal=ordinal,
-            dim=int(vector.shape[0]),
-            vector=encode_vector(vector),
-        )
-        for ordinal, vector in enumerate(vectors)
+    _insert_vectors(
+        session=session, expert_id=expert_id, version=version, embedder=embedder, vectors=vectors
     )
-    session.flush()
 
 
 def replace_vectors_of_embedder(
     *, session: Session, expert_id: str, version: int, embedder: str, vectors: Vectors
-) -> None:
+) -> bool:
     """Re-embedding: replace only this embedder's vectors, leaving other embedders' rows
-    (another replica may still run that embedder during a rolling change)."""
+    (another replica may still run that embedder during a rolling change).
+
+    Refused (False) when the expert has moved past ``version`` since its datasheet was
+    read: the new version's own vectors must not be replaced by the old one's. The expert's
+    row is locked (PostgreSQL) so a submission cannot slip in between."""
+    latest = session.scalar(
+        select(Expert.latest_version).where(Expert.id == expert_id).with_for_update()
+    )
+    if latest != version:
+        return False
     session.execute(
         delete(ExpertVector).where(
             ExpertVector.expert_id == expert_id, ExpertVector.embedder == embedder
         )
     )
+    _insert_vectors(
+        session=session, expert_id=expert_id, version=version, embedder=embedder, vectors=vectors
+    )
+    return True
+
+
+def _insert_vectors(
+    *, session: Session, expert_id: str, version: int, embedder: str, vectors: Vectors
+) -> None:
     session.add_all(
         ExpertVector(
             expert_id=expert_id,
@@ -136,9 +145,9 @@ def replace_vectors_of_embedder(
 
 def experts_missing_vectors(
     *, session: Session, embedder: str, expert_ids: Collection[str] | None = None
-) -> list[tuple[str, int, str]]:
-    """(expert id, latest version, its datasheet) of experts whose latest version has no
-    vector from ``embedder``: made by another embedder, or never embedded."""
+) -> list[tuple[str, int]]:
+    """(expert id, latest version) of experts whose latest version has no vector from
+    ``embedder``: made by another embedder, or never embedded."""
     have = (
         select(ExpertVector.id)
         .where(
@@ -148,19 +157,20 @@ def experts_missing_vectors(
         )
         .exists()
     )
-    stmt = (
-        select(Expert.id, Expert.latest_version, ExpertVersion.datasheet)
-        .join(
-            ExpertVersion,
-            (ExpertVersion.expert_id == Expert.id)
-            & (ExpertVersion.version == Expert.latest_version),
-        )
-        .where(~have)
-        .order_by(Expert.id)
-    )
+    stmt = select(Expert.id, Expert.latest_version).where(~have).order_by(Expert.id)
     if expert_ids is not None:
         stmt = stmt.where(Expert.id.in_(list(expert_ids)))
-    return [(row[0], int(row[1]), row[2]) for row in session.execute(stmt)]
+    return [(row[0], int(row[1])) for row in session.execute(stmt)]
+
+
+def datasheets(*, session: Session, versions: Collection[tuple[str, int]]) -> dict[str, str]:
+    """expert id -> the datasheet of the given version (a batch at a time: they are large)."""
+    out: dict[str, str] = {}
+    for expert_id, version in versions:
+        row = session.get(ExpertVersion, (expert_id, version))
+        if row is not None:
+            out[expert_id] = row.datasheet
+    return out
 
 
 def load_experts(

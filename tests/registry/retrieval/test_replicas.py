@@ -146,3 +146,29 @@ def test_a_new_embedder_reembeds_every_expert(api, experts, settings, tmp_path) 
                 )
             )
         assert embedders == {old_id, other.id}
+
+
+def test_a_late_reembed_never_overwrites_a_newer_versions_vectors(api, experts) -> None:
+    """A replica re-embedding v1 while v2 is accepted must not replace v2's vectors."""
+    from registry.retrieval import store
+
+    law = experts["law"].id
+    v1_vectors = api.app.state.runtime.retrieval.vectors_for_samples(DOMAINS["law"]["samples"])
+    submit_domain(api, "astronomy", seed=50, expert_id=law)  # v2
+    runtime = api.app.state.runtime
+    with runtime.sessions() as session, session.begin():
+        stored = store.replace_vectors_of_embedder(
+            session=session,
+            expert_id=law,
+            version=1,
+            embedder=runtime.retrieval.embedder.id,
+            vectors=v1_vectors,
+        )
+    assert stored is False
+    with runtime.sessions() as session:
+        versions = set(
+            session.scalars(select(ExpertVector.version).where(ExpertVector.expert_id == law))
+        )
+    assert versions == {2}
+    top = search(api, DOMAINS["astronomy"]["queries"], k=1).json()["results"][0]
+    assert top["expert_id"] in {law, experts["astronomy"].id}
