@@ -41,6 +41,7 @@ from torch import nn
 
 from modelcore.compose._threads import single_thread
 from modelcore.experts import covered_layers, expert_schema
+from modelcore.kernels import plan_routing
 
 # Rows of the logit matrix per block in ``log_mix``: 8 rows x 32k vocab x 4 bytes = 1 MiB,
 # about the L2 of a server core, so the passes over one block (softmax, weighted add,
@@ -71,7 +72,9 @@ class ExpertEnsemble(nn.Module):
             layers = covered_layers(tensors)
             schema = expert_schema(config, layers=layers)
             expected = {t["name"]: t["shape"] for t in schema["tensors"]}
-            if sorted(expected) != sorted(tensors):
+            if sorted(expected) != sorted(tensors) or any(
+                list(tensors[n].shape) != shape for n, shape in expected.items()
+            ):
                 raise ValueError("expert tensors do not match the base's expert schema")
         for i, ffn in enumerate(model.ffn_layers):
             w_in_EDF, w_out_EFD = (w.detach() for w in ffn.weights())
@@ -114,7 +117,7 @@ class ExpertEnsemble(nn.Module):
         k = min(ffn.top_k, int(allowed_PE2.sum(-1).min()))
         top_NK, idx_NK = probs_NE2.topk(k, dim=-1)
         gates_NK = (top_NK / top_NK.sum(-1, keepdim=True)).to(x_ND.dtype)
-        plan = ffn_plan(idx_NK, self.w_in[i].shape[0])
+        plan = plan_routing(idx_NK, self.w_in[i].shape[0])
         h_AF = F.gelu(ffn.backend.grouped_mm(x_ND, self.w_in[i], plan, grouped_out=True))
         y_ND = ffn.backend.grouped_mm(h_AF, self.w_out[i], plan, gates_TK=gates_NK, grouped_in=True)
         return y_ND.view(P, B, T, D)
@@ -166,12 +169,6 @@ class ExpertEnsemble(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         return self.hidden(input_ids_BT)
-
-
-def ffn_plan(idx_NK: torch.Tensor, n_modules: int):
-    from modelcore.kernels import plan_routing
-
-    return plan_routing(idx_NK, n_modules)
 
 
 # -- weights ------------------------------------------------------------------------------
