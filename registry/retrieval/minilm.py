@@ -58,6 +58,8 @@ def _load(directory: Path) -> Any:
             # Never reach for the hub, whatever the caller's environment says.
             os.environ["HF_HUB_OFFLINE"] = "1"
             os.environ["TRANSFORMERS_OFFLINE"] = "1"
+            # A server log is no place for a "Loading weights" progress bar.
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             from sentence_transformers import SentenceTransformer
 
             model = SentenceTransformer(str(directory), device="cpu", local_files_only=True)
