@@ -189,3 +189,22 @@ def test_a_new_version_is_searched_by_its_own_samples(api, experts) -> None:
     # Its old (cooking) vectors are gone, not kept beside the new ones.
     now = search(api, DOMAINS["cooking"]["queries"], k=3).json()["results"]
     assert next(r for r in now if r["expert_id"] == cooking.id)["score"] < before["score"] - 0.1
+
+
+def test_a_retried_disable_replays_instead_of_conflicting(api) -> None:
+    """The SDK retries a POST with the same Idempotency-Key when a response is lost: the
+    retry gets the first answer, not 409 status_unchanged, and one action is recorded."""
+    expert = submit_domain(api, "law", seed=0).id
+    headers = {**api.auth(api.tokens.moderator), "Idempotency-Key": "disable-once"}
+    body = {"reason": "court order"}
+    first = api.client.post(f"/v1/experts/{expert}/disable", json=body, headers=headers)
+    again = api.client.post(f"/v1/experts/{expert}/disable", json=body, headers=headers)
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json()
+    other = api.client.post(
+        f"/v1/experts/{expert}/disable", json={"reason": "other"}, headers=headers
+    )
+    assert other.status_code == 409
+    assert other.json()["code"] == "idempotency_key_reused"
+    with api.app.state.runtime.sessions() as session:
+        assert len(list(session.scalars(select(ModerationAction)))) == 1
