@@ -269,6 +269,45 @@ def _moderate(action: str) -> Callable[..., None]:
     return command
 
 
+def _base_upload(
+    *,
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, file_okay=False, help="Base bundle directory (agora base init/train)."
+        ),
+    ],
+    name: Annotated[str | None, typer.Option("--name", help="A display name.")] = None,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Upload a base bundle (config.json, tokenizer.json, model.safetensors; admin).
+
+    Prints the revision as the last line: identical files always give the same revision.
+    """
+    files = [bundle / "config.json", bundle / "tokenizer.json", bundle / "model.safetensors"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        _err.print(f"[bold red]error[/] [bundle_incomplete] {bundle} lacks {', '.join(missing)}")
+        raise typer.Exit(1)
+    with _client(registry, token) as agora, _progress_bar(f"upload {bundle.name}") as bar:
+        base = agora.upload_base_model(*files, name=name, progress=bar)
+    typer.echo(base.revision)
+
+
+def _base_download(
+    *,
+    revision: Annotated[str, typer.Argument(help="Base revision (sha256 hex).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the bundle into.")],
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Download a base bundle (sha256-verified, cached) into a directory."""
+    with _client(registry, token) as agora, _progress_bar(f"download {revision[:12]}") as bar:
+        target = agora.download_base_model(revision, out, progress=bar)
+    typer.echo(str(target))
+
+
 def _shorten(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -288,3 +327,5 @@ def register(root: typer.Typer, groups: dict[str, typer.Typer]) -> None:
     for name, command in commands.items():
         expert.command(name)(command)
     root.command("search")(_search)
+    groups["base"].command("upload")(_base_upload)
+    groups["base"].command("download")(_base_download)
