@@ -80,7 +80,12 @@ def save_base(out_dir: str | os.PathLike[str], model: ModularLM, tokenizer: Any)
         tensors = {k: v.to("cpu") for k, v in model.consolidated_state_dict().items()}
         save_file(tensors, str(stage / "model.safetensors"), metadata={"format": "pt"})
         out.mkdir(parents=True, exist_ok=True)
+        # safetensors writes its file 0600; a bundle is meant to be shared, so every file
+        # gets what a plain open() would give (0666 minus the umask).
+        umask = os.umask(0)
+        os.umask(umask)
         for name in BUNDLE_FILES:
+            os.chmod(stage / name, 0o666 & ~umask)
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -97,3 +97,21 @@ def test_mismatched_bundles_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tokenizer"):
         save_base(tmp_path / "other", too_small, tok)
     assert not (tmp_path / "other" / "config.json").exists()
+
+
+def test_written_files_get_the_umask_permissions_not_0600(tmp_path: Path) -> None:
+    """Bundles and experts are shared artifacts: readable by whoever a plain file would be."""
+    import os
+
+    from modelcore.experts import extract_expert, save_expert
+
+    old = os.umask(0o022)
+    try:
+        model, tok = _model(), small_tokenizer()
+        revision = save_base(tmp_path / "base", model, tok)
+        new = add_modules(model)
+        save_expert(tmp_path / "e.safetensors", extract_expert(model, new), base_revision=revision)
+    finally:
+        os.umask(old)
+    for path in [*sorted((tmp_path / "base").iterdir()), tmp_path / "e.safetensors"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
