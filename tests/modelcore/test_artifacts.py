@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from modelcore.artifacts import compute_revision, load_base, save_base
 from modelcore.config import ModelConfig
-from modelcore.experts import add_modules, expert_schema
+from modelcore.experts import add_modules, expert_schema, extract_expert, save_expert
 from modelcore.model import ModularLM
 
 
@@ -101,10 +102,6 @@ def test_mismatched_bundles_are_refused(tmp_path: Path) -> None:
 
 def test_written_files_get_the_umask_permissions_not_0600(tmp_path: Path) -> None:
     """Bundles and experts are shared artifacts: readable by whoever a plain file would be."""
-    import os
-
-    from modelcore.experts import extract_expert, save_expert
-
     old = os.umask(0o022)
     try:
         model, tok = _model(), small_tokenizer()
