@@ -73,6 +73,9 @@ def _eval(
     prior_windows: Annotated[
         int, typer.Option("--prior-windows", min=1, help="ensemble: windows for the prior.")
     ] = 8,
+    with_base: Annotated[
+        bool, typer.Option("--with-base", help="ensemble: the base alone is one more path.")
+    ] = False,
     domains: Annotated[
         list[str] | None, typer.Option("--domain", help="Only these domains (repeatable).")
     ] = None,
@@ -92,7 +95,9 @@ def _eval(
     loaded = _experts(expert_paths, bundle, at_least=0)
     if weights is not None and method == "mixture":
         raise typer.BadParameter("weights apply to ensemble and average", param_hint="--weights")
-    if weights is not None and len(weights) != len(loaded):
+    if with_base and method != "ensemble":
+        raise typer.BadParameter("only with --method ensemble", param_hint="--with-base")
+    if weights is not None and len(weights) != len(loaded) + int(with_base):
         raise typer.BadParameter(f"{len(weights)} weights for {len(loaded)} experts", "--weights")
     corpus = _corpus(max_bytes_per_domain)
     try:
@@ -109,6 +114,7 @@ def _eval(
             weights=weights,
             merge=merge,
             prior_windows=prior_windows,
+            include_base=with_base,
             batch_size=batch_size,
         )
     except ValueError as exc:

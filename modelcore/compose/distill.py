@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modelcore import experts as expert_ops
+from modelcore import losses
 from modelcore.compose.ensemble import ExpertEnsemble, posterior_log_weights
 from modelcore.config import ModelConfig
 from modelcore.experts import _atomic_write
@@ -56,6 +57,10 @@ class DistillSettings:
     clip: float = 1.0
     weight_decay: float = 0.0
     checkpoint_every: int = 50
+    # Weight of the next-token NLL on the text itself next to the KL (Hinton et al. 2015
+    # mix soft and hard targets); 0 = pure distillation.
+    hard_weight: float = 0.0
+    routing_reg: float = 0.0  # expert student: weight of ||new router rows|| (as insertion)
 
 
 @dataclass
@@ -234,12 +239,19 @@ def distill(
         batch = next(batches).to(device)
         target = teacher_log_probs(teacher, batch, log_prior)
         logits = student(batch[:, :-1], aux="none").logits
-        loss = _kl(target, logits)
+        kl = _kl(target, logits)
+        loss = kl
+        if settings.hard_weight:
+            hard = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+            loss = (1 - settings.hard_weight) * kl + settings.hard_weight * hard
+        if settings.routing_reg and module_idx is not None:
+            rows = expert_ops.router_rows(student, module_idx)
+            loss = loss + settings.routing_reg * losses.routing_reg(rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
         optimizer.step()
-        result.kl.append(float(loss.detach()))
+        result.kl.append(float(kl.detach()))
         with torch.no_grad():
             result.lm.append(
                 float(

@@ -56,13 +56,23 @@ class ExpertEnsemble(nn.Module):
     here, so build the ensemble after the base and experts are final.
     """
 
-    def __init__(self, model: nn.Module, experts: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        experts: Sequence[Mapping[str, torch.Tensor]],
+        *,
+        include_base: bool = False,
+    ) -> None:
         super().__init__()
         if not experts:
             raise ValueError("an ensemble needs at least one expert")
         self.model = model
         config = model.config
-        self.n_paths = len(experts)
+        self.n_experts = len(experts)
+        # include_base: one more path, last, that is the base alone (no module added), so
+        # text the experts do not cover can fall back on the base instead of on the
+        # least bad expert.
+        self.n_paths = len(experts) + int(include_base)
         device = next(model.parameters()).device
         self.w_in: list[torch.Tensor] = []
         self.w_out: list[torch.Tensor] = []
@@ -80,7 +90,7 @@ class ExpertEnsemble(nn.Module):
             w_in_EDF, w_out_EFD = (w.detach() for w in ffn.weights())
             rows_ER = ffn.router.expert_rows().detach()
             E = w_in_EDF.shape[0]
-            allowed_PE2 = torch.zeros(self.n_paths, E + self.n_paths, dtype=torch.bool)
+            allowed_PE2 = torch.zeros(self.n_paths, E + self.n_experts, dtype=torch.bool)
             allowed_PE2[:, :E] = ffn.active_E.cpu()
             new_in, new_out, new_rows = [], [], []
             for j, tensors in enumerate(experts):

@@ -9,7 +9,8 @@ single expert's in one table:
 * ``mixture``: all experts inserted at once, token-level top-k routing;
 * ``ensemble``: DEMix output ensembling, posterior weights with a cached prior estimated
   on the first ``prior_windows`` windows of the text being scored (DEMix estimates it on
-  a few development sequences of the target domain), or fixed ``weights``;
+  a few development sequences of the target domain), or fixed ``weights``; optionally
+  with the base alone as one more path (``include_base``);
 * ``average``: the experts merged into one (``merge``: uniform, weighted by ``weights``,
   or TIES) and inserted.
 """
@@ -114,30 +115,34 @@ def posterior_by_position(
     texts: Sequence[str],
     *,
     log_prior: torch.Tensor | None = None,
+    reduce: str = "mean",
     seq_len: int | None = None,
     batch_size: int = 16,
 ) -> torch.Tensor:
-    """Mean posterior ``P(j | x_<t)`` at each position t of a window, over all full
-    windows of ``texts``: (P, T). With no prior given, the prior is uniform, so this
-    shows how fast the posterior alone finds the text's expert."""
+    """Posterior ``P(j | x_<t)`` at each position t of a window, over all full windows of
+    ``texts``: their ``mean`` or ``median`` (P, T), or every window (``none``: (P, W, T)).
+    With no prior given, the prior is uniform, so this shows how fast the posterior alone
+    finds the text's expert."""
+    if reduce not in ("mean", "median", "none"):
+        raise ValueError("reduce must be mean, median or none")
     model = ensemble.model
     window = _window(model, seq_len)
     device = next(model.parameters()).device
     P = ensemble.n_paths
     prior = torch.full((P,), -math.log(P)) if log_prior is None else log_prior
-    total = torch.zeros(P, window, dtype=torch.float64)
-    count = 0
+    traces: list[torch.Tensor] = []
     for batch in eval_batches(tokenizer, list(texts), seq_len=window, batch_size=batch_size):
         full = batch.mask.all(-1)  # windows without padding (every position is real text)
         if not bool(full.any()):
             continue
         ll_PBT = ensemble.log_likelihoods(batch.tokens[full].to(device))
-        w_PBT = posterior_log_weights(ll_PBT, prior.to(device)).double().exp()
-        total += w_PBT.sum(1).cpu()
-        count += int(full.sum())
-    if count == 0:
+        traces.append(posterior_log_weights(ll_PBT, prior.to(device)).double().exp().cpu())
+    if not traces:
         raise ValueError("no full window of text to measure the posterior on")
-    return total / count
+    all_PWT = torch.cat(traces, dim=1)
+    if reduce == "none":
+        return all_PWT
+    return all_PWT.mean(1) if reduce == "mean" else all_PWT.median(1).values
 
 
 def evaluate_composition(
@@ -151,16 +156,20 @@ def evaluate_composition(
     merge: str = "uniform",
     merge_params: Mapping[str, Any] | None = None,
     prior_windows: int = 8,
+    include_base: bool = False,
     seq_len: int | None = None,
     batch_size: int = 16,
 ) -> dict[str, dict[str, Any]]:
-    """Bits per byte per domain of ``model`` composed with ``experts`` by ``method``."""
+    """Bits per byte per domain of ``model`` composed with ``experts`` by ``method``.
+
+    ``include_base`` (ensemble only): the base alone is one more path (weights: one
+    more, last)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not experts:
         return evaluate(model, tokenizer, texts_by_domain, seq_len=seq_len, batch_size=batch_size)
     if method == "ensemble":
-        ens = ExpertEnsemble(model, experts)
+        ens = ExpertEnsemble(model, experts, include_base=include_base)
         return evaluate_ensemble(
             ens,
             tokenizer,

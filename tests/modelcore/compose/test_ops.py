@@ -57,6 +57,11 @@ def test_each_ensemble_path_is_the_base_with_that_expert_inserted():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # the paths really differ (the test would pass vacuously otherwise)
         assert (model.lm_head(h[0]) - model.lm_head(h[1])).abs().max() > 1e-3
+        with_base = ExpertEnsemble(model, experts[:2], include_base=True)
+        h = with_base.hidden(ids)
+        assert h.shape[0] == 3
+        want = model(ids, aux="none").logits
+        torch.testing.assert_close(model.lm_head(h[2]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_mixture_removal_restores_the_base_bit_for_bit():
