@@ -42,8 +42,13 @@ def run_seed(setup: cx.ComposeSetup, prep: ex.Prepared, seed: int) -> dict:
     ens = ExpertEnsemble(base, list(experts.values()))
     posterior = {}
     for j, d in enumerate(experts):
-        trace = posterior_by_position(ens, prep.tokenizer, prep.heldout[d], seq_len=128)
-        posterior[d] = {t: round(float(trace[j, t]), 3) for t in (0, 8, 16, 32, 64, 127)}
+        for how in ("mean", "median"):
+            trace = posterior_by_position(
+                ens, prep.tokenizer, prep.heldout[d], seq_len=128, reduce=how
+            )
+            posterior[f"{d} ({how})"] = {
+                t: round(float(trace[j, t]), 3) for t in (0, 8, 16, 32, 64, 127)
+            }
     domain = "licenses"
 
     def make():
