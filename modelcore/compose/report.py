@@ -34,11 +34,12 @@ def run_seed(setup: cx.ComposeSetup, prep: ex.Prepared, seed: int) -> dict:
             base, prep.tokenizer, texts, list(experts.values()), method, **kw
         )
         rows[method] = cx.bpb(res)
-    rows["ensemble without licenses"] = cx.bpb(
-        evaluate_composition(
-            base, prep.tokenizer, texts, [experts["python_docs"]], "ensemble", **kw
+    both, rest = list(experts.values()), [experts["python_docs"]]
+    for name, chosen in (("ensemble + base", both), ("ensemble + base - licenses", rest)):
+        res = evaluate_composition(
+            base, prep.tokenizer, texts, chosen, "ensemble", include_base=True, **kw
         )
-    )
+        rows[name] = cx.bpb(res)
     ens = ExpertEnsemble(base, list(experts.values()))
     posterior = {}
     for j, d in enumerate(experts):
