@@ -130,10 +130,19 @@ def bench_average(workdir: Path) -> None:
                 acc = acc + s[name]
             out[name] = acc / len(states)
 
-    out = workdir / "merged.safetensors"
-    t_uniform = best_of(lambda: merge_files(paths, out, "uniform"), cpu)
-    t_weighted = best_of(lambda: merge_files(paths, out, "weighted", weights=range(1, 9)), cpu)
-    t_ties = best_of(lambda: merge_files(paths, out, "ties"), cpu, reps=1)
+    def merged(method: str, **kw: Any) -> Callable[[], None]:
+        # A fresh output path each time: replacing an existing 64 MiB file makes the
+        # rename unlink it (50 ms here), which is not the merge's cost.
+        def run() -> None:
+            out = workdir / "merged.safetensors"
+            out.unlink(missing_ok=True)
+            merge_files(paths, out, method, **kw)
+
+        return run
+
+    t_uniform = best_of(merged("uniform"), cpu)
+    t_weighted = best_of(merged("weighted", weights=range(1, 9)), cpu)
+    t_ties = best_of(merged("ties"), cpu, reps=1)
     t_naive = best_of(naive, cpu, reps=1)
     print(f"\n## average: 8 experts x {n_params / 1e6:.1f}M params ({in_bytes / 2**20:.0f} MiB)")
     widths = [26, 10, 10, 14]
