@@ -5,17 +5,15 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from registry.api.common import IdempotentRequest, json_response, record_outcome
+from registry.api.common import IdempotentRequest, store_upload
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.downloads import blob_response
 from registry.api.schemas import BaseModelListOut, BaseModelOut
 from registry.api.uploads import ParsedForm, parse_multipart
-from registry.errors import AgoraError
 from registry.runtime import Runtime
 from registry.services import base_models as svc
 from registry.services.blobs import get_blob
@@ -133,23 +131,15 @@ async def create_base_model(
         field_limit=s.max_form_field_bytes,
         required_files=set(svc.BASE_FILES),
     )
-    size = sum(f.size for f in form.files.values())
-    try:
-        idem = IdempotentRequest(
-            principal=principal,
-            key=idempotency_key,
-            method="POST",
-            path=request.url.path,
-            fingerprint=form.fingerprint(),
-        )
-        response = await run_in_threadpool(_store, runtime, principal, form, idem)
-    except AgoraError:
-        record_outcome(runtime, kind="base_model", accepted=False, size=size)
-        raise
-    finally:
-        form.discard()
-    record_outcome(runtime, kind="base_model", accepted=True, size=size)
-    return json_response(response)
+    return await store_upload(
+        request=request,
+        runtime=runtime,
+        principal=principal,
+        form=form,
+        idempotency_key=idempotency_key,
+        kind="base_model",
+        store=_store,
+    )
 
 
 @router.get("", summary="List base model revisions", response_model=BaseModelListOut)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from registry.api.uploads import ParsedForm
+from registry.errors import AgoraError
 from registry.runtime import Runtime
 from registry.services import idempotency
 from registry.services.idempotency import StoredResponse
@@ -82,3 +86,38 @@ def record_outcome(runtime: Runtime, *, kind: str, accepted: bool, size: int) ->
     runtime.metrics.record_upload(
         kind=kind, outcome="accepted" if accepted else "rejected", size=size
     )
+
+
+StoreUpload = Callable[[Runtime, Principal, ParsedForm, "IdempotentRequest"], StoredResponse]
+
+
+async def store_upload(
+    *,
+    request: Request,
+    runtime: Runtime,
+    principal: Principal,
+    form: ParsedForm,
+    idempotency_key: str | None,
+    kind: str,
+    store: StoreUpload,
+) -> JSONResponse:
+    """The tail every upload route shares: bind the Idempotency-Key to the staged content,
+    run ``store`` (validate, commit blobs, commit rows) off the event loop, count the
+    outcome, and always discard the staging files, whatever happened."""
+    size = sum(f.size for f in form.files.values())
+    try:
+        idem = IdempotentRequest(
+            principal=principal,
+            key=idempotency_key,
+            method="POST",
+            path=request.url.path,
+            fingerprint=form.fingerprint(),
+        )
+        response = await run_in_threadpool(store, runtime, principal, form, idem)
+    except AgoraError:
+        record_outcome(runtime, kind=kind, accepted=False, size=size)
+        raise
+    finally:
+        form.discard()
+    record_outcome(runtime, kind=kind, accepted=True, size=size)
+    return json_response(response)

@@ -5,17 +5,16 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
-from registry.api.common import IdempotentRequest, json_response, record_outcome
+from registry.api.common import IdempotentRequest, store_upload
 from registry.api.deps import OptionalPrincipal, RuntimeDep, SessionDep, require_roles
 from registry.api.downloads import blob_response
 from registry.api.schemas import ExpertDetailOut, ExpertPageOut, SubmittedOut, VersionListOut
 from registry.api.uploads import ParsedForm, parse_multipart
 from registry.db.models import Expert
-from registry.errors import AgoraError, Forbidden, Unauthenticated, UnavailableForLegalReasons
+from registry.errors import Forbidden, Unauthenticated, UnavailableForLegalReasons
 from registry.runtime import Runtime
 from registry.services import experts as svc
 from registry.services.blobs import get_blob
@@ -142,23 +141,15 @@ async def submit_expert(
         required_files={"weights", "datasheet"},
         required_fields={"base_revision"},
     )
-    size = sum(f.size for f in form.files.values())
-    try:
-        idem = IdempotentRequest(
-            principal=principal,
-            key=idempotency_key,
-            method="POST",
-            path=request.url.path,
-            fingerprint=form.fingerprint(),
-        )
-        response = await run_in_threadpool(_submit, runtime, principal, form, idem)
-    except AgoraError:
-        record_outcome(runtime, kind="expert", accepted=False, size=size)
-        raise
-    finally:
-        form.discard()
-    record_outcome(runtime, kind="expert", accepted=True, size=size)
-    return json_response(response)
+    return await store_upload(
+        request=request,
+        runtime=runtime,
+        principal=principal,
+        form=form,
+        idempotency_key=idempotency_key,
+        kind="expert",
+        store=_submit,
+    )
 
 
 @router.get(
