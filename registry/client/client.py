@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self, TypeVar
@@ -48,6 +50,8 @@ from registry.client.models import (
     BaseModelRevision,
     Expert,
     ExpertPage,
+    Job,
+    LeasedJob,
     ModerationAction,
     SearchResult,
     SearchResults,
@@ -435,6 +439,110 @@ class Agora:
             )
             place(path, target / filename)
         return target
+
+    # -- jobs: the worker's side ----------------------------------------------------------
+
+    def lease_job(
+        self,
+        worker: str,
+        kinds: Sequence[str] | None = None,
+        lease_seconds: float = 60,
+    ) -> LeasedJob | None:
+        """Lease the next runnable job (role worker or admin), or None when there is none.
+
+        ``kinds`` limits which job kinds this worker takes (None: any). The lease lasts
+        ``lease_seconds`` (the registry clamps it to [2, 3600]) and is extended by
+        ``heartbeat_job``; every later call about the job must carry the returned
+        ``fencing_token``.
+        """
+        body = {
+            "worker": worker,
+            "kinds": list(kinds) if kinds is not None else None,
+            "lease_seconds": lease_seconds,
+        }
+        response = self._request("POST", "/v1/jobs/lease", json=body)
+        if response.status_code == 204:
+            return None
+        data = _json(response)
+        job = Job.model_validate(data.get("job") if isinstance(data, dict) else None)
+        if job.fencing_token is None:
+            raise AgoraError(
+                f"the registry leased job {job.id} without a fencing token", code="bad_response"
+            )
+        return LeasedJob(job=job, fencing_token=job.fencing_token)
+
+    def heartbeat_job(
+        self, job_id: str, fencing_token: int, progress: Mapping[str, Any] | None = None
+    ) -> datetime:
+        """Extend the lease (and report ``progress``, e.g. ``{"done": 3, "total": 10}``).
+
+        Returns the new lease expiry. Raises ``LeaseLost`` when the lease is gone: the
+        worker must stop working on the job and must not complete it.
+        """
+        body = {
+            "fencing_token": fencing_token,
+            "progress": dict(progress) if progress is not None else None,
+        }
+        response = self._request("POST", f"/v1/jobs/{_seg(job_id)}/heartbeat", json=body)
+        data = _json(response)
+        expires = data.get("lease_expires_at") if isinstance(data, dict) else None
+        if not isinstance(expires, str):
+            raise AgoraError(
+                "the heartbeat answer has no lease_expires_at",
+                status=response.status_code,
+                code="bad_response",
+            )
+        return datetime.fromisoformat(expires)
+
+    def complete_job(
+        self,
+        job_id: str,
+        fencing_token: int,
+        result: Mapping[str, Any],
+        weights: str | os.PathLike[str] | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> Job:
+        """Report success with ``result``; ``weights`` (an agora.expert/1 safetensors file,
+        streamed from disk) is the new expert of an ``average`` or ``distill`` job.
+
+        Repeating the same completion is harmless (the registry answers with the same job);
+        ``LeaseLost`` when this worker no longer holds the lease, ``ValidationFailed`` (422)
+        when the output is invalid (then report it with ``fail_job(..., retryable=False)``).
+        """
+        path = f"/v1/jobs/{_seg(job_id)}/complete"
+        if weights is None:
+            body = {"fencing_token": fencing_token, "result": dict(result)}
+            return _parse(Job, self._request("POST", path, json=body))
+        file = Path(weights)
+        data = {
+            "fencing_token": str(fencing_token),
+            "result": json.dumps(dict(result), allow_nan=False),
+        }
+        with file.open("rb") as raw:
+            reader = _ProgressReader(raw, os.fstat(raw.fileno()).st_size, progress)
+            files = {"weights": (file.name, reader, "application/octet-stream")}
+            response = self._request("POST", path, data=data, files=files, rewind=[raw])
+        return _parse(Job, response)
+
+    def fail_job(
+        self,
+        job_id: str,
+        fencing_token: int,
+        error: str,
+        retryable: bool = True,
+        release: bool = False,
+    ) -> Job:
+        """Report a failure. ``retryable``: queued again after a backoff (``dead`` once the
+        attempts are spent); not retryable: ``failed`` for good. ``release=True`` hands the
+        job back at once without counting the attempt (a worker shutting down)."""
+        body = {
+            "fencing_token": fencing_token,
+            "error": error,
+            "retryable": retryable,
+            "release": release,
+        }
+        return _parse(Job, self._request("POST", f"/v1/jobs/{_seg(job_id)}/fail", json=body))
 
     # -- transfers -------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ with httpx and pydantic only. ::
     ├── Forbidden                   403
     ├── NotFound                    404
     ├── Conflict                    409
+    │   └── LeaseLost               409 lease_lost (a worker's lease on a job is gone)
     ├── PayloadTooLarge             413
     ├── UnsupportedMediaType        415
     ├── RangeNotSatisfiable         416 (.size: the blob's length, from Content-Range)
@@ -19,7 +20,8 @@ with httpx and pydantic only. ::
     ├── ServerError                 5xx
     │   └── ServiceUnavailable      503
     ├── TransportError              no response at all (connection refused, reset, timeout)
-    └── DigestMismatch              the bytes received do not hash to the advertised digest
+    ├── DigestMismatch              the bytes received do not hash to the advertised digest
+    └── JobFailed                   a job ended failed or dead (.job; .code job_failed/job_dead)
 
 Clients switch on ``code`` (stable, snake_case, set by the server) rather than on messages.
 """
@@ -97,6 +99,13 @@ class Conflict(AgoraError):
     default_code = "conflict"
 
 
+class LeaseLost(Conflict):
+    """The job is no longer leased with this fencing token (it expired and another worker
+    took it, or it ended): stop working on it and never complete it."""
+
+    default_code = "lease_lost"
+
+
 class PayloadTooLarge(AgoraError):
     default_status = 413
     default_code = "payload_too_large"
@@ -168,6 +177,35 @@ class DigestMismatch(AgoraError):
     default_code = "digest_mismatch"
 
 
+class JobFailed(AgoraError):
+    """A job ended ``failed`` (a permanent error) or ``dead`` (attempts exhausted).
+
+    ``detail`` is the job's error text; ``job`` is the job as last seen (``Job``, or None).
+    """
+
+    default_code = "job_failed"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        problem: dict[str, Any] | None = None,
+        job: Any = None,
+    ) -> None:
+        super().__init__(detail, status=status, code=code, problem=problem)
+        self.job = job
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+# Codes that have a class of their own, more specific than their status's.
+_BY_CODE: dict[tuple[int, str], type[AgoraError]] = {
+    (409, "lease_lost"): LeaseLost,
+}
+
 _BY_STATUS: dict[int, type[AgoraError]] = {
     400: BadRequest,
     401: Unauthenticated,
@@ -222,7 +260,7 @@ def error_from_response(response: httpx.Response) -> AgoraError:
         detail = text[:200] or response.reason_phrase or f"HTTP {status}"
     code = problem.get("code") if isinstance(problem.get("code"), str) else None
 
-    cls = _BY_STATUS.get(status)
+    cls = _BY_CODE.get((status, code or "")) or _BY_STATUS.get(status)
     if cls is None:
         cls = ServerError if status >= 500 else BadRequest
     if cls is RateLimited:

@@ -7,6 +7,7 @@ working against a newer server that adds fields.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -109,3 +110,132 @@ class ModerationAction(_Model):
     reason: str
     actor: str
     at: datetime | None = None
+
+
+# -- jobs, compositions, evaluations ----------------------------------------------------------
+
+JobStatus = Literal["queued", "leased", "succeeded", "failed", "dead"]
+FINAL_JOB_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "dead"})
+
+
+class Job(_Model):
+    """A unit of work computed by a worker: a composition (``compose.*``) or an evaluation.
+
+    ``failed`` means a worker reported a permanent error, ``dead`` that the attempts ran
+    out; both are final, like ``succeeded``. ``fencing_token`` is only shown to workers.
+    """
+
+    id: str
+    kind: str
+    status: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    attempts: int = 0
+    max_attempts: int | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    fencing_token: int | None = None
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    composition_id: str | None = None
+    created_by: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the job has ended (succeeded, failed or dead)."""
+        return self.status in FINAL_JOB_STATUSES
+
+
+class LeasedJob(_Model):
+    """A job leased by a worker, with the fencing token every later call must carry."""
+
+    job: Job
+    fencing_token: int
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def kind(self) -> str:
+        return self.job.kind
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self.job.payload
+
+
+class ExpertRef(_Model):
+    """One exact expert version: ``weight`` is its share in a composition (None: none)."""
+
+    id: str
+    version: int
+    digest: str
+    size: int | None = None
+    weight: float | None = None
+
+
+class Manifest(_Model):
+    """What a composition is (``format`` agora.composition/1): base, experts, weights."""
+
+    format: str
+    id: str
+    method: str
+    base_revision: str
+    experts: list[ExpertRef]
+    params: dict[str, Any] = Field(default_factory=dict)
+    output: ExpertRef | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class Composition(_Model):
+    """A requested composition; ``manifest`` is set once it is ``ready``.
+
+    ``expert_id`` names the new expert an ``average`` or ``distill`` composition produced.
+    """
+
+    id: str
+    method: str
+    base_revision: str
+    status: str
+    job_id: str | None = None
+    manifest: Manifest | None = None
+    expert_id: str | None = None
+    created_by: str | None = None
+    created_at: datetime | None = None
+
+
+class JobAccepted(_Model):
+    """The 202 answer to a composition or evaluation request."""
+
+    job_id: str
+    status: str
+    composition_id: str | None = None
+
+
+class EvaluationScore(_Model):
+    """Bits per byte of one text set, with the base model's on the same text."""
+
+    bits_per_byte: float
+    base_bits_per_byte: float | None = None
+    tokens: int | None = None
+    bytes: int | None = None
+
+
+class Evaluation(_Model):
+    """A stored evaluation of an expert version or a composition on one named text set."""
+
+    id: str | int
+    text_set: str
+    bits_per_byte: float
+    base_bits_per_byte: float | None = None
+    tokens: int | None = None
+    bytes: int | None = None
+    job_id: str | None = None
+    expert_id: str | None = None
+    version: int | None = None
+    composition_id: str | None = None
+    created_at: datetime | None = None
