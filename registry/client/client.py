@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -37,8 +37,11 @@ from registry.client.cache import (
     place,
     sha256_file,
 )
+from registry.client.composed import LocalComposition, build_composed_model, expert_filename
 from registry.client.errors import (
     AgoraError,
+    BadRequest,
+    Conflict,
     DigestMismatch,
     NotFound,
     TransportError,
@@ -46,17 +49,24 @@ from registry.client.errors import (
     error_from_response,
     parse_retry_after,
 )
+from registry.client.jobs import CompositionHandle, EvaluationHandle, JobHandle
 from registry.client.models import (
     BaseModelRevision,
+    Composition,
+    Evaluation,
     Expert,
     ExpertPage,
     Job,
+    JobAccepted,
     LeasedJob,
     ModerationAction,
     SearchResult,
     SearchResults,
     SubmittedExpert,
 )
+
+if TYPE_CHECKING:
+    from registry.client.composed import ComposedModel
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TEMPERATURE = 0.1
@@ -148,6 +158,7 @@ class Agora:
         )
         # Indirection so tests can observe the delays without waiting them out.
         self._sleep: Callable[[float], None] = time.sleep
+        self._clock: Callable[[], float] = time.monotonic
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -439,6 +450,206 @@ class Agora:
             )
             place(path, target / filename)
         return target
+
+    # -- compositions and evaluations -----------------------------------------------------
+
+    def compose(
+        self,
+        method: str,
+        *,
+        base_revision: str | None = None,
+        experts: Sequence[str] | None = None,
+        texts: str | Sequence[str] | None = None,
+        k: int = 4,
+        weights: Sequence[float] | None = None,
+        params: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> CompositionHandle:
+        """Request a composition (``mixture``, ``ensemble``, ``average`` or ``distill``).
+
+        ``experts`` are ids (latest version) or ``"exp_...@3"``; with ``texts`` and no
+        experts, the registry picks the top ``k`` by retrieval and their c-BTM weights.
+        ``base_revision`` defaults to the registry's only base model. Returns at once with
+        a handle; ``handle.wait()`` blocks until a worker has computed it. The same
+        ``idempotency_key`` always gives the same job.
+        """
+        if experts is None and texts is None:
+            raise ValueError("compose needs experts, texts, or both")
+        body = {
+            "method": method,
+            "base_revision": base_revision or self._only_base_revision(),
+            "experts": list(experts) if experts is not None else None,
+            "texts": [texts] if isinstance(texts, str) else list(texts) if texts else None,
+            "k": k,
+            "weights": list(weights) if weights is not None else None,
+            "params": dict(params or {}),
+        }
+        response = self._request(
+            "POST", "/v1/compositions", json=body, idempotency_key=idempotency_key
+        )
+        accepted = _parse(JobAccepted, response)
+        if accepted.composition_id is None:
+            raise AgoraError(
+                "the registry accepted the composition without a composition_id",
+                status=response.status_code,
+                code="bad_response",
+            )
+        return CompositionHandle(self, accepted.job_id, accepted.composition_id)
+
+    def get_composition(self, composition_id: str) -> Composition:
+        """The composition: ``status`` pending, ready (``manifest`` set) or failed."""
+        return _parse(Composition, self._request("GET", f"/v1/compositions/{_seg(composition_id)}"))
+
+    def composition(self, composition_id: str) -> CompositionHandle:
+        """A handle on an existing composition, to ``wait()`` for it."""
+        composition = self.get_composition(composition_id)
+        if composition.job_id is None:
+            raise AgoraError(f"composition {composition_id} names no job", code="bad_response")
+        return CompositionHandle(self, composition.job_id, composition.id)
+
+    def get_job(self, job_id: str) -> Job:
+        """A job (its submitter, moderators, admins and workers may read it)."""
+        return _parse(Job, self._request("GET", f"/v1/jobs/{_seg(job_id)}"))
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle on any job by id, to ``wait()`` for it."""
+        return JobHandle(self, job_id)
+
+    def list_jobs(
+        self, *, status: str | None = None, kind: str | None = None, limit: int | None = None
+    ) -> list[Job]:
+        """Jobs by status and kind, e.g. ``status="dead"`` (moderators and admins)."""
+        params = {"status": status, "kind": kind, "limit": limit}
+        response = self._request(
+            "GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None}
+        )
+        return [Job.model_validate(item) for item in _items(response)]
+
+    def evaluate(
+        self,
+        text_sets: Mapping[str, str | Sequence[str]],
+        *,
+        expert_id: str | None = None,
+        version: int | None = None,
+        composition_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> EvaluationHandle:
+        """Request bits per byte of an expert (as base + expert) or of a composition on
+        named text sets, e.g. ``{"held_out": ["...", ...]}``. ``handle.wait()`` returns the
+        scores; they are also stored (``list_evaluations``)."""
+        if (expert_id is None) == (composition_id is None):
+            raise ValueError("evaluate needs exactly one of expert_id and composition_id")
+        body = {
+            "expert_id": expert_id,
+            "version": version,
+            "composition_id": composition_id,
+            "text_sets": {
+                name: [texts] if isinstance(texts, str) else list(texts)
+                for name, texts in text_sets.items()
+            },
+        }
+        response = self._request(
+            "POST", "/v1/evaluations", json=body, idempotency_key=idempotency_key
+        )
+        return EvaluationHandle(self, _parse(JobAccepted, response).job_id)
+
+    def list_evaluations(
+        self, *, expert_id: str | None = None, composition_id: str | None = None
+    ) -> list[Evaluation]:
+        """The stored evaluations of an expert (all versions) or of a composition."""
+        if (expert_id is None) == (composition_id is None):
+            raise ValueError("list_evaluations needs exactly one of expert_id and composition_id")
+        path = (
+            f"/v1/experts/{_seg(expert_id)}/evaluations"
+            if expert_id is not None
+            else f"/v1/compositions/{_seg(composition_id or '')}/evaluations"
+        )
+        return [Evaluation.model_validate(item) for item in _items(self._request("GET", path))]
+
+    def download_composition(
+        self,
+        composition: str | Composition,
+        dest_dir: str | os.PathLike[str] | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+    ) -> LocalComposition:
+        """Fetch everything a ready composition needs to run, sha256-verified and cached.
+
+        With ``dest_dir`` the files are also placed there for offline use:
+        ``manifest.json``, ``base/`` (the base bundle) and
+        ``experts/<id>-v<version>.safetensors`` (``load_composed_dir`` reads that layout).
+        Without it the base bundle goes under the cache and the experts stay in it.
+        Every expert file is checked against the digest the manifest names.
+        """
+        composition_id = composition if isinstance(composition, str) else composition.id
+        # Always asked again: the registry answers 451 if an expert was disabled since.
+        current = self.get_composition(composition_id)
+        if current.status != "ready" or current.manifest is None:
+            raise Conflict(
+                f"composition {composition_id} is {current.status}, not ready"
+                + (f" (job {current.job_id})" if current.job_id else ""),
+                code="composition_not_ready",
+            )
+        manifest = current.manifest
+        target = Path(dest_dir) if dest_dir is not None else None
+        base_dir = (
+            target / "base"
+            if target is not None
+            else self.cache.root / "bases" / parse_digest(manifest.base_revision)
+        )
+        self.download_base_model(manifest.base_revision, base_dir, progress=progress)
+        refs = list(manifest.experts) + ([manifest.output] if manifest.output else [])
+        files: dict[str, Path] = {}
+        for ref in refs:
+            hexdigest = parse_digest(ref.digest)
+            path = self.cache.lookup(hexdigest) or self._fetch_blob(
+                f"/v1/experts/{_seg(ref.id)}/weights",
+                params={"version": ref.version},
+                hexdigest=hexdigest,
+                size=ref.size,
+                progress=progress,
+            )
+            if target is not None:
+                path = place(path, target / "experts" / expert_filename(ref.id, ref.version))
+            files[ref.digest] = path
+        raw = manifest.model_dump(mode="json", exclude_unset=True)
+        if target is not None:
+            target.mkdir(parents=True, exist_ok=True)
+            tmp = target / ".manifest.json.agora-tmp"
+            tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, target / "manifest.json")
+        return LocalComposition(
+            composition=current, manifest=raw, base_dir=base_dir, expert_files=files
+        )
+
+    def load_composed(
+        self,
+        composition: str | Composition,
+        *,
+        device: str = "cpu",
+        progress: ProgressCallback | None = None,
+    ) -> ComposedModel:
+        """A ready composition as a local ``modelcore`` model that scores and generates.
+
+        Downloads the base bundle and every expert the manifest names (verified against
+        the manifest's digests, cached: a second call transfers nothing), then builds
+        ``ComposedModel.from_manifest``. Needs the model extra (``pip install
+        'agora[model]'``); ``ModelDependenciesMissing`` says so otherwise.
+        """
+        local = self.download_composition(composition, progress=progress)
+        return build_composed_model(
+            local.manifest, local.base_dir, local.expert_files, device=device
+        )
+
+    def _only_base_revision(self) -> str:
+        bases = self.list_base_models()
+        if len(bases) != 1:
+            raise BadRequest(
+                f"the registry has {len(bases)} base models: name one with base_revision "
+                f"({', '.join(b.revision[:12] for b in bases) or 'none yet'})",
+                code="base_revision_required",
+            )
+        return bases[0].revision
 
     # -- jobs: the worker's side ----------------------------------------------------------
 
@@ -774,6 +985,18 @@ def _json(response: httpx.Response) -> Any:
             status=response.status_code,
             code="bad_response",
         ) from exc
+
+
+def _items(response: httpx.Response) -> list[Any]:
+    body = _json(response)
+    items = body.get("items") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise AgoraError(
+            f"unexpected response to {response.request.method} {response.request.url.path}",
+            status=response.status_code,
+            code="bad_response",
+        )
+    return items
 
 
 def _parse(model: type[_M], response: httpx.Response) -> _M:
