@@ -1,5 +1,6 @@
-"""``agora expert submit|list|download|init``, ``agora search`` and ``agora expert
-disable|enable``: the SDK on the command line.
+"""``agora expert submit|list|download|init``, ``agora search``, ``agora expert
+disable|enable``, ``agora compose``, ``agora evaluate`` and ``agora job get|list``: the SDK
+on the command line.
 
 The registry URL and token come from ``--registry`` / ``--token`` or the environment
 (``AGORA_REGISTRY_URL``, ``AGORA_TOKEN``). Errors print as one line with their code and
@@ -9,6 +10,8 @@ exit non-zero, so scripts can switch on them.
 from __future__ import annotations
 
 import json
+import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,15 +23,22 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
 
 from registry.client.client import DEFAULT_TEMPERATURE, DEFAULT_URL, Agora, ProgressCallback
-from registry.client.errors import AgoraError
+from registry.client.errors import AgoraError, JobFailed
+from registry.client.jobs import JobCallback
+from registry.client.models import Composition, Job
+
+COMPOSE_METHODS = ("mixture", "ensemble", "average", "distill")
 
 RegistryOption = Annotated[
     str,
@@ -308,6 +318,291 @@ def _base_download(
     typer.echo(str(target))
 
 
+@contextmanager
+def _job_status(description: str) -> Iterator[JobCallback]:
+    """A live status line for a job: spinner, status, the worker's progress, elapsed time."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=_err,
+        transient=True,
+    )
+    task = progress.add_task(description, total=None)
+
+    def update(job: Job) -> None:
+        report = job.progress or {}
+        done, total = report.get("done"), report.get("total")
+        message = report.get("message")
+        attempt = f" (attempt {job.attempts})" if job.attempts > 1 else ""
+        text = f"{description}: {job.status}{attempt}" + (f" - {message}" if message else "")
+        progress.update(
+            task,
+            description=escape(text),
+            completed=done if isinstance(done, int | float) else 0,
+            total=total if isinstance(total, int | float) and total > 0 else None,
+        )
+
+    with progress:
+        yield update
+
+
+def read_passages(source: str) -> list[str]:
+    """The blank-line separated paragraphs of a text file, or of stdin for ``-``."""
+    if source == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise typer.BadParameter(f"{source} is not a file", param_hint="--texts")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    return [p.strip() for p in re.split(r"\n[ \t\r\f\v]*\n", text) if p.strip()]
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; a value that parses as JSON (50, 0.2, true) is taken as such,
+    anything else as a string (``merge=ties``)."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint="--param")
+        try:
+            params[key.strip()] = json.loads(value)
+        except ValueError:
+            params[key.strip()] = value
+    return params
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    return [part.strip() for value in values or () for part in value.split(",") if part.strip()]
+
+
+def _compose(
+    *,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            file_okay=False,
+            help="Directory that receives manifest.json, base/ and experts/ (usable offline).",
+        ),
+    ],
+    method: Annotated[
+        str, typer.Option("--method", help=f"One of {', '.join(COMPOSE_METHODS)}.")
+    ] = "ensemble",
+    texts: Annotated[
+        str | None,
+        typer.Option(
+            "--texts",
+            help="Text file of your domain, one passage per blank-line separated paragraph "
+            "('-' reads stdin). Without --experts the experts are the top k by retrieval.",
+        ),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=64, help="How many experts.")] = 4,
+    experts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--experts",
+            "--expert",
+            help="Expert id (or id@version); repeat or separate with commas.",
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Base revision (default: the registry's only base)."),
+    ] = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="Method parameter key=value (repeatable), e.g. steps=50."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Comma separated weights, one per expert."),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=0, help="Seconds to wait (default: no limit).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the composition as JSON instead.")
+    ] = False,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Compose experts into a model (computed by a worker), then download it into --out.
+
+    Prints the job and composition ids, the experts with their weights and the metrics.
+
+    Load the directory offline with registry.client.composed.load_composed_dir(DIR).
+    """
+    if method not in COMPOSE_METHODS:
+        raise typer.BadParameter(
+            f"{method!r} is not one of {', '.join(COMPOSE_METHODS)}", param_hint="--method"
+        )
+    passages = read_passages(texts) if texts is not None else None
+    if texts is not None and not passages:
+        raise typer.BadParameter(f"{texts} holds no text", param_hint="--texts")
+    expert_ids = _split_list(experts) or None
+    if passages is None and expert_ids is None:
+        raise typer.BadParameter("give --texts, --experts, or both")
+    try:
+        weight_values = [float(w) for w in _split_list([weights])] if weights else None
+    except ValueError:
+        raise typer.BadParameter(
+            f"{weights!r} is not a list of numbers", param_hint="--weights"
+        ) from None
+    method_params = parse_params(params or [])
+    with _client(registry, token) as agora:
+        handle = agora.compose(
+            method,
+            base_revision=base,
+            experts=expert_ids,
+            texts=passages,
+            k=k,
+            weights=weight_values,
+            params=method_params,
+        )
+        _err.print(
+            f"queued job {handle.job_id} for composition {handle.composition_id}",
+            markup=False,
+            highlight=False,
+        )
+        with _job_status(f"{method} {handle.composition_id}") as show:
+            composition = handle.wait(timeout=timeout, progress=show)
+        job = handle.job
+        with _progress_bar("download") as bar:
+            agora.download_composition(composition, out, progress=bar)
+    if as_json:
+        typer.echo(json.dumps(composition.model_dump(mode="json"), sort_keys=True))
+        return
+    _print_composition(composition, job, out)
+
+
+def _print_composition(composition: Composition, job: Job | None, out: Path) -> None:
+    manifest = composition.manifest
+    typer.echo(f"job          {composition.job_id}")
+    typer.echo(f"composition  {composition.id} ({composition.method}, {composition.status})")
+    typer.echo(f"base         {composition.base_revision}")
+    if job is not None and job.attempts > 1:
+        typer.echo(f"attempts     {job.attempts}")
+    if manifest is None:
+        return
+    table = Table(title="experts")
+    table.add_column("expert", no_wrap=True)
+    table.add_column("v", justify="right", no_wrap=True)
+    table.add_column("weight", justify="right", no_wrap=True)
+    table.add_column("digest", no_wrap=True)
+    for ref in manifest.experts:
+        weight = f"{ref.weight:.3f}" if ref.weight is not None else "-"
+        table.add_row(ref.id, str(ref.version), weight, ref.digest[:19])
+    Console(width=100).print(table)
+    if manifest.output is not None:
+        typer.echo(f"new expert   {manifest.output.id} v{manifest.output.version}")
+    for name, value in sorted((manifest.metrics or {}).items()):
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        typer.echo(f"{name:<20} {shown}")
+    typer.echo(f"written to   {out}")
+
+
+def _evaluate(
+    *,
+    text_sets: Annotated[
+        list[str],
+        typer.Argument(
+            help="NAME=FILE pairs: each file's blank-line separated paragraphs are one set."
+        ),
+    ],
+    expert_id: Annotated[
+        str | None, typer.Option("--expert", help="Evaluate this expert (base + it).")
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="Expert version (default: latest).")
+    ] = None,
+    composition_id: Annotated[
+        str | None, typer.Option("--composition", help="Evaluate this composition.")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=0, help="Seconds to wait (default: no limit).")
+    ] = None,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Bits per byte of an expert or a composition on named text sets (computed by a worker)."""
+    if (expert_id is None) == (composition_id is None):
+        raise typer.BadParameter("give exactly one of --expert and --composition")
+    sets: dict[str, list[str]] = {}
+    for pair in text_sets:
+        name, sep, source = pair.partition("=")
+        if not sep or not name:
+            raise typer.BadParameter(f"{pair!r} is not NAME=FILE", param_hint="TEXT_SETS")
+        sets[name] = read_passages(source)
+        if not sets[name]:
+            raise typer.BadParameter(f"{source} holds no text", param_hint="TEXT_SETS")
+    with _client(registry, token) as agora:
+        handle = agora.evaluate(
+            sets, expert_id=expert_id, version=version, composition_id=composition_id
+        )
+        with _job_status(f"evaluate {expert_id or composition_id}") as show:
+            scores = handle.wait(timeout=timeout, progress=show)
+    typer.echo(f"job {handle.job_id}")
+    table = Table()
+    table.add_column("text set")
+    table.add_column("bits/byte", justify="right", no_wrap=True)
+    table.add_column("base", justify="right", no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    for name, score in scores.items():
+        base_bpb = score.base_bits_per_byte
+        table.add_row(
+            name,
+            f"{score.bits_per_byte:.4f}",
+            f"{base_bpb:.4f}" if base_bpb is not None else "-",
+            str(score.bytes) if score.bytes is not None else "-",
+        )
+    Console(width=100).print(table)
+
+
+def _job_get(
+    *,
+    job_id: Annotated[str, typer.Argument(help="Job id (job_...).")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the job ends.")] = False,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """A job's status, progress, result or error, as JSON."""
+    with _client(registry, token) as agora:
+        handle = agora.job(job_id)
+        if wait:
+            with _job_status(job_id) as show:
+                try:
+                    job = handle.wait(progress=show)
+                except JobFailed as exc:
+                    job = exc.job if isinstance(exc.job, Job) else handle.refresh()
+        else:
+            job = handle.refresh()
+    typer.echo(json.dumps(job.model_dump(mode="json", exclude_unset=True), indent=2))
+    if job.status in ("failed", "dead"):
+        raise typer.Exit(1)
+
+
+def _job_list(
+    *,
+    status: Annotated[
+        str | None, typer.Option("--status", help="queued, leased, succeeded, failed, dead.")
+    ] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="e.g. compose.ensemble.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most this many.")] = None,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Jobs by status and kind, one JSON object per line (moderators and admins)."""
+    with _client(registry, token) as agora:
+        jobs = agora.list_jobs(status=status, kind=kind, limit=limit)
+    for job in jobs:
+        typer.echo(json.dumps(job.model_dump(mode="json", exclude_unset=True), sort_keys=True))
+
+
 def _shorten(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -329,3 +624,9 @@ def register(root: typer.Typer, groups: dict[str, typer.Typer]) -> None:
     root.command("search")(_search)
     groups["base"].command("upload")(_base_upload)
     groups["base"].command("download")(_base_download)
+    root.command("compose")(_compose)
+    root.command("evaluate")(_evaluate)
+    job = typer.Typer(name="job", help="Jobs computed by workers.", no_args_is_help=True)
+    job.command("get")(_job_get)
+    job.command("list")(_job_list)
+    root.add_typer(job, name="job")
