@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from registry.api import base_models, experts, health, moderation, search
+from registry.api import base_models, compositions, experts, health, jobs, moderation, search
 from registry.api.problems import install_problem_handlers
 from registry.db.engine import ensure_migrated, make_engine, make_sessionmaker, upgrade
 from registry.metrics import Metrics, MetricsMiddleware
@@ -26,9 +26,10 @@ log = logging.getLogger("registry")
 API_DESCRIPTION = """\
 Agora's registry: base model revisions, experts (weights + datasheet, strictly validated),
 content-addressed downloads with HTTP Range, search by sample text (FAISS over datasheet
-sample embeddings), moderation (disable / enable with a reason). Errors are RFC 9457
-problem+json with a stable machine-readable `code`. Writes need `Authorization: Bearer agora_...`
-(`agora admin create-token --role ROLE --name NAME`).
+sample embeddings), moderation (disable / enable with a reason), compositions and evaluations
+computed by workers that lease jobs over HTTP (lease, heartbeat, fenced complete / fail).
+Errors are RFC 9457 problem+json with a stable machine-readable `code`. Writes need
+`Authorization: Bearer agora_...` (`agora admin create-token --role ROLE --name NAME`).
 """
 
 
@@ -108,5 +109,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(base_models.router)
     app.include_router(search.router)
     app.include_router(moderation.router)
+    app.include_router(compositions.router)
     app.include_router(experts.router)
+    app.include_router(jobs.router)
     return app

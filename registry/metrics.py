@@ -67,6 +67,17 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.jobs = Counter(
+            "agora_job_events",
+            "Job lifecycle events, by kind and event (leased, succeeded, retried, failed, "
+            "dead, released).",
+            ["kind", "event"],
+            registry=self.registry,
+        )
+
+    def record_job(self, *, kind: str, event: str) -> None:
+        self.jobs.labels(kind=kind, event=event).inc()
+
     def record_upload(self, *, kind: str, outcome: str, size: int) -> None:
         self.uploads.labels(kind=kind, outcome=outcome).inc()
         self.upload_bytes.labels(kind=kind, outcome=outcome).inc(size)

@@ -84,6 +84,28 @@ class Settings(BaseSettings):
     # The same budget as a datasheet's samples: a query is at most as much text as an expert.
     search_max_text_bytes: int = 64 * KiB
 
+    job_lease_seconds: int = Field(
+        default=60, description="A lease a worker does not renew by heartbeat expires after this."
+    )
+    job_max_attempts: int = Field(
+        default=3, description="Leases a job gets; then it is `dead` (visible, not retried)."
+    )
+    job_backoff_base_seconds: float = Field(
+        default=2.0, description="A retried job waits base x 2^(attempt-1) seconds (jittered)."
+    )
+    job_backoff_max_seconds: float = 300.0
+    max_job_payload_bytes: int = Field(
+        default=1 * MiB, description="Texts and parameters a composition or evaluation carries."
+    )
+    max_job_result_bytes: int = 1 * MiB
+    embedded_worker: bool | None = Field(
+        default=None,
+        description=(
+            "`agora serve` runs one worker in-process. Default: on for SQLite (the embedded "
+            "default), off otherwise (workers run as `agora worker`)."
+        ),
+    )
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -103,6 +125,10 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def should_run_embedded_worker(self) -> bool:
+        return self.is_sqlite if self.embedded_worker is None else self.embedded_worker
 
     @property
     def should_auto_migrate(self) -> bool:

@@ -14,7 +14,9 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -208,3 +210,115 @@ class ModerationAction(Base):
     reason: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(100))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Job(Base):
+    """A unit of work leased by workers over HTTP (compositions, evaluations).
+
+    ``attempts`` counts leases; ``fencing_token`` is bumped by every lease, and only the
+    current token may heartbeat, complete or fail the job, so a worker that lost its
+    lease can change nothing. ``run_after`` holds a retry back until its backoff is over.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_run_after", "status", "run_after"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    fencing_token: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    run_after: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    composition_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    created_by: Mapped[str] = mapped_column(String(100), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class JobResult(Base):
+    """The one accepted outcome of a job: the primary key makes a second one impossible."""
+
+    __tablename__ = "job_results"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    output_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Composition(Base):
+    """A requested composition: its resolved inputs, then (once its job succeeded) the
+    manifest and, for average and distill, the expert it produced."""
+
+    __tablename__ = "compositions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    method: Mapped[str] = mapped_column(String(16))
+    base_revision: Mapped[str] = mapped_column(ForeignKey("base_models.revision"))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    job_id: Mapped[str] = mapped_column(String(32))
+    # The resolved inputs: expert refs (id, version, digest, size), weights, params.
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSON)
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    expert_id: Mapped[str | None] = mapped_column(ForeignKey("experts.id"), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(100), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class CompositionExpert(Base):
+    """Which expert versions a composition uses (moderation withdraws what names them)."""
+
+    __tablename__ = "composition_experts"
+
+    composition_id: Mapped[str] = mapped_column(ForeignKey("compositions.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+class ExpertParent(Base):
+    """Lineage: an expert version averaged or distilled from other expert versions."""
+
+    __tablename__ = "expert_parents"
+
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    parent_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), primary_key=True, index=True)
+    parent_version: Mapped[int] = mapped_column(Integer)
+    weight: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Evaluation(Base):
+    """Bits per byte of an expert (base + it) or a composition on one named text set."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    expert_id: Mapped[str | None] = mapped_column(
+        ForeignKey("experts.id"), nullable=True, index=True
+    )
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    composition_id: Mapped[str | None] = mapped_column(
+        ForeignKey("compositions.id"), nullable=True, index=True
+    )
+    text_set: Mapped[str] = mapped_column(String(200))
+    bits_per_byte: Mapped[float] = mapped_column(Float)
+    base_bits_per_byte: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,0 +1,264 @@
+"""Compositions and evaluations: requests that become jobs for the workers.
+
+``POST /v1/compositions`` resolves the experts (named, or found by retrieval from sample
+texts), checks them, and queues a ``compose.<method>`` job; the answer is 202 with the
+job and composition ids. ``POST /v1/evaluations`` queues an ``evaluate`` job. Results are
+applied when the worker completes the job (registry/api/jobs.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from registry.api.common import IdempotentRequest, json_response
+from registry.api.deps import RuntimeDep, SessionDep, require_roles
+from registry.errors import BadRequest, Conflict
+from registry.retrieval.service import DEFAULT_TEMPERATURE
+from registry.runtime import Runtime
+from registry.services import compositions as comp
+from registry.services import experts as expert_svc
+from registry.services import jobs as jobs_svc
+from registry.services.idempotency import StoredResponse
+from registry.services.tokens import Principal
+
+router = APIRouter(tags=["compositions"])
+
+Requester = Annotated[Principal, Depends(require_roles("contributor", "moderator", "admin"))]
+
+
+class CompositionIn(BaseModel):
+    method: str = Field(description="mixture | ensemble | average | distill")
+    base_revision: str
+    experts: list[str] | None = Field(
+        default=None, description="expert ids, optionally pinned: ex_...@VERSION"
+    )
+    texts: list[str] | None = Field(
+        default=None,
+        description=(
+            "sample texts of the target domain: without experts, retrieval picks the top k; "
+            "always the text an ensemble's prior and a distillation are fitted on"
+        ),
+    )
+    k: int = Field(default=4, description="experts retrieval picks when none are named")
+    weights: list[float] | None = Field(
+        default=None, description="one per expert (ensemble prior, weighted average)"
+    )
+    params: dict[str, Any] | None = Field(default=None, description="method parameters")
+    temperature: float = Field(
+        default=DEFAULT_TEMPERATURE, description="T of retrieval's weights softmax(-d^2/T)"
+    )
+
+
+class QueuedOut(BaseModel):
+    job_id: str
+    status: str
+    composition_id: str | None = None
+
+
+class EvaluationIn(BaseModel):
+    expert_id: str | None = None
+    version: int | None = None
+    composition_id: str | None = None
+    text_sets: dict[str, list[str]] = Field(description="name -> texts to score")
+
+
+def _fingerprint(body: BaseModel) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _max_attempts(runtime: Runtime) -> int:
+    return runtime.settings.job_max_attempts
+
+
+@router.post(
+    "/v1/compositions",
+    status_code=202,
+    summary="Request a composition; a worker computes it (202 with the job id)",
+    response_model=QueuedOut,
+)
+def create_composition(
+    body: CompositionIn,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: Requester,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    """Refusals: ``unknown_expert`` / ``unknown_expert_version`` / ``base_mismatch`` /
+    ``no_experts_found`` (422), ``expert_disabled`` (451), ``base_model_not_found`` (404),
+    ``invalid_method`` / ``invalid_params`` / ``invalid_k`` / ``invalid_weights`` /
+    ``too_few_experts`` / ``missing_experts`` (400), ``texts_too_large`` (413)."""
+    settings = runtime.settings
+    idem = IdempotentRequest(
+        principal=principal,
+        key=idempotency_key,
+        method="POST",
+        path=request.url.path,
+        fingerprint=_fingerprint(body),
+    )
+    with runtime.sessions() as session:
+        stored = idem.replay(session)
+        if stored is not None:
+            return json_response(stored)
+        retrieved = None
+        if body.experts is None and body.texts is not None:
+            if body.method not in comp.METHODS:
+                raise BadRequest(
+                    f"method must be one of {', '.join(comp.METHODS)}", code="invalid_method"
+                )
+            hits = runtime.retrieval.search(
+                texts=body.texts,
+                base_revision=body.base_revision,
+                k=body.k,
+                temperature=body.temperature,
+            )
+            retrieved = [(h.entry.id, h.entry.version, h.weight) for h in hits]
+
+        def write(s: Session) -> StoredResponse:
+            resolved = comp.resolve_request(
+                session=s,
+                method=body.method,
+                base_revision=body.base_revision,
+                experts=body.experts,
+                texts=body.texts,
+                k=body.k,
+                weights=body.weights,
+                params=body.params,
+                retrieved=retrieved,
+                max_text_bytes=settings.search_max_text_bytes,
+                max_k=settings.search_max_k,
+            )
+            job = jobs_svc.create_job(
+                session=s,
+                kind=f"compose.{resolved.method}",
+                payload={},
+                created_by=principal.name,
+                max_attempts=_max_attempts(runtime),
+                idempotency_key=idem.key,
+            )
+            composition = comp.record_composition(
+                session=s, request=resolved, created_by=principal.name, job_id=job.id
+            )
+            job.composition_id = composition.id
+            job.payload = comp.compose_payload(resolved, composition.id)
+            s.flush()
+            return StoredResponse(
+                202, {"job_id": job.id, "composition_id": composition.id, "status": job.status}
+            )
+
+        response = idem.commit_or_replay(session, write)
+    runtime.metrics.record_job(kind=f"compose.{body.method}", event="queued")
+    return json_response(response)
+
+
+@router.get(
+    "/v1/compositions/{composition_id}", summary="A composition and, once ready, its manifest"
+)
+def get_composition(composition_id: str, session: SessionDep) -> dict[str, Any]:
+    """451 ``expert_disabled`` when an expert it uses (or produced) has been withdrawn."""
+    with session.begin():
+        composition = comp.get_composition(session=session, composition_id=composition_id)
+        comp.check_servable(session=session, composition=composition)
+        return comp.composition_view(composition)
+
+
+@router.get(
+    "/v1/compositions/{composition_id}/evaluations",
+    summary="Evaluations of a composition, newest first",
+)
+def composition_evaluations(composition_id: str, session: SessionDep) -> dict[str, Any]:
+    with session.begin():
+        comp.get_composition(session=session, composition_id=composition_id)
+        rows = comp.list_evaluations(session=session, composition_id=composition_id)
+        return {"items": [comp.evaluation_view(e) for e in rows]}
+
+
+@router.get(
+    "/v1/experts/{expert_id}/evaluations",
+    summary="Evaluations of an expert (base + the expert), newest first",
+    tags=["experts"],
+)
+def expert_evaluations(expert_id: str, session: SessionDep) -> dict[str, Any]:
+    with session.begin():
+        expert_svc.get_expert(session=session, expert_id=expert_id)
+        rows = comp.list_evaluations(session=session, expert_id=expert_id)
+        return {"items": [comp.evaluation_view(e) for e in rows]}
+
+
+@router.post(
+    "/v1/evaluations",
+    status_code=202,
+    summary="Score an expert or a composition on named text sets (a worker computes it)",
+    response_model=QueuedOut,
+)
+def create_evaluation(
+    body: EvaluationIn,
+    request: Request,
+    runtime: RuntimeDep,
+    principal: Requester,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    idem = IdempotentRequest(
+        principal=principal,
+        key=idempotency_key,
+        method="POST",
+        path=request.url.path,
+        fingerprint=_fingerprint(body),
+    )
+    if (body.expert_id is None) == (body.composition_id is None):
+        raise BadRequest("give expert_id or composition_id, not both", code="invalid_subject")
+    text_sets = comp.check_text_sets(
+        body.text_sets, max_bytes=runtime.settings.max_job_payload_bytes
+    )
+    with runtime.sessions() as session:
+        stored = idem.replay(session)
+        if stored is not None:
+            return json_response(stored)
+
+        def write(s: Session) -> StoredResponse:
+            subject: dict[str, Any]
+            if body.expert_id is not None:
+                resolved = comp.resolve_expert(
+                    session=s, expert_id=body.expert_id, version=body.version, base_revision=None
+                )
+                subject = {"kind": "expert", "expert": resolved.ref()}
+                base_revision = resolved.version.base_revision
+            else:
+                assert body.composition_id is not None
+                composition = comp.get_composition(session=s, composition_id=body.composition_id)
+                comp.check_servable(session=s, composition=composition)
+                if composition.status != "ready" or composition.manifest is None:
+                    raise Conflict(
+                        f"composition {composition.id} is {composition.status}, not ready",
+                        code="composition_not_ready",
+                    )
+                subject = {
+                    "kind": "composition",
+                    "composition_id": composition.id,
+                    "manifest": composition.manifest,
+                }
+                base_revision = composition.base_revision
+            job = jobs_svc.create_job(
+                session=s,
+                kind="evaluate",
+                payload={
+                    "subject": subject,
+                    "base_revision": base_revision,
+                    "text_sets": text_sets,
+                },
+                created_by=principal.name,
+                max_attempts=_max_attempts(runtime),
+                idempotency_key=idem.key,
+            )
+            return StoredResponse(202, {"job_id": job.id, "status": job.status})
+
+        response = idem.commit_or_replay(session, write)
+    runtime.metrics.record_job(kind="evaluate", event="queued")
+    return json_response(response)

@@ -1,0 +1,742 @@
+"""Compositions and evaluations: requests resolved into jobs, and job results applied.
+
+A request names experts (or sample texts, and retrieval picks the experts); the registry
+resolves every reference to an immutable version and digest, checks that each is active
+and fits the base, and queues a job whose payload holds everything a worker needs (it
+never reads the database). When the job succeeds its result is applied here: a manifest
+for ``mixture`` and ``ensemble``; for ``average`` and ``distill`` also a new expert,
+stored like any other, with a datasheet the registry writes (lineage, license).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry.db.models import (
+    BaseModel,
+    Composition,
+    CompositionExpert,
+    Evaluation,
+    Expert,
+    ExpertParent,
+    ExpertVersion,
+    Job,
+    utcnow,
+)
+from registry.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    UnavailableForLegalReasons,
+    ValidationFailed,
+)
+from registry.services.ids import new_id
+from registry.validation import parse_datasheet
+from registry.validation.datasheet import Datasheet
+
+METHODS = ("mixture", "ensemble", "average", "distill")
+MANIFEST_FORMAT = "agora.composition/1"
+MIN_EXPERTS = {"mixture": 1, "ensemble": 1, "average": 2, "distill": 1}
+MAX_EXPERTS = 16
+# Method parameters: name -> (type, minimum, maximum or allowed values, default).
+PARAMS: dict[str, dict[str, tuple[type, Any, Any, Any]]] = {
+    "mixture": {},
+    "ensemble": {"prior_windows": (int, 1, 64, 8)},
+    "average": {
+        "merge": (str, None, ("uniform", "weighted", "ties"), "uniform"),
+        "density": (float, 0.0, 1.0, 0.2),
+    },
+    "distill": {
+        "steps": (int, 1, 5000, 50),
+        "lr": (float, 1e-6, 1.0, 1e-2),
+        "seq_len": (int, 8, 4096, 64),
+        "batch_size": (int, 1, 256, 8),
+        "seed": (int, 0, 2**31 - 1, 0),
+    },
+}
+_REF = re.compile(r"^(ex_[0-9A-Za-z]{1,64})(?:@([1-9][0-9]{0,8}))?$")
+# A derived expert's datasheet quotes its parents' samples up to this many bytes (the
+# datasheet limit on samples is 64 KiB).
+DERIVED_SAMPLES_BYTES = 48 * 1024
+MAX_TEXT_SET_NAME = 200
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedExpert:
+    expert: Expert
+    version: ExpertVersion
+
+    def ref(self) -> dict[str, Any]:
+        return {
+            "id": self.expert.id,
+            "version": self.version.version,
+            "digest": f"sha256:{self.version.digest}",
+            "size": self.version.size,
+        }
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    match = _REF.match(ref.strip()) if isinstance(ref, str) else None
+    if match is None:
+        raise BadRequest(
+            f"{ref!r} is not an expert reference (ex_... or ex_...@VERSION)",
+            code="invalid_expert_ref",
+        )
+    return match.group(1), int(match.group(2)) if match.group(2) else None
+
+
+def resolve_expert(
+    *, session: Session, expert_id: str, version: int | None, base_revision: str | None
+) -> ResolvedExpert:
+    """An active expert version fit for ``base_revision`` (422 unknown, 451 disabled)."""
+    expert = session.get(Expert, expert_id)
+    if expert is None:
+        raise ValidationFailed(f"no expert {expert_id!r}", code="unknown_expert")
+    if expert.status != "active":
+        raise UnavailableForLegalReasons(
+            f"expert {expert_id} is {expert.status}; it cannot be composed or evaluated",
+            code="expert_disabled",
+        )
+    number = expert.latest_version if version is None else version
+    row = session.get(ExpertVersion, (expert.id, number))
+    if row is None:
+        raise ValidationFailed(
+            f"expert {expert_id} has no version {number}", code="unknown_expert_version"
+        )
+    if base_revision is not None and row.base_revision != base_revision:
+        raise ValidationFailed(
+            f"expert {expert_id} v{number} is for base {row.base_revision[:12]}, "
+            f"not {base_revision[:12]}",
+            code="base_mismatch",
+        )
+    return ResolvedExpert(expert=expert, version=row)
+
+
+def check_base(*, session: Session, base_revision: str) -> BaseModel:
+    base = session.get(BaseModel, base_revision) if base_revision else None
+    if base is None:
+        raise NotFound(f"no base model revision {base_revision!r}", code="base_model_not_found")
+    return base
+
+
+def check_texts(texts: Sequence[str], *, max_bytes: int, field: str = "texts") -> list[str]:
+    if not all(isinstance(t, str) for t in texts):
+        raise BadRequest(f"{field} must be strings", code="invalid_texts")
+    kept = [t for t in texts if t.strip()]
+    if not kept:
+        raise BadRequest(f"{field} must hold at least one non-blank text", code="empty_texts")
+    size = sum(len(t.encode("utf-8")) for t in kept)
+    if size > max_bytes:
+        raise PayloadTooLarge(
+            f"{field} hold {size} bytes of UTF-8; the limit is {max_bytes}",
+            code="texts_too_large",
+        )
+    return kept
+
+
+def check_params(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    spec = PARAMS[method]
+    given = dict(params or {})
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        allowed = ", ".join(sorted(spec)) or "none"
+        raise BadRequest(
+            f"unknown params for {method}: {', '.join(unknown)} (allowed: {allowed})",
+            code="invalid_params",
+        )
+    out: dict[str, Any] = {}
+    for name, (kind, low, high, default) in spec.items():
+        value = given.get(name, default)
+        if kind is str:
+            if value not in high:
+                raise BadRequest(
+                    f"params.{name} must be one of {', '.join(high)}", code="invalid_params"
+                )
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise BadRequest(
+                    f"params.{name} must be an integer in [{low}, {high}]", code="invalid_params"
+                )
+        else:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or not low <= value <= high
+            ):
+                raise BadRequest(
+                    f"params.{name} must be a number in [{low}, {high}]", code="invalid_params"
+                )
+            value = float(value)
+        out[name] = value
+    return out
+
+
+def check_weights(weights: Sequence[float] | None, n: int) -> list[float] | None:
+    if weights is None:
+        return None
+    ok = (
+        len(weights) == n
+        and all(
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in weights
+        )
+        and sum(weights) > 0
+    )
+    if not ok:
+        raise BadRequest(
+            f"weights must be {n} finite non-negative numbers, not all zero (one per expert)",
+            code="invalid_weights",
+        )
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
+def samples_of(version: ExpertVersion) -> tuple[str, ...]:
+    return tuple(parse_datasheet(version.datasheet.encode("utf-8"), max_bytes=1 << 30).samples)
+
+
+def _texts_from_samples(experts: Sequence[ResolvedExpert], max_bytes: int) -> list[str]:
+    """The experts' datasheet samples, interleaved, up to ``max_bytes``."""
+    pools = [list(samples_of(r.version)) for r in experts]
+    texts: list[str] = []
+    size = 0
+    while any(pools):
+        for pool in pools:
+            if not pool:
+                continue
+            text = pool.pop(0)
+            n = len(text.encode("utf-8"))
+            if size + n > max_bytes:
+                return texts
+            texts.append(text)
+            size += n
+    return texts
+
+
+@dataclass(frozen=True)
+class CompositionRequest:
+    method: str
+    base_revision: str
+    experts: list[ResolvedExpert]
+    weights: list[float] | None
+    texts: list[str]
+    texts_given: bool
+    params: dict[str, Any]
+    retrieved: bool
+
+
+def resolve_request(
+    *,
+    session: Session,
+    method: str,
+    base_revision: str,
+    experts: Sequence[str] | None,
+    texts: Sequence[str] | None,
+    k: int,
+    weights: Sequence[float] | None,
+    params: Mapping[str, Any] | None,
+    retrieved: Sequence[tuple[str, int, float]] | None,
+    max_text_bytes: int,
+    max_k: int,
+) -> CompositionRequest:
+    """Check a composition request. ``retrieved`` holds (expert id, version, c-BTM
+    weight) from the caller's search when the request gave texts and no experts."""
+    if method not in METHODS:
+        raise BadRequest(f"method must be one of {', '.join(METHODS)}", code="invalid_method")
+    if not 1 <= k <= max_k:
+        raise BadRequest(f"k must be between 1 and {max_k}", code="invalid_k")
+    checked_params = check_params(method, params)
+    check_base(session=session, base_revision=base_revision)
+    kept_texts = check_texts(texts, max_bytes=max_text_bytes) if texts is not None else None
+    resolved: list[ResolvedExpert] = []
+    if experts is not None:
+        refs = [parse_ref(r) for r in experts]
+        if len({eid for eid, _ in refs}) != len(refs):
+            raise BadRequest("an expert is named twice", code="duplicate_expert")
+        resolved = [
+            resolve_expert(session=session, expert_id=eid, version=v, base_revision=base_revision)
+            for eid, v in refs
+        ]
+    elif retrieved is not None:
+        resolved = [
+            resolve_expert(session=session, expert_id=eid, version=v, base_revision=base_revision)
+            for eid, v, _ in retrieved
+        ]
+        if weights is None and method in ("ensemble", "average"):
+            weights = [w for _, _, w in retrieved]
+    else:
+        raise BadRequest("give experts, or texts to find them by", code="missing_experts")
+    if not resolved:
+        raise ValidationFailed(
+            "no active expert of this base fits the texts", code="no_experts_found"
+        )
+    low = MIN_EXPERTS[method]
+    if not low <= len(resolved) <= MAX_EXPERTS:
+        raise BadRequest(
+            f"{method} needs {low} to {MAX_EXPERTS} experts; got {len(resolved)}",
+            code="too_few_experts" if len(resolved) < low else "too_many_experts",
+        )
+    if method == "mixture" and weights is not None and experts is not None:
+        raise BadRequest("mixture routes per token: it takes no weights", code="invalid_weights")
+    if method == "mixture":
+        weights = None
+    norm = check_weights(weights, len(resolved))
+    if method == "average" and checked_params["merge"] == "weighted" and norm is None:
+        raise BadRequest("a weighted average needs weights", code="invalid_weights")
+    payload_texts = (
+        kept_texts
+        if kept_texts is not None
+        else _texts_from_samples(resolved, max_bytes=max_text_bytes)
+    )
+    return CompositionRequest(
+        method=method,
+        base_revision=base_revision,
+        experts=resolved,
+        weights=norm,
+        texts=payload_texts,
+        texts_given=kept_texts is not None,
+        params=checked_params,
+        retrieved=experts is None,
+    )
+
+
+def record_composition(
+    *, session: Session, request: CompositionRequest, created_by: str, job_id: str
+) -> Composition:
+    now = utcnow()
+    composition = Composition(
+        id=new_id("cmp"),
+        method=request.method,
+        base_revision=request.base_revision,
+        status="pending",
+        job_id=job_id,
+        inputs={
+            "experts": [r.ref() for r in request.experts],
+            "weights": request.weights,
+            "params": request.params,
+            "retrieved": request.retrieved,
+        },
+        created_by=created_by,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(composition)
+    session.flush()
+    for position, r in enumerate(request.experts):
+        session.add(
+            CompositionExpert(
+                composition_id=composition.id,
+                position=position,
+                expert_id=r.expert.id,
+                version=r.version.version,
+            )
+        )
+    session.flush()
+    return composition
+
+
+def compose_payload(request: CompositionRequest, composition_id: str) -> dict[str, Any]:
+    return {
+        "composition_id": composition_id,
+        "method": request.method,
+        "base_revision": request.base_revision,
+        "experts": [r.ref() for r in request.experts],
+        "weights": request.weights,
+        "texts": request.texts,
+        "params": request.params,
+    }
+
+
+def get_composition(*, session: Session, composition_id: str) -> Composition:
+    composition = session.get(Composition, composition_id)
+    if composition is None:
+        raise NotFound(f"no composition {composition_id!r}", code="composition_not_found")
+    return composition
+
+
+def check_servable(*, session: Session, composition: Composition) -> None:
+    """451 if any expert the composition names, or the one it produced, is not active."""
+    ids = set(
+        session.scalars(
+            select(CompositionExpert.expert_id).where(
+                CompositionExpert.composition_id == composition.id
+            )
+        )
+    )
+    if composition.expert_id is not None:
+        ids.add(composition.expert_id)
+    if not ids:
+        return
+    withdrawn = sorted(
+        session.scalars(select(Expert.id).where(Expert.id.in_(ids), Expert.status != "active"))
+    )
+    if withdrawn:
+        raise UnavailableForLegalReasons(
+            f"composition {composition.id} uses withdrawn expert(s) {', '.join(withdrawn)}",
+            code="expert_disabled",
+        )
+
+
+def composition_view(composition: Composition) -> dict[str, Any]:
+    return {
+        "id": composition.id,
+        "method": composition.method,
+        "base_revision": composition.base_revision,
+        "status": composition.status,
+        "job_id": composition.job_id,
+        "experts": composition.inputs.get("experts", []),
+        "weights": composition.inputs.get("weights"),
+        "params": composition.inputs.get("params", {}),
+        "manifest": composition.manifest,
+        "expert_id": composition.expert_id,
+        "created_by": composition.created_by,
+        "created_at": composition.created_at.isoformat(),
+        "updated_at": composition.updated_at.isoformat(),
+    }
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+def _finite(value: Any, name: str, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationFailed(f"result {name} must be a finite number", code="invalid_result")
+    if value < minimum:
+        raise ValidationFailed(f"result {name} must be >= {minimum}", code="invalid_result")
+    return float(value)
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationFailed(
+            f"result {name} must be a non-negative integer", code="invalid_result"
+        )
+    return value
+
+
+def check_compose_result(job: Job, result: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest fields a worker reports: the weights it used and optional metrics."""
+    n = len(job.payload["experts"])
+    weights = result.get("weights")
+    if weights is not None:
+        if not isinstance(weights, list) or len(weights) != n:
+            raise ValidationFailed(
+                f"result weights must be a list of {n} numbers", code="invalid_result"
+            )
+        weights = [_finite(w, "weights[]") for w in weights]
+    metrics = result.get("metrics")
+    if metrics is not None:
+        if not isinstance(metrics, dict):
+            raise ValidationFailed("result metrics must be an object", code="invalid_result")
+        metrics = {
+            str(k): _finite(v, f"metrics.{k}")
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    details = result.get("details")
+    if details is not None and not isinstance(details, dict):
+        raise ValidationFailed("result details must be an object", code="invalid_result")
+    return {"weights": weights, "metrics": metrics, "details": details}
+
+
+def build_manifest(
+    *,
+    composition: Composition,
+    checked: Mapping[str, Any],
+    output: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    experts = composition.inputs["experts"]
+    weights = (
+        checked["weights"] if checked["weights"] is not None else composition.inputs["weights"]
+    )
+    return {
+        "format": MANIFEST_FORMAT,
+        "id": composition.id,
+        "method": composition.method,
+        "base_revision": composition.base_revision,
+        "experts": [
+            {**ref, "weight": None if weights is None else weights[i]}
+            for i, ref in enumerate(experts)
+        ],
+        "params": composition.inputs.get("params", {}),
+        "output": dict(output) if output is not None else None,
+        "metrics": checked["metrics"],
+    }
+
+
+def finish_composition(
+    *,
+    session: Session,
+    job: Job,
+    checked: Mapping[str, Any],
+    output: Mapping[str, Any] | None,
+    expert_id: str | None,
+) -> Composition:
+    composition = get_composition(session=session, composition_id=job.payload["composition_id"])
+    composition.manifest = build_manifest(composition=composition, checked=checked, output=output)
+    composition.expert_id = expert_id
+    composition.status = "ready"
+    composition.updated_at = utcnow()
+    session.flush()
+    return composition
+
+
+def _license(licenses: Sequence[str]) -> str:
+    """The parents' common license, else their conjunction. SPDX's AND binds tighter than
+    OR and the datasheet grammar has no parentheses, so a parent with an OR expression
+    makes the conjunction inexpressible: the result is then a LicenseRef the datasheet's
+    body spells out."""
+    unique = sorted(set(licenses))
+    if len(unique) == 1:
+        return unique[0]
+    if any(" OR " in lic for lic in unique):
+        return "LicenseRef-agora-combined"
+    return " AND ".join(unique)
+
+
+def _union(values: Sequence[Sequence[str]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for group in values:
+        for v in group:
+            seen.setdefault(str(v), None)
+    return list(seen)
+
+
+def derived_datasheet(
+    *,
+    job: Job,
+    parents: Sequence[ResolvedExpert],
+    weights: Sequence[float] | None,
+    created_by: str,
+) -> bytes:
+    """The datasheet of an averaged or distilled expert, from its parents' datasheets."""
+    method = job.payload["method"]
+    sheets: list[Datasheet] = [
+        parse_datasheet(p.version.datasheet.encode("utf-8"), max_bytes=1 << 30) for p in parents
+    ]
+    names = [str(s.name) for s in sheets]
+    samples: list[str] = []
+    size = 0
+    pools = [list(s.samples) for s in sheets]
+    while any(pools):
+        for pool in pools:
+            if pool:
+                text = pool.pop(0)
+                n = len(text.encode("utf-8"))
+                if size + n <= DERIVED_SAMPLES_BYTES:
+                    samples.append(text)
+                    size += n
+        if size >= DERIVED_SAMPLES_BYTES:
+            break
+    verb = {"average": "Weight average", "distill": "Distillation"}[method]
+    parent_list = "; ".join(
+        f"{p.expert.id} v{p.version.version} ({n})" for p, n in zip(parents, names, strict=True)
+    )
+    front: dict[str, Any] = {
+        "name": f"{verb} of {' + '.join(names)}"[:200],
+        "domain": (
+            f"{verb} of {len(parents)} experts. " + " | ".join(str(s.domain) for s in sheets)
+        )[:4000],
+        "license": _license([str(s.license) for s in sheets]),
+        "language": _union([list(s.language) for s in sheets]),
+        "sources": [
+            {
+                "name": f"expert {p.expert.id} v{p.version.version}: {n}"[:200],
+                "description": f"the parent expert's own sources, per its datasheet"
+                f" (license {s.license})",
+                "license": str(s.license),
+            }
+            for p, n, s in zip(parents, names, sheets, strict=True)
+        ],
+        "collection": (
+            f"Computed by Agora job {job.id} ({method}, params "
+            f"{yaml.safe_dump(job.payload.get('params', {}), default_flow_style=True).strip()}) "
+            f"from the weights of {parent_list}."
+        )[:4000],
+        "token_count": sum(int(s.token_count) for s in sheets),
+        "pii_handling": (
+            "Inherited from the parents: "
+            + " | ".join(f"{n}: {s.pii_handling}" for n, s in zip(names, sheets, strict=True))
+        )[:4000],
+        "intended_uses": _union([list(s.intended_uses) for s in sheets]),
+        "out_of_scope_uses": _union([list(s.out_of_scope_uses) for s in sheets]) or None,
+        "contact": f"{created_by} (Agora account that requested the composition)",
+        "samples": samples,
+        "parents": [
+            {
+                "expert_id": p.expert.id,
+                "version": p.version.version,
+                **({"weight": float(weights[i])} if weights is not None else {}),
+            }
+            for i, p in enumerate(parents)
+        ],
+        "tags": _union([list(s.tags) for s in sheets] + [["derived", method]]),
+    }
+    front = {k: v for k, v in front.items() if v is not None}
+    licenses = "\n".join(
+        f"- {p.expert.id} v{p.version.version} ({n}): {s.license}"
+        for p, n, s in zip(parents, names, sheets, strict=True)
+    )
+    body = (
+        f"\n# {front['name']}\n\nThis expert was produced by the Agora registry's job "
+        f"{job.id} ({method}). Its parents and their licenses:\n\n{licenses}\n"
+    )
+    text = "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body
+    return text.encode("utf-8")
+
+
+def parents_of(*, session: Session, job: Job) -> list[ResolvedExpert]:
+    """The job's input experts, re-checked: one disabled since the request withdraws it."""
+    return [
+        resolve_expert(
+            session=session,
+            expert_id=ref["id"],
+            version=int(ref["version"]),
+            base_revision=job.payload["base_revision"],
+        )
+        for ref in job.payload["experts"]
+    ]
+
+
+def record_lineage(
+    *,
+    session: Session,
+    expert_id: str,
+    version: int,
+    parents: Sequence[ResolvedExpert],
+    weights: Sequence[float] | None,
+) -> None:
+    for i, p in enumerate(parents):
+        session.add(
+            ExpertParent(
+                expert_id=expert_id,
+                version=version,
+                parent_id=p.expert.id,
+                parent_version=p.version.version,
+                weight=None if weights is None else float(weights[i]),
+            )
+        )
+    session.flush()
+
+
+# -- evaluations ---------------------------------------------------------------------------
+
+
+def check_text_sets(
+    text_sets: Mapping[str, Sequence[str]], *, max_bytes: int
+) -> dict[str, list[str]]:
+    if not isinstance(text_sets, Mapping) or not text_sets:
+        raise BadRequest("text_sets must map names to lists of texts", code="invalid_text_sets")
+    out: dict[str, list[str]] = {}
+    total = 0
+    for name, texts in text_sets.items():
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_TEXT_SET_NAME:
+            raise BadRequest(
+                f"text set names must be 1 to {MAX_TEXT_SET_NAME} characters",
+                code="invalid_text_sets",
+            )
+        if not isinstance(texts, list | tuple):
+            raise BadRequest(f"text_sets[{name!r}] must be a list", code="invalid_text_sets")
+        kept = check_texts(texts, max_bytes=max_bytes, field=f"text_sets[{name!r}]")
+        total += sum(len(t.encode("utf-8")) for t in kept)
+        out[name] = kept
+    if total > max_bytes:
+        raise PayloadTooLarge(
+            f"text_sets hold {total} bytes of UTF-8; the limit is {max_bytes}",
+            code="texts_too_large",
+        )
+    return out
+
+
+def check_evaluation_result(job: Job, result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    results = result.get("results")
+    expected = set(job.payload["text_sets"])
+    if not isinstance(results, dict) or set(results) != expected:
+        raise ValidationFailed(
+            f"result.results must have one entry per text set: {', '.join(sorted(expected))}",
+            code="invalid_result",
+        )
+    checked: dict[str, dict[str, Any]] = {}
+    for name, r in results.items():
+        if not isinstance(r, dict):
+            raise ValidationFailed(f"results[{name!r}] must be an object", code="invalid_result")
+        base = r.get("base_bits_per_byte")
+        checked[name] = {
+            "bits_per_byte": _finite(r.get("bits_per_byte"), f"{name}.bits_per_byte"),
+            "base_bits_per_byte": None
+            if base is None
+            else _finite(base, f"{name}.base_bits_per_byte"),
+            "tokens": _count(r.get("tokens"), f"{name}.tokens"),
+            "bytes": _count(r.get("bytes"), f"{name}.bytes"),
+        }
+    return checked
+
+
+def record_evaluations(
+    *, session: Session, job: Job, checked: Mapping[str, Mapping[str, Any]]
+) -> None:
+    subject = job.payload["subject"]
+    expert_id = version = composition_id = None
+    if subject["kind"] == "expert":
+        expert_id = subject["expert"]["id"]
+        version = int(subject["expert"]["version"])
+    else:
+        composition_id = subject["composition_id"]
+    now = utcnow()
+    for name, r in checked.items():
+        session.add(
+            Evaluation(
+                job_id=job.id,
+                expert_id=expert_id,
+                version=version,
+                composition_id=composition_id,
+                text_set=name,
+                bits_per_byte=r["bits_per_byte"],
+                base_bits_per_byte=r["base_bits_per_byte"],
+                tokens=r["tokens"],
+                bytes=r["bytes"],
+                created_by=job.created_by,
+                created_at=now,
+            )
+        )
+    session.flush()
+
+
+def list_evaluations(
+    *, session: Session, expert_id: str | None = None, composition_id: str | None = None
+) -> list[Evaluation]:
+    stmt = select(Evaluation)
+    if expert_id is not None:
+        stmt = stmt.where(Evaluation.expert_id == expert_id)
+    if composition_id is not None:
+        stmt = stmt.where(Evaluation.composition_id == composition_id)
+    return list(session.scalars(stmt.order_by(Evaluation.id.desc()).limit(500)))
+
+
+def evaluation_view(e: Evaluation) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "job_id": e.job_id,
+        "expert_id": e.expert_id,
+        "version": e.version,
+        "composition_id": e.composition_id,
+        "text_set": e.text_set,
+        "bits_per_byte": e.bits_per_byte,
+        "base_bits_per_byte": e.base_bits_per_byte,
+        "tokens": e.tokens,
+        "bytes": e.bytes,
+        "created_by": e.created_by,
+        "created_at": e.created_at.isoformat(),
+    }

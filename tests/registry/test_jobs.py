@@ -1,0 +1,415 @@
+"""Jobs, compositions and evaluations through the HTTP API (no worker process: the test
+plays the worker), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+import pytest
+from helpers.artifacts import make_datasheet
+from sqlalchemy import func, select, update
+
+from registry.db.models import Expert, ExpertParent, Job, JobResult
+from registry.settings import Settings
+
+Api = Any
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Any) -> Settings:
+    # Short backoff so retried jobs come back within a test.
+    return Settings(
+        data_dir=tmp_path / "agora",
+        database_url=database_url,
+        job_backoff_base_seconds=0.01,
+        job_backoff_max_seconds=0.05,
+        job_max_attempts=3,
+    )
+
+
+def submit_expert(api: Api, *, seed: int, name: str, license: str = "MIT") -> str:
+    response = api.submit(
+        weights=api.expert_bytes(seed=seed),
+        datasheet=make_datasheet(name=name, license=license, samples=[f"{name} sample text"]),
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def compose(api: Api, body: dict[str, Any], token: str | None = None, **headers: str) -> Any:
+    return api.client.post(
+        "/v1/compositions",
+        json={"base_revision": api.base.revision, **body},
+        headers={**auth(token or api.tokens.alice), **headers},
+    )
+
+
+def lease(api: Api, **body: Any) -> Any:
+    return api.client.post(
+        "/v1/jobs/lease",
+        json={"worker": "test-worker", **body},
+        headers=auth(api.tokens.worker),
+    )
+
+
+def worker_post(api: Api, path: str, body: dict[str, Any]) -> Any:
+    return api.client.post(path, json=body, headers=auth(api.tokens.worker))
+
+
+def expire_lease(api: Api, job_id: str) -> None:
+    runtime = api.app.state.runtime
+    with runtime.sessions() as session, session.begin():
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        )
+
+
+def problem(response: Any, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == code
+
+
+def test_empty_queue_answers_204_and_only_workers_lease(api: Api) -> None:
+    assert lease(api).status_code == 204
+    response = api.client.post(
+        "/v1/jobs/lease", json={"worker": "x"}, headers=auth(api.tokens.alice)
+    )
+    problem(response, 403, "insufficient_role")
+    problem(lease(api, kinds=["nope"]), 400, "invalid_kinds")
+    problem(lease(api, lease_seconds=1), 400, "invalid_lease_seconds")
+
+
+def test_mixture_composition_round_trip(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    b = submit_expert(api, seed=2, name="beta")
+    response = compose(api, {"method": "mixture", "experts": [a, f"{b}@1"]})
+    assert response.status_code == 202, response.text
+    queued = response.json()
+    assert queued["status"] == "queued"
+
+    leased = lease(api, kinds=["compose.mixture"]).json()["job"]
+    assert leased["id"] == queued["job_id"]
+    assert leased["attempts"] == 1
+    assert leased["fencing_token"] == 1
+    payload = leased["payload"]
+    assert [e["id"] for e in payload["experts"]] == [a, b]
+    assert all(e["digest"].startswith("sha256:") for e in payload["experts"])
+    # Without texts, the experts' datasheet samples are the text the worker works on.
+    assert payload["texts"] == ["alpha sample text", "beta sample text"]
+    assert lease(api).status_code == 204  # nothing else runnable
+
+    job_id = leased["id"]
+    beat = worker_post(
+        api, f"/v1/jobs/{job_id}/heartbeat", {"fencing_token": 1, "progress": {"done": 1}}
+    )
+    assert beat.status_code == 200, beat.text
+    # The submitter sees progress; another contributor may not read the job.
+    seen = api.client.get(f"/v1/jobs/{job_id}", headers=auth(api.tokens.alice)).json()
+    assert seen["status"] == "leased"
+    assert seen["progress"] == {"done": 1}
+    assert seen["fencing_token"] is None
+    problem(api.client.get(f"/v1/jobs/{job_id}", headers=auth(api.tokens.bob)), 403, "not_owner")
+
+    result = {"weights": None, "metrics": {"bits_per_byte": 1.5, "base_bits_per_byte": 2.0}}
+    done = worker_post(api, f"/v1/jobs/{job_id}/complete", {"fencing_token": 1, "result": result})
+    assert done.status_code == 200, done.text
+    assert done.json()["status"] == "succeeded"
+    # A retried completion (the response was lost) is answered the same, applied once.
+    again = worker_post(api, f"/v1/jobs/{job_id}/complete", {"fencing_token": 1, "result": result})
+    assert again.status_code == 200
+    assert again.json()["status"] == "succeeded"
+
+    composition = api.client.get(f"/v1/compositions/{queued['composition_id']}").json()
+    assert composition["status"] == "ready"
+    manifest = composition["manifest"]
+    assert manifest["format"] == "agora.composition/1"
+    assert manifest["method"] == "mixture"
+    assert manifest["base_revision"] == api.base.revision
+    assert [e["id"] for e in manifest["experts"]] == [a, b]
+    assert manifest["metrics"]["bits_per_byte"] == 1.5
+    runtime = api.app.state.runtime
+    with runtime.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(JobResult)) == 1
+
+
+def test_stale_worker_cannot_heartbeat_complete_or_fail(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    job_id = compose(api, {"method": "ensemble", "experts": [a]}).json()["job_id"]
+    first = lease(api).json()["job"]
+    expire_lease(api, job_id)
+    second = lease(api).json()["job"]
+    assert second["id"] == job_id
+    assert second["attempts"] == 2
+    assert second["fencing_token"] == first["fencing_token"] + 1
+    stale = {"fencing_token": first["fencing_token"]}
+    problem(worker_post(api, f"/v1/jobs/{job_id}/heartbeat", stale), 409, "lease_lost")
+    problem(
+        worker_post(api, f"/v1/jobs/{job_id}/complete", {**stale, "result": {"weights": [1.0]}}),
+        409,
+        "lease_lost",
+    )
+    problem(worker_post(api, f"/v1/jobs/{job_id}/fail", {**stale, "error": "x"}), 409, "lease_lost")
+    ok = worker_post(
+        api,
+        f"/v1/jobs/{job_id}/complete",
+        {"fencing_token": second["fencing_token"], "result": {"weights": [1.0]}},
+    )
+    assert ok.status_code == 200, ok.text
+    composition = api.client.get(f"/v1/compositions/{ok.json()['composition_id']}").json()
+    assert composition["manifest"]["experts"][0]["weight"] == 1.0
+
+
+def test_retries_back_off_then_the_job_is_dead_and_visible(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    poison = compose(api, {"method": "mixture", "experts": [a]}).json()["job_id"]
+    for attempt in range(1, 4):
+        job = None
+        for _ in range(100):  # the backoff is at most 50 ms here
+            response = lease(api)
+            if response.status_code == 200:
+                job = response.json()["job"]
+                break
+            time.sleep(0.01)
+        assert job is not None
+        assert job["id"] == poison
+        assert job["attempts"] == attempt
+        failed = worker_post(
+            api, f"/v1/jobs/{poison}/fail", {"fencing_token": job["fencing_token"], "error": "boom"}
+        ).json()
+        assert failed["status"] == ("dead" if attempt == 3 else "queued")
+    assert failed["error"] == "boom"
+    assert failed["finished_at"] is not None
+    dead = api.client.get("/v1/jobs?status=dead", headers=auth(api.tokens.moderator)).json()
+    assert [j["id"] for j in dead["items"]] == [poison]
+    composition = api.client.get(f"/v1/compositions/{failed['composition_id']}").json()
+    assert composition["status"] == "failed"
+    time.sleep(0.06)
+    assert lease(api).status_code == 204
+
+
+def test_expired_last_lease_makes_the_job_dead(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    job_id = compose(api, {"method": "mixture", "experts": [a]}).json()["job_id"]
+    for _ in range(3):
+        assert lease(api).json()["job"]["id"] == job_id
+        expire_lease(api, job_id)
+    assert lease(api).status_code == 204
+    job = api.client.get(f"/v1/jobs/{job_id}", headers=auth(api.tokens.admin)).json()
+    assert job["status"] == "dead"
+    assert "expired" in job["error"]
+
+
+def test_permanent_failure_and_release(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    first = compose(api, {"method": "mixture", "experts": [a]}).json()["job_id"]
+    job = lease(api).json()["job"]
+    released = worker_post(
+        api, f"/v1/jobs/{first}/fail", {"fencing_token": job["fencing_token"], "release": True}
+    ).json()
+    assert released["status"] == "queued"
+    assert released["attempts"] == 0
+    job = lease(api).json()["job"]
+    assert job["attempts"] == 1
+    failed = worker_post(
+        api,
+        f"/v1/jobs/{first}/fail",
+        {"fencing_token": job["fencing_token"], "error": "bad input", "retryable": False},
+    ).json()
+    assert failed["status"] == "failed"
+    assert lease(api).status_code == 204
+
+
+def test_refusals_create_no_job(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    disabled = submit_expert(api, seed=2, name="gamma")
+    response = api.client.post(
+        f"/v1/experts/{disabled}/disable",
+        json={"reason": "test"},
+        headers=auth(api.tokens.moderator),
+    )
+    assert response.status_code == 200, response.text
+    problem(compose(api, {"method": "mixture", "experts": [a, disabled]}), 451, "expert_disabled")
+    problem(compose(api, {"method": "mixture", "experts": ["ex_nothere"]}), 422, "unknown_expert")
+    problem(
+        compose(api, {"method": "mixture", "experts": [f"{a}@7"]}), 422, "unknown_expert_version"
+    )
+    problem(compose(api, {"method": "blend", "experts": [a]}), 400, "invalid_method")
+    problem(compose(api, {"method": "average", "experts": [a]}), 400, "too_few_experts")
+    problem(
+        compose(api, {"method": "distill", "experts": [a], "params": {"steps": 0}}),
+        400,
+        "invalid_params",
+    )
+    problem(compose(api, {"method": "mixture"}), 400, "missing_experts")
+    problem(
+        compose(api, {"method": "mixture", "experts": [a], "base_revision": "0" * 64}),
+        404,
+        "base_model_not_found",
+    )
+    problem(
+        compose(api, {"method": "ensemble", "experts": [a], "weights": [-1]}),
+        400,
+        "invalid_weights",
+    )
+    assert api.client.post("/v1/compositions", json={}).status_code == 401
+    runtime = api.app.state.runtime
+    with runtime.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_idempotency_key_returns_the_same_job(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    body = {"method": "mixture", "experts": [a]}
+    first = compose(api, body, **{"Idempotency-Key": "k1"})
+    second = compose(api, body, **{"Idempotency-Key": "k1"})
+    assert first.status_code == second.status_code == 202
+    assert first.json() == second.json()
+    problem(
+        compose(api, {**body, "method": "ensemble"}, **{"Idempotency-Key": "k1"}),
+        409,
+        "idempotency_key_reused",
+    )
+
+
+def test_composition_by_texts_uses_retrieval(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="tide pools and sea stars")
+    submit_expert(api, seed=2, name="compilers and parsers")
+    response = compose(
+        api, {"method": "ensemble", "texts": ["sea stars in the tide pools"], "k": 1}
+    )
+    assert response.status_code == 202, response.text
+    job = lease(api).json()["job"]
+    assert [e["id"] for e in job["payload"]["experts"]] == [a]
+    assert job["payload"]["weights"] == [1.0]
+    assert job["payload"]["texts"] == ["sea stars in the tide pools"]
+
+
+def test_average_completion_stores_a_new_expert_with_lineage(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha", license="MIT")
+    b = submit_expert(api, seed=2, name="beta", license="CC-BY-4.0")
+    queued = compose(
+        api,
+        {
+            "method": "average",
+            "experts": [a, b],
+            "weights": [3, 1],
+            "params": {"merge": "weighted"},
+        },
+    ).json()
+    job = lease(api).json()["job"]
+    token = job["fencing_token"]
+    missing = worker_post(
+        api, f"/v1/jobs/{job['id']}/complete", {"fencing_token": token, "result": {}}
+    )
+    problem(missing, 422, "missing_output")
+    merged = api.expert_bytes(seed=3)
+    done = api.client.post(
+        f"/v1/jobs/{job['id']}/complete",
+        data={"fencing_token": str(token), "result": json.dumps({"weights": [0.75, 0.25]})},
+        files={"weights": ("merged.safetensors", merged)},
+        headers=auth(api.tokens.worker),
+    )
+    assert done.status_code == 200, done.text
+    new_id = done.json()["result"]["expert_id"]
+    expert = api.client.get(f"/v1/experts/{new_id}").json()
+    assert expert["owner"] == "alice"
+    assert expert["license"] == "CC-BY-4.0 AND MIT"
+    sheet = api.client.get(f"/v1/experts/{new_id}/datasheet").text
+    assert f"expert_id: {a}" in sheet
+    assert f"expert_id: {b}" in sheet
+    weights = api.client.get(f"/v1/experts/{new_id}/weights")
+    assert weights.content == merged
+    manifest = api.client.get(f"/v1/compositions/{queued['composition_id']}").json()["manifest"]
+    assert manifest["output"]["id"] == new_id
+    assert [e["weight"] for e in manifest["experts"]] == [0.75, 0.25]
+    runtime = api.app.state.runtime
+    with runtime.sessions() as session:
+        parents = session.scalars(
+            select(ExpertParent).where(ExpertParent.expert_id == new_id)
+        ).all()
+        assert sorted(p.parent_id for p in parents) == sorted([a, b])
+    # Withdrawing a parent withdraws the composition that used it.
+    api.client.post(
+        f"/v1/experts/{a}/disable", json={"reason": "r"}, headers=auth(api.tokens.moderator)
+    )
+    problem(api.client.get(f"/v1/compositions/{queued['composition_id']}"), 451, "expert_disabled")
+
+
+def test_invalid_output_weights_are_refused_and_nothing_is_stored(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    b = submit_expert(api, seed=2, name="beta")
+    compose(api, {"method": "average", "experts": [a, b]})
+    job = lease(api).json()["job"]
+    before = api.leftovers()
+    response = api.client.post(
+        f"/v1/jobs/{job['id']}/complete",
+        data={"fencing_token": str(job["fencing_token"]), "result": "{}"},
+        files={"weights": ("merged.safetensors", b"not a safetensors file at all")},
+        headers=auth(api.tokens.worker),
+    )
+    assert 400 <= response.status_code < 500, response.text
+    after = api.leftovers()
+    assert (after.experts, after.blob_rows, after.staging_files) == (
+        before.experts,
+        before.blob_rows,
+        [],
+    )
+    runtime = api.app.state.runtime
+    with runtime.sessions() as session:
+        assert session.get(Job, job["id"]).status == "leased"  # type: ignore[union-attr]
+        assert session.scalar(select(func.count()).select_from(Expert)) == 2
+
+
+def test_evaluation_job_results_are_listed_per_expert(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    response = api.client.post(
+        "/v1/evaluations",
+        json={"expert_id": a, "text_sets": {"news": ["some text"], "code": ["def f(): pass"]}},
+        headers=auth(api.tokens.alice),
+    )
+    assert response.status_code == 202, response.text
+    job = lease(api, kinds=["evaluate"]).json()["job"]
+    assert job["payload"]["subject"]["expert"]["id"] == a
+    bad = {"results": {"news": {"bits_per_byte": 1.0, "tokens": 3, "bytes": 9}}}
+    problem(
+        worker_post(
+            api,
+            f"/v1/jobs/{job['id']}/complete",
+            {"fencing_token": job["fencing_token"], "result": bad},
+        ),
+        422,
+        "invalid_result",
+    )
+    good = {
+        "results": {
+            "news": {"bits_per_byte": 1.25, "base_bits_per_byte": 1.5, "tokens": 3, "bytes": 9},
+            "code": {"bits_per_byte": 2.0, "base_bits_per_byte": 2.5, "tokens": 5, "bytes": 13},
+        }
+    }
+    done = worker_post(
+        api,
+        f"/v1/jobs/{job['id']}/complete",
+        {"fencing_token": job["fencing_token"], "result": good},
+    )
+    assert done.status_code == 200, done.text
+    items = api.client.get(f"/v1/experts/{a}/evaluations").json()["items"]
+    assert {i["text_set"]: i["bits_per_byte"] for i in items} == {"news": 1.25, "code": 2.0}
+    problem(
+        api.client.post(
+            "/v1/evaluations",
+            json={"expert_id": a, "composition_id": "cmp_x", "text_sets": {"a": ["b"]}},
+            headers=auth(api.tokens.alice),
+        ),
+        400,
+        "invalid_subject",
+    )
