@@ -6,7 +6,9 @@ Cheap to import: FastAPI, SQLAlchemy and uvicorn are imported inside the command
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,6 +17,12 @@ if TYPE_CHECKING:
     from registry.settings import Settings
 
 ROLE_HELP = "contributor, moderator, admin or worker"
+
+ServeHook = Callable[[str, str, Path], Callable[[], None]]
+SERVE_HOOKS: list[ServeHook] = []
+"""Started by ``agora serve`` once it listens, when the embedded worker is on: each hook gets
+(registry URL, a fresh worker token, the data directory) and returns a stop function,
+called at shutdown. The worker package registers one (the registry never imports it)."""
 
 
 def _settings() -> Settings:
@@ -55,7 +63,71 @@ def serve(
     typer.echo(f"  blobs:     {settings.resolved_storage_url}")
     typer.echo(f"  embedder:  {settings.embedder} (AGORA_EMBEDDER; search: POST /v1/search)")
     typer.echo("  admin token: agora admin create-token --role admin --name <you>")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+    server = uvicorn.Server(config)
+    embedded = settings.should_run_embedded_worker and bool(SERVE_HOOKS)
+    if settings.should_run_embedded_worker and not SERVE_HOOKS:
+        typer.echo("  worker:    none in-process (install the `model` extra); run `agora worker`")
+    elif embedded:
+        typer.echo("  worker:    one in-process (AGORA_EMBEDDED_WORKER=false turns it off)")
+    else:
+        typer.echo("  worker:    none in-process; run `agora worker --registry URL --token T`")
+    if not embedded:
+        server.run()
+        return
+    _serve_with_hooks(server, settings, f"http://{_loopback(host)}:{port}")
+
+
+def _loopback(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104 (a comparison)
+
+
+def _serve_with_hooks(server: Any, settings: Settings, url: str) -> None:
+    """Run uvicorn; once it listens, start the hooks (the in-process worker) with a worker
+    token made for this run, and at shutdown stop them and revoke the token."""
+    import threading
+    import time
+
+    from registry.services.tokens import create_token as make_token
+    from registry.services.tokens import revoke_token
+
+    runtime = _runtime(settings)
+    try:
+        with runtime.sessions() as session, session.begin():
+            token, secret = make_token(session=session, name="embedded-worker", role="worker")
+            token_id = token.id
+    finally:
+        runtime.engine.dispose()
+    stops: list[Callable[[], None]] = []
+    finished = threading.Event()
+
+    def start_when_listening() -> None:
+        while not server.started:
+            if finished.wait(0.05):
+                return
+        for hook in SERVE_HOOKS:
+            try:
+                stops.append(hook(url, secret, settings.data_dir))
+            except Exception as exc:  # the registry keeps serving without its worker
+                typer.echo(f"error: the in-process worker did not start: {exc}", err=True)
+
+    starter = threading.Thread(target=start_when_listening, name="serve-hooks", daemon=True)
+    starter.start()
+    try:
+        server.run()
+    finally:
+        finished.set()
+        starter.join(timeout=5)
+        for stop in stops:
+            started = time.monotonic()
+            stop()
+            typer.echo(f"stopped the in-process worker in {time.monotonic() - started:.1f} s")
+        runtime = _runtime(settings)
+        try:
+            with runtime.sessions() as session, session.begin():
+                revoke_token(session=session, token_id=token_id)
+        finally:
+            runtime.engine.dispose()
 
 
 def db_upgrade() -> None:
