@@ -1,0 +1,463 @@
+"""The SDK's compositions, evaluations and worker calls against the real registry app.
+
+The test plays the worker through the SDK (lease, heartbeat, complete, fail) so each step
+is explicit; the artifacts are real ``modelcore`` files (a random tiny base and experts), so
+``load_composed`` returns a model that must compute exactly what ``ComposedModel`` computes
+from the original files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.artifacts import make_datasheet
+from typer.testing import CliRunner
+
+from registry.client import (
+    Agora,
+    Composition,
+    Job,
+    JobFailed,
+    LeaseLost,
+    UnavailableForLegalReasons,
+    ValidationFailed,
+)
+from registry.client.composed import load_composed_dir
+
+torch = pytest.importorskip("torch")
+
+TEXTS = [
+    "def add(a, b):\n    return a + b\n" * 2,
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "SELECT name FROM users WHERE id = 3;\n" * 2,
+]
+
+
+def digest(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A random tiny base bundle and three experts that visibly change its predictions."""
+    from modelcore.artifacts import save_base
+    from modelcore.config import ModelConfig
+    from modelcore.data.tokenizer import train_tokenizer
+    from modelcore.experts import add_modules, extract_expert, remove_modules, save_expert
+    from modelcore.model import ModularLM
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("sdk-model")
+        torch.manual_seed(0)
+        tok = train_tokenizer(TEXTS * 4, vocab_size=300)
+        config = ModelConfig.from_name("tiny").replace(max_seq_len=32, vocab_size=320)
+        model = ModularLM(config)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30)
+        revision = save_base(root / "base", model, tok)
+        experts: dict[str, Path] = {}
+        for i, name in enumerate("abc"):
+            gen = torch.Generator().manual_seed(i + 1)
+            idx = add_modules(model, None, generator=gen)
+            tensors = extract_expert(model, idx)
+            remove_modules(model, idx)
+            for key, value in tensors.items():
+                if key.endswith("w_out"):
+                    tensors[key] = value * 8
+                elif key.endswith("router_row"):
+                    tensors[key] = torch.randn(value.shape, generator=gen) * 2
+            path = root / f"{name}.safetensors"
+            save_expert(path, tensors, base_revision=revision)
+            experts[name] = path
+    finally:
+        torch.set_num_threads(previous)
+    return {"base": root / "base", "revision": revision, "experts": experts}
+
+
+SHEETS = {
+    "a": ("Python snippets", "Small Python functions.", ["def add(a, b): return a + b"]),
+    "b": ("Pangrams", "English pangram sentences.", ["The quick brown fox jumps."]),
+    "c": ("SQL", "SQL queries over user tables.", ["SELECT name FROM users;"]),
+}
+
+
+def submit(agora: Agora, model_files: dict[str, Any], name: str, tmp_path: Path) -> Any:
+    title, domain, samples = SHEETS[name]
+    sheet = make_datasheet(name=title, domain=domain, samples=samples)
+    return agora.submit_expert(
+        model_files["experts"][name], sheet.decode(), model_files["revision"]
+    )
+
+
+@pytest.fixture
+def world(make_agora, tokens, model_files, tmp_path: Path) -> dict[str, Any]:
+    admin = make_agora(tokens.admin)
+    base = model_files["base"]
+    admin.upload_base_model(
+        base / "config.json", base / "tokenizer.json", base / "model.safetensors"
+    )
+    alice = make_agora(tokens.alice)
+    experts = {name: submit(alice, model_files, name, tmp_path) for name in "ab"}
+    return {
+        "alice": alice,
+        "worker": make_agora(tokens.worker, cache_dir=tmp_path / "worker-cache"),
+        "moderator": make_agora(tokens.moderator),
+        "experts": experts,
+        "revision": model_files["revision"],
+    }
+
+
+def composed_from_originals(model_files: dict[str, Any], manifest: dict[str, Any]) -> Any:
+    from modelcore.compose.composed import ComposedModel
+
+    originals = {digest(p): p for p in model_files["experts"].values()}
+    return ComposedModel.from_manifest(manifest, model_files["base"], originals)
+
+
+def token_batch(model: Any) -> Any:
+    ids = model.tokenizer.encode(TEXTS[0]).ids[:16]
+    return torch.tensor([ids])
+
+
+def test_compose_wait_with_progress_then_load_the_model(
+    world: dict[str, Any], model_files: dict[str, Any], wire, tmp_path: Path
+) -> None:
+    alice, worker = world["alice"], world["worker"]
+    a, b = world["experts"]["a"], world["experts"]["b"]
+
+    handle = alice.compose(
+        "ensemble", experts=[a.id, f"{b.id}@1"], texts=TEXTS[:2], idempotency_key="cmp-1"
+    )
+    again = alice.compose(
+        "ensemble", experts=[a.id, f"{b.id}@1"], texts=TEXTS[:2], idempotency_key="cmp-1"
+    )
+    assert (again.job_id, again.composition_id) == (handle.job_id, handle.composition_id)
+    assert alice.get_composition(handle.composition_id).status == "pending"
+    # Nothing runnable for a worker that only evaluates.
+    assert worker.lease_job("w1", kinds=["evaluate"]) is None
+
+    seen: list[Job] = []
+    lease_lost: list[LeaseLost] = []
+
+    def drive_the_worker(job: Job) -> None:
+        """Each poll of alice's wait() advances the worker one step."""
+        seen.append(job)
+        if len(seen) == 1:
+            leased = worker.lease_job("w1", kinds=["compose.ensemble"], lease_seconds=30)
+            assert leased is not None
+            assert leased.id == handle.job_id
+            payload = leased.payload
+            assert payload["composition_id"] == handle.composition_id
+            assert payload["base_revision"] == world["revision"]
+            assert [(r["id"], r["version"], r["digest"]) for r in payload["experts"]] == [
+                (a.id, 1, a.digest),
+                (b.id, 1, b.digest),
+            ]
+            assert payload["texts"] == TEXTS[:2]
+            worker.heartbeat_job(leased.id, leased.fencing_token, progress={"done": 1, "total": 2})
+            with pytest.raises(LeaseLost) as err:
+                worker.heartbeat_job(leased.id, leased.fencing_token + 1)
+            lease_lost.append(err.value)
+            drive_the_worker.leased = leased  # type: ignore[attr-defined]
+        elif len(seen) == 2:
+            leased = drive_the_worker.leased  # type: ignore[attr-defined]
+            result = {
+                "weights": [0.25, 0.75],
+                "metrics": {"base_bits_per_byte": 3.5, "bits_per_byte": 3.25, "bytes": 120},
+                "details": {"prior_windows": 8},
+            }
+            done = worker.complete_job(leased.id, leased.fencing_token, result)
+            assert done.status == "succeeded"
+            # The same completion again is answered with the same job, not applied twice.
+            assert worker.complete_job(leased.id, leased.fencing_token, result).id == done.id
+
+    composition = handle.wait(poll=0.01, progress=drive_the_worker)
+
+    assert [(j.status, j.progress) for j in seen] == [
+        ("queued", None),
+        ("leased", {"done": 1, "total": 2}),
+        ("succeeded", seen[-1].progress),
+    ]
+    assert lease_lost[0].code == "lease_lost"
+    assert isinstance(composition, Composition)
+    assert composition.status == "ready"
+    manifest = composition.manifest
+    assert manifest is not None
+    assert manifest.format == "agora.composition/1"
+    assert [(e.id, e.version, e.digest, e.weight) for e in manifest.experts] == [
+        (a.id, 1, a.digest, 0.25),
+        (b.id, 1, b.digest, 0.75),
+    ]
+    assert manifest.metrics == {"base_bits_per_byte": 3.5, "bits_per_byte": 3.25, "bytes": 120}
+
+    model = alice.load_composed(composition.id)
+    reference = composed_from_originals(
+        model_files, manifest.model_dump(mode="json", exclude_unset=True)
+    )
+    assert model.method == "ensemble"
+    ids = token_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_probs(ids), reference.log_probs(ids))
+    scored = model.bits_per_byte(TEXTS[:1])
+    assert scored["bytes"] == len(TEXTS[0].encode())
+    assert scored["bits_per_byte"] > 0
+
+    fetched = len(wire.weights())
+    alice.load_composed(composition)  # everything is cached now
+    assert len(wire.weights()) == fetched
+
+    out = tmp_path / "offline"
+    alice.download_composition(composition, out)
+    assert sorted(p.name for p in (out / "experts").iterdir()) == sorted(
+        [f"{a.id}-v1.safetensors", f"{b.id}-v1.safetensors"]
+    )
+    offline = load_composed_dir(out)
+    with torch.no_grad():
+        torch.testing.assert_close(offline.log_probs(ids), reference.log_probs(ids))
+
+
+def test_average_uploads_the_new_expert_and_load_composed_uses_it(
+    world: dict[str, Any], model_files: dict[str, Any]
+) -> None:
+    alice, worker = world["alice"], world["worker"]
+    a, b = world["experts"]["a"], world["experts"]["b"]
+    handle = alice.compose("average", experts=[a.id, b.id], params={"merge": "uniform"})
+    leased = worker.lease_job("w1")
+    assert leased is not None
+    assert leased.kind == "compose.average"
+    merged = model_files["experts"]["c"]  # stands in for the merge output
+    worker.complete_job(
+        leased.id,
+        leased.fencing_token,
+        {"weights": None, "metrics": None, "details": {"merge": "uniform"}},
+        weights=merged,
+    )
+    composition = handle.wait(poll=0.01)
+    assert composition.manifest is not None
+    output = composition.manifest.output
+    assert output is not None
+    assert output.digest == digest(merged)
+    assert composition.expert_id == output.id
+    new_expert = alice.get_expert(output.id)
+    assert new_expert.owner == "alice"
+    assert alice.download(output.id).read_bytes() == merged.read_bytes()
+
+    model = alice.load_composed(composition.id)
+    reference = composed_from_originals(
+        {**model_files, "experts": {"c": merged}},
+        composition.manifest.model_dump(mode="json", exclude_unset=True),
+    )
+    ids = token_batch(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_probs(ids), reference.log_probs(ids))
+
+
+def test_a_permanent_failure_reaches_wait_as_job_failed(world: dict[str, Any]) -> None:
+    alice, worker = world["alice"], world["worker"]
+    handle = alice.compose("mixture", experts=[world["experts"]["a"].id])
+    leased = worker.lease_job("w1")
+    assert leased is not None
+    failed = worker.fail_job(
+        leased.id, leased.fencing_token, "ValueError: bad params", retryable=False
+    )
+    assert failed.status == "failed"
+    with pytest.raises(JobFailed) as err:
+        handle.wait(poll=0.01)
+    assert err.value.code == "job_failed"
+    assert "bad params" in err.value.detail
+    # The lease is gone with the failure: a late completion is refused.
+    with pytest.raises(LeaseLost):
+        worker.complete_job(leased.id, leased.fencing_token, {"weights": None})
+
+
+def test_released_job_goes_back_to_the_queue_without_using_an_attempt(
+    world: dict[str, Any],
+) -> None:
+    alice, worker = world["alice"], world["worker"]
+    handle = alice.compose("mixture", experts=[world["experts"]["a"].id])
+    first = worker.lease_job("w1")
+    assert first is not None
+    released = worker.fail_job(first.id, first.fencing_token, "SIGTERM", release=True)
+    assert released.status == "queued"
+    second = worker.lease_job("w2")
+    assert second is not None
+    assert second.id == handle.job_id
+    assert second.fencing_token > first.fencing_token
+    with pytest.raises(LeaseLost):
+        worker.heartbeat_job(first.id, first.fencing_token)
+
+
+def test_evaluate_an_expert_and_list_its_evaluations(world: dict[str, Any]) -> None:
+    alice, worker = world["alice"], world["worker"]
+    a = world["experts"]["a"]
+    handle = alice.evaluate({"held_out": TEXTS}, expert_id=a.id)
+    leased = worker.lease_job("w1", kinds=["evaluate"])
+    assert leased is not None
+    subject = leased.payload["subject"]
+    assert subject["kind"] == "expert"
+    assert (subject["expert"]["id"], subject["expert"]["digest"]) == (a.id, a.digest)
+    assert leased.payload["text_sets"] == {"held_out": TEXTS}
+    score = {"bits_per_byte": 2.5, "base_bits_per_byte": 2.75, "tokens": 40, "bytes": 150}
+    worker.complete_job(leased.id, leased.fencing_token, {"results": {"held_out": score}})
+
+    scores = handle.wait(poll=0.01)
+    assert scores["held_out"].bits_per_byte == 2.5
+    assert scores["held_out"].base_bits_per_byte == 2.75
+    (stored,) = alice.list_evaluations(expert_id=a.id)
+    assert (stored.text_set, stored.bits_per_byte, stored.version, stored.job_id) == (
+        "held_out",
+        2.5,
+        1,
+        handle.job_id,
+    )
+
+
+def test_refusals_arrive_typed(world: dict[str, Any]) -> None:
+    alice, moderator = world["alice"], world["moderator"]
+    with pytest.raises(ValidationFailed) as unknown:
+        alice.compose("mixture", experts=["ex_" + "Z" * 26])
+    assert unknown.value.code == "unknown_expert"
+    b = world["experts"]["b"]
+    moderator.disable_expert(b.id, "licence complaint")
+    with pytest.raises(UnavailableForLegalReasons) as disabled:
+        alice.compose("mixture", experts=[world["experts"]["a"].id, b.id])
+    assert disabled.value.code == "expert_disabled"
+
+
+def test_a_ready_composition_with_a_disabled_expert_is_not_served(
+    world: dict[str, Any],
+) -> None:
+    alice, worker, moderator = world["alice"], world["worker"], world["moderator"]
+    a = world["experts"]["a"]
+    handle = alice.compose("mixture", experts=[a.id])
+    leased = worker.lease_job("w1")
+    assert leased is not None
+    worker.complete_job(leased.id, leased.fencing_token, {"weights": None, "metrics": None})
+    handle.wait(poll=0.01)
+    moderator.disable_expert(a.id, "withdrawn")
+    with pytest.raises(UnavailableForLegalReasons):
+        alice.load_composed(handle.composition_id)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_compose_by_text_writes_an_offline_directory(
+    live_server, model_files: dict[str, Any], tmp_path: Path
+) -> None:
+    from agora.cli import build_app
+    from registry.services.tokens import create_token
+
+    runtime = live_server.app.state.runtime
+    with runtime.sessions() as session, session.begin():
+        _, admin_token = create_token(session=session, name="admin", role="admin")
+        _, alice_token = create_token(session=session, name="alice", role="contributor")
+        _, worker_token = create_token(session=session, name="w", role="worker")
+    base = model_files["base"]
+    with Agora(live_server.url, token=admin_token, cache_dir=tmp_path / "c1") as admin:
+        admin.upload_base_model(
+            base / "config.json", base / "tokenizer.json", base / "model.safetensors"
+        )
+    with Agora(live_server.url, token=alice_token, cache_dir=tmp_path / "c2") as alice:
+        experts = {name: submit(alice, model_files, name, tmp_path) for name in "ab"}
+
+    # A worker thread: completes the one composition job with the weights it was given.
+    leased_payloads: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        with Agora(live_server.url, token=worker_token, cache_dir=tmp_path / "c3") as worker:
+            while not stop.is_set():
+                leased = worker.lease_job("cli-test-worker")
+                if leased is None:
+                    stop.wait(0.05)
+                    continue
+                leased_payloads.append(leased.payload)
+                worker.heartbeat_job(
+                    leased.id, leased.fencing_token, progress={"done": 1, "total": 1}
+                )
+                result = {
+                    "weights": leased.payload["weights"],
+                    "metrics": {"base_bits_per_byte": 4.0, "bits_per_byte": 3.5, "bytes": 99},
+                    "details": {},
+                }
+                worker.complete_job(leased.id, leased.fencing_token, result)
+                return
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    texts = tmp_path / "domain.txt"
+    texts.write_text("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n")
+    out = tmp_path / "composition"
+    env = {
+        "AGORA_REGISTRY_URL": live_server.url,
+        "AGORA_TOKEN": alice_token,
+        "AGORA_CACHE_DIR": str(tmp_path / "cli-cache"),
+    }
+    try:
+        result = CliRunner().invoke(
+            build_app(),
+            [
+                "compose",
+                "--texts",
+                str(texts),
+                "--method",
+                "ensemble",
+                "-k",
+                "2",
+                "--out",
+                str(out),
+            ],
+            env=env,
+            catch_exceptions=False,
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert result.exit_code == 0, result.output
+
+    (payload,) = leased_payloads
+    # Passages are the file's blank-line separated paragraphs, kept as written.
+    assert payload["texts"] == [
+        "def add(a, b):\n    return a + b",
+        "def sub(a, b):\n    return a - b",
+    ]
+    assert {r["id"] for r in payload["experts"]} == {e.id for e in experts.values()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "ensemble"
+    assert [r["weight"] for r in manifest["experts"]] == payload["weights"]
+    for ref in manifest["experts"]:
+        path = out / "experts" / f"{ref['id']}-v{ref['version']}.safetensors"
+        assert digest(path) == ref["digest"]
+        assert f"{ref['weight']:.3f}" in result.stdout
+        assert ref["id"] in result.stdout
+    assert (out / "base" / "model.safetensors").read_bytes() == (
+        base / "model.safetensors"
+    ).read_bytes()
+    assert manifest["id"] in result.stdout
+    assert "bits_per_byte" in result.stdout
+    assert "3.5000" in result.stdout
+
+    model = load_composed_dir(out)
+    assert model.method == "ensemble"
+
+    job_id = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("job "))
+    shown = CliRunner().invoke(build_app(), ["job", "get", job_id], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["status"] == "succeeded"
