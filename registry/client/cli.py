@@ -468,6 +468,7 @@ def _compose(
             f"queued job {handle.job_id} for composition {handle.composition_id}",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )
         with _job_status(f"{method} {handle.composition_id}") as show:
             composition = handle.wait(timeout=timeout, progress=show)
@@ -500,9 +501,16 @@ def _print_composition(composition: Composition, job: Job | None, out: Path) -> 
     Console(width=100).print(table)
     if manifest.output is not None:
         typer.echo(f"new expert   {manifest.output.id} v{manifest.output.version}")
-    for name, value in sorted((manifest.metrics or {}).items()):
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+    metrics = manifest.metrics or {}
+    for name, value in sorted(metrics.items()):
+        counted = name in ("bytes", "tokens") and isinstance(value, int | float)
+        shown = (
+            str(int(value)) if counted else f"{value:.4f}" if isinstance(value, float) else value
+        )
         typer.echo(f"{name:<20} {shown}")
+    bpb, base_bpb = metrics.get("bits_per_byte"), metrics.get("base_bits_per_byte")
+    if isinstance(bpb, int | float) and isinstance(base_bpb, int | float):
+        typer.echo(f"{'vs base':<20} {bpb - base_bpb:+.4f} bits/byte")
     typer.echo(f"written to   {out}")
 
 

@@ -463,19 +463,21 @@ class Agora:
         k: int = 4,
         weights: Sequence[float] | None = None,
         params: Mapping[str, Any] | None = None,
+        temperature: float | None = None,
         idempotency_key: str | None = None,
     ) -> CompositionHandle:
         """Request a composition (``mixture``, ``ensemble``, ``average`` or ``distill``).
 
         ``experts`` are ids (latest version) or ``"exp_...@3"``; with ``texts`` and no
         experts, the registry picks the top ``k`` by retrieval and their c-BTM weights.
+        ``temperature`` is retrieval's T in softmax(-d^2/T) (default: the registry's).
         ``base_revision`` defaults to the registry's only base model. Returns at once with
         a handle; ``handle.wait()`` blocks until a worker has computed it. The same
         ``idempotency_key`` always gives the same job.
         """
         if experts is None and texts is None:
             raise ValueError("compose needs experts, texts, or both")
-        body = {
+        body: dict[str, Any] = {
             "method": method,
             "base_revision": base_revision or self._only_base_revision(),
             "experts": list(experts) if experts is not None else None,
@@ -484,6 +486,8 @@ class Agora:
             "weights": list(weights) if weights is not None else None,
             "params": dict(params or {}),
         }
+        if temperature is not None:
+            body["temperature"] = temperature
         response = self._request(
             "POST", "/v1/compositions", json=body, idempotency_key=idempotency_key
         )

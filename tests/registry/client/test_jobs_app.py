@@ -453,6 +453,7 @@ def test_cli_compose_by_text_writes_an_offline_directory(
     assert manifest["id"] in result.stdout
     assert "bits_per_byte" in result.stdout
     assert "3.5000" in result.stdout
+    assert "-0.5000 bits/byte" in result.stdout  # the composition against the base
 
     model = load_composed_dir(out)
     assert model.method == "ensemble"
