@@ -62,9 +62,15 @@ def _client(registry: str, token: str | None) -> Iterator[Agora]:
     try:
         with Agora(registry, token=token) as agora:
             yield agora
+    except TimeoutError as exc:
+        _err.print(f"[bold red]error[/] [timeout] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     except AgoraError as exc:
-        status = f"HTTP {exc.status}" if exc.status is not None else "no response"
-        line = f"{exc.detail} ({status})"
+        if isinstance(exc, JobFailed) and isinstance(exc.job, Job):
+            where = f"job {exc.job.id} {exc.job.status} after {exc.job.attempts} attempt(s)"
+        else:
+            where = f"HTTP {exc.status}" if exc.status is not None else "no response"
+        line = f"{exc.detail} ({where})"
         _err.print(f"[bold red]error[/] {escape(f'[{exc.code}]')} {escape(line)}", soft_wrap=True)
         for field in exc.errors[:10]:
             _err.print(f"  - {_describe_field_error(field)}", markup=False, soft_wrap=True)

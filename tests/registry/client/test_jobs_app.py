@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from registry.client import (
     Composition,
     Job,
     JobFailed,
+    LeasedJob,
     LeaseLost,
     UnavailableForLegalReasons,
     ValidationFailed,
@@ -358,10 +361,17 @@ def test_a_ready_composition_with_a_disabled_expert_is_not_served(
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_cli_compose_by_text_writes_an_offline_directory(
-    live_server, model_files: dict[str, Any], tmp_path: Path
-) -> None:
-    from agora.cli import build_app
+@dataclass
+class CliWorld:
+    url: str
+    alice: str
+    worker: str
+    experts: dict[str, Any]
+    env: dict[str, str]
+
+
+@pytest.fixture
+def cli_world(live_server, model_files: dict[str, Any], tmp_path: Path) -> CliWorld:
     from registry.services.tokens import create_token
 
     runtime = live_server.app.state.runtime
@@ -376,43 +386,69 @@ def test_cli_compose_by_text_writes_an_offline_directory(
         )
     with Agora(live_server.url, token=alice_token, cache_dir=tmp_path / "c2") as alice:
         experts = {name: submit(alice, model_files, name, tmp_path) for name in "ab"}
-
-    # A worker thread: completes the one composition job with the weights it was given.
-    leased_payloads: list[dict[str, Any]] = []
-    stop = threading.Event()
-
-    def work() -> None:
-        with Agora(live_server.url, token=worker_token, cache_dir=tmp_path / "c3") as worker:
-            while not stop.is_set():
-                leased = worker.lease_job("cli-test-worker")
-                if leased is None:
-                    stop.wait(0.05)
-                    continue
-                leased_payloads.append(leased.payload)
-                worker.heartbeat_job(
-                    leased.id, leased.fencing_token, progress={"done": 1, "total": 1}
-                )
-                result = {
-                    "weights": leased.payload["weights"],
-                    "metrics": {"base_bits_per_byte": 4.0, "bits_per_byte": 3.5, "bytes": 99},
-                    "details": {},
-                }
-                worker.complete_job(leased.id, leased.fencing_token, result)
-                return
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    texts = tmp_path / "domain.txt"
-    texts.write_text("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n")
-    out = tmp_path / "composition"
     env = {
         "AGORA_REGISTRY_URL": live_server.url,
         "AGORA_TOKEN": alice_token,
         "AGORA_CACHE_DIR": str(tmp_path / "cli-cache"),
     }
+    return CliWorld(live_server.url, alice_token, worker_token, experts, env)
+
+
+@contextmanager
+def one_job_worker(
+    world: CliWorld, cache: Path, handle: Callable[[Agora, LeasedJob], None]
+) -> Iterator[list[dict[str, Any]]]:
+    """A worker thread that leases one job, hands it to ``handle``, and stops; yields the
+    payloads it leased."""
+    payloads: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        with Agora(world.url, token=world.worker, cache_dir=cache) as worker:
+            while not stop.is_set():
+                leased = worker.lease_job("cli-test-worker")
+                if leased is None:
+                    stop.wait(0.05)
+                    continue
+                payloads.append(leased.payload)
+                handle(worker, leased)
+                return
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
     try:
-        result = CliRunner().invoke(
-            build_app(),
+        yield payloads
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def complete_with_given_weights(worker: Agora, leased: LeasedJob) -> None:
+    worker.heartbeat_job(leased.id, leased.fencing_token, progress={"done": 1, "total": 1})
+    result = {
+        "weights": leased.payload["weights"],
+        "metrics": {"base_bits_per_byte": 4.0, "bits_per_byte": 3.5, "bytes": 99},
+        "details": {},
+    }
+    worker.complete_job(leased.id, leased.fencing_token, result)
+
+
+def cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> Any:
+    from agora.cli import build_app
+
+    return CliRunner().invoke(build_app(), args, env=env, input=stdin, catch_exceptions=False)
+
+
+def test_cli_compose_by_text_writes_an_offline_directory(
+    cli_world: CliWorld, model_files: dict[str, Any], tmp_path: Path
+) -> None:
+    experts, env = cli_world.experts, cli_world.env
+    base = model_files["base"]
+    texts = tmp_path / "domain.txt"
+    texts.write_text("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n")
+    out = tmp_path / "composition"
+    with one_job_worker(cli_world, tmp_path / "c3", complete_with_given_weights) as payloads:
+        result = cli(
             [
                 "compose",
                 "--texts",
@@ -424,15 +460,11 @@ def test_cli_compose_by_text_writes_an_offline_directory(
                 "--out",
                 str(out),
             ],
-            env=env,
-            catch_exceptions=False,
+            env,
         )
-    finally:
-        stop.set()
-        thread.join(timeout=30)
     assert result.exit_code == 0, result.output
 
-    (payload,) = leased_payloads
+    (payload,) = payloads
     # Passages are the file's blank-line separated paragraphs, kept as written.
     assert payload["texts"] == [
         "def add(a, b):\n    return a + b",
@@ -459,6 +491,48 @@ def test_cli_compose_by_text_writes_an_offline_directory(
     assert model.method == "ensemble"
 
     job_id = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("job "))
-    shown = CliRunner().invoke(build_app(), ["job", "get", job_id], env=env)
+    shown = cli(["job", "get", job_id, "--wait"], env)
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout)["status"] == "succeeded"
+
+
+def test_cli_compose_of_named_experts_from_stdin_reports_a_failed_job(
+    cli_world: CliWorld, tmp_path: Path
+) -> None:
+    def fail(worker: Agora, leased: LeasedJob) -> None:
+        worker.fail_job(leased.id, leased.fencing_token, "ValueError: no texts", retryable=False)
+
+    a, b = cli_world.experts["a"], cli_world.experts["b"]
+    args = ["compose", "--texts", "-", "--experts", f"{a.id},{b.id}@1", "--method", "mixture"]
+    with one_job_worker(cli_world, tmp_path / "c3", fail) as payloads:
+        result = cli(
+            [*args, "--out", str(tmp_path / "out")],
+            cli_world.env,
+            stdin="first passage\n\nsecond passage\n",
+        )
+    (payload,) = payloads
+    assert [(r["id"], r["version"]) for r in payload["experts"]] == [(a.id, 1), (b.id, 1)]
+    assert payload["texts"] == ["first passage", "second passage"]
+    assert result.exit_code == 1
+    assert "[job_failed] ValueError: no texts" in result.stderr
+    assert "failed after 1 attempt(s)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+    job_id = result.stderr.split("queued job ", 1)[1].split()[0]
+    shown = cli(["job", "get", job_id], cli_world.env)
+    assert shown.exit_code == 1
+    assert json.loads(shown.stdout)["error"] == "ValueError: no texts"
+
+
+def test_cli_compose_refusals(cli_world: CliWorld, tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    neither = cli(["compose", "--out", out], cli_world.env)
+    assert neither.exit_code == 2
+    assert "give --texts, --experts, or both" in neither.output
+    bad_param = cli(["compose", "--experts", "ex_x", "--param", "steps", "--out", out], {})
+    assert bad_param.exit_code == 2
+    assert "is not key=value" in bad_param.output
+    unknown = cli(["compose", "--experts", "ex_" + "Z" * 26, "--out", out], cli_world.env)
+    assert unknown.exit_code == 1
+    assert "[unknown_expert]" in unknown.stderr
+    assert "(HTTP 422)" in unknown.stderr
