@@ -24,6 +24,10 @@ each times its gate, into a (T, H) result. This is the contract the Triton kerne
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,13 +83,10 @@ def grouped_mm_ref(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_EDH, gates_TK)
     )
-    if needs_grad:
-        y_AH = _grouped_autograd(x, w_EDH, plan, counts, grouped_in, grouped_out)
-    else:
-        y_AH = _grouped_inference(x, w_EDH, plan, counts, grouped_in, grouped_out)
-    if grouped_out:
-        return y_AH
-    if gates_TK is None:
+    if not needs_grad:
+        return _grouped_inference(x, w_EDH, plan, counts, gates_TK, grouped_in, grouped_out)
+    y_AH = _grouped_autograd(x, w_EDH, plan, counts, grouped_in, grouped_out)
+    if grouped_out or gates_TK is None:
         return y_AH
     T = gates_TK.shape[0]
     y_TKH = y_AH.view(T, k, -1)
@@ -111,28 +112,147 @@ def _grouped_autograd(
     return torch.empty_like(y_sorted_AH).index_copy(0, plan.sorted_assign_A, y_sorted_AH)
 
 
+# Below this many multiply-adds (A * D * H) the inference schedule runs in the calling
+# thread: handing blocks to the worker threads costs ~0.1 ms per call, which is more than
+# it saves on a small layer (the tiny preset's layers are ~1e6).
+_PARALLEL_MIN_MACS = 1 << 26
+
+
 def _grouped_inference(
     x: torch.Tensor,
     w_EDH: torch.Tensor,
     plan: RoutingPlan,
     counts: list[int],
+    gates_TK: torch.Tensor | None,
     grouped_in: bool,
     grouped_out: bool,
 ) -> torch.Tensor:
-    """The same products without autograd: each expert's ``torch.mm`` writes its block of
-    the sorted result in place (``out=``), which drops the cat of ``_grouped_autograd``
-    (one full copy of the (A, H) output) and keeps the op count at E + 2 (one gather, E
-    matmuls, one scatter): on 2 busy cores every extra parallel op also pays a thread
-    barrier, which made a per-expert gather/scatter schedule slower, not faster."""
+    """The same products without autograd, one expert block at a time, each block's rows
+    gathered into a small reused buffer right before its ``torch.mm`` (so they are still in
+    cache when the GEMM reads them) and its result scattered from another small buffer
+    straight into the returned tensor. No (A, D) or (A, H) intermediate is allocated:
+    a fresh 32-64 MiB tensor costs its page faults on every call (~20 ms each at the
+    benchmark shape on this 2-core machine, more than the gather itself).
+
+    Blocks are independent, so on the CPU, when the call is large enough and torch has
+    more than one intra-op thread, the blocks are spread over that many worker threads
+    that each run single-threaded GEMMs (expert parallelism, as a grouped GEMM kernel
+    spreads tiles over cores). On 2 threads, MKL splitting each (~256 x 1024) @
+    (1024 x 2048) block over both cores ran at 0.71-0.83x of one dense product; one
+    block per core at 0.87-0.89x (benchmarks/moe_cpu.py).
+    """
     A, H = plan.sorted_assign_A.numel(), w_EDH.shape[-1]
-    x_sorted_AD = x if grouped_in else x.index_select(0, plan.sorted_assign_A // plan.k)
-    y_sorted_AH = x.new_empty(A, H)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            rows = slice(start, start + n)
-            torch.mm(x_sorted_AD[rows], w_EDH[e], out=y_sorted_AH[rows])
-        start += n
-    if grouped_out:
-        return y_sorted_AH
-    return torch.empty_like(y_sorted_AH).index_copy_(0, plan.sorted_assign_A, y_sorted_AH)
+    k = plan.k
+    assign_A = plan.sorted_assign_A
+    src_A = None if grouped_in else assign_A // k
+    # Gated: each block's rows are multiplied by their gates in cache, scattered to the
+    # assignment order, then the K rows of a token summed: a fixed order for any K (an
+    # index_add_ from several threads would race, and for K > 2 sum in a varying order).
+    gate_A = None
+    if gates_TK is not None:
+        gate_A = gates_TK.reshape(-1).to(x.dtype).index_select(0, assign_A).unsqueeze(1)
+    y_AH = x.new_empty(A, H)
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    # Largest blocks first, so the last block a worker takes is a small one.
+    blocks = sorted(((n, e) for e, n in enumerate(counts) if n), reverse=True)
+    widest = blocks[0][0] if blocks else 0
+
+    def drain(todo: queue.SimpleQueue[tuple[int, int]]) -> None:
+        buf_in = None if grouped_in else x.new_empty(widest, x.shape[1])
+        buf_out = None if grouped_out else x.new_empty(widest, H)
+        while True:
+            try:
+                n, e = todo.get_nowait()
+            except queue.Empty:
+                return
+            rows = slice(starts[e], starts[e] + n)
+            if grouped_in:
+                x_blk = x[rows]
+            else:
+                assert buf_in is not None
+                assert src_A is not None
+                x_blk = torch.index_select(x, 0, src_A[rows], out=buf_in[:n])
+            if grouped_out:
+                torch.mm(x_blk, w_EDH[e], out=y_AH[rows])
+                continue
+            assert buf_out is not None
+            y_blk = torch.mm(x_blk, w_EDH[e], out=buf_out[:n])
+            if gate_A is not None:
+                y_blk.mul_(gate_A[rows])
+            y_AH.index_copy_(0, assign_A[rows], y_blk)
+
+    todo: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+    for blk in blocks:
+        todo.put(blk)
+    n_threads = torch.get_num_threads()
+    big = A * x.shape[-1] * H >= _PARALLEL_MIN_MACS
+    if x.device.type == "cpu" and n_threads > 1 and len(blocks) > 1 and big:
+        _pool(n_threads).run([lambda: drain(todo)] * n_threads)
+    else:
+        drain(todo)
+    if gate_A is None:
+        return y_AH
+    return y_AH.view(-1, k, H).sum(dim=1)
+
+
+class _WorkerThreads:
+    """``n`` daemon threads that run submitted callables, each thread limited to one
+    intra-op thread (so ``n`` of them use the ``n`` cores torch was given, no more).
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL thread counts but
+    also the process-wide default that new threads start from; the constructor puts that
+    default back once every worker has pinned itself."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pid = os.getpid()
+        self._tasks: queue.SimpleQueue[
+            tuple[Callable[[], None], queue.SimpleQueue[BaseException | None]]
+        ] = queue.SimpleQueue()
+        ready = threading.Barrier(n + 1)
+        caller_threads = torch.get_num_threads()
+        for i in range(n):
+            threading.Thread(
+                target=self._serve, args=(ready,), name=f"moe-ref-{i}", daemon=True
+            ).start()
+        ready.wait()
+        torch.set_num_threads(caller_threads)
+
+    def _serve(self, ready: threading.Barrier) -> None:
+        torch.get_num_threads()  # torch's per-thread lazy init first, or it would undo the next
+        torch.set_num_threads(1)
+        ready.wait()
+        while True:
+            fn, done = self._tasks.get()
+            try:
+                fn()
+            except BaseException as exc:  # handed to the caller, re-raised there
+                done.put(exc)
+            else:
+                done.put(None)
+
+    def run(self, fns: list[Callable[[], None]]) -> None:
+        """Run ``fns`` on the workers; return when all are done, raising the first error."""
+        done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        for fn in fns:
+            self._tasks.put((fn, done))
+        errors = [done.get() for _ in fns]
+        for exc in errors:
+            if exc is not None:
+                raise exc
+
+
+_pools: dict[int, _WorkerThreads] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(n: int) -> _WorkerThreads:
+    """The worker threads for ``n`` intra-op threads, made on first use (and again in a
+    forked child, which inherits the dict but not the threads)."""
+    with _pools_lock:
+        pool = _pools.get(n)
+        if pool is None or pool.pid != os.getpid():
+            pool = _pools[n] = _WorkerThreads(n)
+        return pool

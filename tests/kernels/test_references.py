@@ -4,10 +4,12 @@ formula of stick-breaking attention."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from modelcore.kernels import plan_routing
+from modelcore.kernels import moe_ref, plan_routing
 from modelcore.kernels.moe_ref import grouped_mm_ref
 from modelcore.kernels.sb_ref import stickbreaking_attention_ref
 
@@ -83,3 +85,112 @@ def test_grouped_mm_ref_inference_schedule_matches_autograd_schedule(grouped_in,
     assert train.requires_grad
     assert not infer.requires_grad
     torch.testing.assert_close(infer, train.detach())
+
+
+# (grouped_in, grouped_out, gated): every combination the contract allows.
+_MODES = [
+    (False, False, False),
+    (False, False, True),
+    (True, False, False),
+    (True, False, True),
+    (False, True, False),
+    (True, True, False),
+]
+
+
+def _uneven_routing(T: int, E: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-K of E with expert 3 never chosen, expert 0 chosen by nearly every token."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    logits[:, 3] = -float("inf")
+    logits[:, 0] += 2.0
+    top, idx = logits.topk(K, dim=-1)
+    return idx, top.softmax(-1)
+
+
+@pytest.fixture
+def expert_parallel(monkeypatch: pytest.MonkeyPatch):
+    """Make the inference schedule hand even tiny calls to its worker threads (2 of them),
+    and put the caller's thread count back afterwards."""
+    monkeypatch.setattr(moe_ref, "_PARALLEL_MIN_MACS", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("grouped_in", "grouped_out", "gated"), _MODES)
+@pytest.mark.parametrize("parallel", [False, True])
+def test_inference_schedule_is_the_per_token_loop(
+    grouped_in, grouped_out, gated, parallel, request: pytest.FixtureRequest
+):
+    """The no-grad schedule (per-expert gather into a buffer, matmul, scatter or gated
+    combine; serial or on worker threads) against the definition, at odd shapes with an
+    empty and a dominant expert."""
+    if parallel:
+        request.getfixturevalue("expert_parallel")
+    T, K, E, D, H = 37, 3, 5, 50, 70
+    idx, gates = _uneven_routing(T, E, K, seed=2)
+    plan = plan_routing(idx, E)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T * K if grouped_in else T, D, generator=gen)
+    w = torch.randn(E, D, H, generator=gen)
+    g = gates if gated else None
+    moe_ref._pools.clear()
+    with torch.no_grad():
+        y = grouped_mm_ref(x, w, plan, gates_TK=g, grouped_in=grouped_in, grouped_out=grouped_out)
+    assert (2 in moe_ref._pools) == parallel  # the worker threads ran it, or did not
+    want = torch.zeros(T, H) if gated else torch.zeros(T * K, H)
+    for p, a in enumerate(plan.sorted_assign_A.tolist()):
+        t, slot = divmod(a, K)
+        row = x[p] if grouped_in else x[t]
+        prod = row @ w[idx[t, slot]]
+        if gated:
+            want[t] += gates[t, slot] * prod
+        else:
+            want[p if grouped_out else a] = prod
+    torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_expert_parallel_schedule_leaves_thread_counts_alone(expert_parallel):
+    """Its workers pin themselves to one intra-op thread each, which in torch also resets
+    the process-wide default; the caller, and threads it starts later, must keep theirs."""
+    moe_ref._pools.clear()  # force the workers to be made (and pinned) during this call
+    T, K, E = 16, 2, 4
+    idx = torch.arange(T * K).reshape(T, K) % E
+    with torch.no_grad():
+        grouped_mm_ref(torch.randn(T, 8), torch.randn(E, 8, 6), plan_routing(idx, E))
+    assert 2 in moe_ref._pools
+    assert torch.get_num_threads() == 2
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [2]
+    # and each worker runs its GEMMs on one thread: two workers use the two cores
+    on_workers: list[int] = []
+    moe_ref._pools[2].run([lambda: on_workers.append(torch.get_num_threads())] * 2)
+    assert on_workers == [1, 1]
+
+
+def test_expert_parallel_schedule_raises_worker_errors_and_recovers(expert_parallel):
+    """An error inside a worker (here a dtype mismatch in torch.mm) reaches the caller,
+    and the workers keep serving the next call."""
+    T, K, E, D, H = 12, 2, 3, 8, 5
+    plan = plan_routing(torch.arange(T * K).reshape(T, K) % E, E)
+    x = torch.randn(T, D)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
+        grouped_mm_ref(x, torch.randn(E, D, H, dtype=torch.float64), plan)
+    w = torch.randn(E, D, H)
+    with torch.no_grad():
+        y = grouped_mm_ref(x, w, plan)
+    torch.testing.assert_close(y[5], x[2] @ w[5 % E])
+
+
+def test_inference_schedule_handles_no_tokens():
+    plan = plan_routing(torch.zeros(0, 2, dtype=torch.long), 4)
+    w = torch.randn(4, 6, 3)
+    with torch.no_grad():
+        assert grouped_mm_ref(torch.randn(0, 6), w, plan).shape == (0, 3)
+        y = grouped_mm_ref(torch.randn(0, 6), w, plan, gates_TK=torch.rand(0, 2))
+    assert y.shape == (0, 3)
