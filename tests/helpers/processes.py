@@ -101,7 +101,7 @@ class Process:
             self._signal_group(signal.SIGKILL)
         self.popen.wait(timeout=30)
 
-    def signal(self, sig: int) -> None:
+    def send(self, sig: int) -> None:
         if self.alive():
             self.popen.send_signal(sig)
 
@@ -152,8 +152,12 @@ class Processes:
         return process
 
     def stop_all(self) -> None:
-        # Workers before the registry, so they do not spend their grace retrying it.
-        for process in sorted(self.started, key=lambda p: p.name == "registry"):
+        # Workers before the registry, so they do not spend their grace retrying it; all
+        # workers are signalled first and then waited for, so their exits overlap.
+        workers = [p for p in self.started if p.name != "registry"]
+        for process in workers:
+            process.send(signal.SIGTERM)
+        for process in [*workers, *(p for p in self.started if p.name == "registry")]:
             process.stop()
 
     def logs(self) -> list[tuple[str, str]]:
@@ -230,10 +234,26 @@ class Registry:
             raise AssertionError(f"agora {' '.join(args)} exited {run.returncode}:\n{run.stderr}")
         return run.stdout
 
-    def create_token(self, role: str, name: str) -> str:
-        """`agora admin create-token`: the secret is its last line."""
+    def cli_create_token(self, role: str, name: str) -> str:
+        """`agora admin create-token`, as an operator runs it: the secret is its last line."""
         lines = self.cli("admin", "create-token", "--role", role, "--name", name).splitlines()
         return lines[-1].strip()
+
+    def create_token(self, role: str, name: str) -> str:
+        """A token written straight into the database: what `agora admin create-token`
+        does, without the seconds a new process takes to import the registry."""
+        from sqlalchemy import create_engine
+        from sqlalchemy.orm import Session
+
+        from registry.services.tokens import create_token
+
+        engine = create_engine(self.database_url)
+        try:
+            with Session(engine) as session, session.begin():
+                _, secret = create_token(session=session, name=name, role=role)
+        finally:
+            engine.dispose()
+        return secret
 
     def http(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -318,6 +338,7 @@ def start_worker(
     lease_seconds: float | None = None,
     kinds: Sequence[str] | None = None,
     cache_dir: Path | None = None,
+    poll_interval: float = 0.2,
     extra_args: Sequence[str] = (),
 ) -> Process:
     """`agora worker` against ``registry`` on the CPU, with its own blob cache."""
@@ -334,6 +355,8 @@ def start_worker(
         "cpu",
         "--name",
         name,
+        "--poll-interval",
+        str(poll_interval),
     ]
     if lease_seconds is not None:
         argv += ["--lease-seconds", str(lease_seconds)]

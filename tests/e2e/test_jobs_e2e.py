@@ -1,0 +1,133 @@
+"""A composition requested by text, end to end with real processes, on SQLite and PostgreSQL.
+
+`agora serve` (no embedded worker) and one `agora worker` run as subprocesses. A tiny base
+and three domain experts, trained on the real corpus, are uploaded with datasheets whose
+samples are their domain's text. A user asks for an ensemble of the k=2 experts that fit
+held-out text of one domain; the worker computes it; the SDK loads the composition and
+scores that text locally, better than the base does. The CLI does the same with
+`agora compose --texts FILE --out DIR`, and the directory loads offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.processes import AGORA, Processes, Published, Registry, Trained, start_worker
+
+from registry.client import Agora
+
+pytestmark = pytest.mark.slow
+
+DOMAIN = "licenses"
+
+
+def _base_bits_per_byte(trained: Trained, texts: list[str]) -> float:
+    import torch
+
+    from modelcore.artifacts import load_base
+    from modelcore.eval import evaluate
+
+    torch.set_num_threads(1)
+    bundle = load_base(trained.base_dir)
+    return float(evaluate(bundle.model, bundle.tokenizer, {"t": texts})["t"]["bits_per_byte"])
+
+
+def test_a_composition_requested_by_text_is_computed_by_a_worker_and_loaded(
+    launch: Callable[..., Registry],
+    publish: Callable[..., Published],
+    procs: Processes,
+    trained: Trained,
+    tmp_path: Path,
+) -> None:
+    registry = launch()
+    published = publish(registry)
+    worker_token = registry.cli_create_token("worker", "w1")
+    worker = start_worker(procs, registry, worker_token, name="w1")
+    texts = trained.heldout[DOMAIN]
+    base_bpb = _base_bits_per_byte(trained, texts)
+
+    seen: list[Any] = []
+    with Agora(registry.url, token=published.user_token, cache_dir=tmp_path / "sdk") as agora:
+        handle = agora.compose("ensemble", base_revision=published.revision, texts=texts, k=2)
+        composition = handle.wait(timeout=300, poll=0.3, progress=seen.append)
+        job = agora.get_job(handle.job_id)
+        model = agora.load_composed(composition)
+        composed = model.bits_per_byte(texts)
+
+    assert worker.alive(), worker.log()
+    # The worker reported progress through the job as it went, and the job succeeded once.
+    assert seen, "the progress callback was never called"
+    assert job.status == "succeeded"
+    assert job.attempts == 1
+    assert job.composition_id == composition.id
+    # Retrieval chose the domain's own expert among the two, from the text alone.
+    manifest = composition.manifest
+    assert manifest is not None
+    assert manifest.method == "ensemble"
+    assert manifest.base_revision == published.revision
+    assert len(manifest.experts) == 2
+    by_id = {ref.id: ref for ref in manifest.experts}
+    assert published.experts[DOMAIN] in by_id
+    for domain, expert_id in published.experts.items():
+        if expert_id in by_id:
+            assert by_id[expert_id].digest == published.digests[domain]
+    weights = [ref.weight for ref in manifest.experts]
+    assert all(w is not None and w >= 0 for w in weights), weights
+    assert math.isclose(sum(w for w in weights if w is not None), 1.0, rel_tol=1e-4)
+
+    # The claim: the composition scores the user's text better than the base.
+    assert composed["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+    assert composed["bits_per_byte"] < base_bpb - 0.005, (composed, base_bpb)
+    # What the worker measured is what the user gets locally.
+    metrics = manifest.metrics
+    assert metrics is not None
+    assert metrics["bits_per_byte"] == pytest.approx(composed["bits_per_byte"], rel=0.02)
+    assert metrics["base_bits_per_byte"] == pytest.approx(base_bpb, rel=0.02)
+    # Exactly one accepted result for the job, from its one lease.
+    rows = registry.query("SELECT job_id FROM job_results")
+    assert [r["job_id"] for r in rows] == [handle.job_id]
+
+    # The same through the CLI: compose by text into a directory, then load it offline.
+    text_file = tmp_path / "mine.txt"
+    text_file.write_text("\n\n".join(t.strip() for t in texts) + "\n")
+    out = tmp_path / "composed"
+    env = dict(registry.env, AGORA_REGISTRY_URL=registry.url, AGORA_TOKEN=published.user_token)
+    env["AGORA_CACHE_DIR"] = str(tmp_path / "cli-cache")
+    run = subprocess.run(
+        [
+            *AGORA,
+            "compose",
+            "--texts",
+            str(text_file),
+            "--method",
+            "ensemble",
+            "-k",
+            "2",
+            "--out",
+            str(out),
+            "--timeout",
+            "300",
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    printed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert printed["status"] == "ready"
+    assert published.experts[DOMAIN] in {e["id"] for e in printed["manifest"]["experts"]}
+    assert (out / "manifest.json").is_file()
+
+    from registry.client.composed import load_composed_dir
+
+    offline = load_composed_dir(out)
+    assert offline.bits_per_byte(texts)["bits_per_byte"] < base_bpb - 0.005
