@@ -19,6 +19,7 @@ import os
 import queue
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,13 +118,21 @@ def place(source: Path, dest: Path) -> Path:
     caught rather than served.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.agora-tmp")
-    tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        if os.path.samefile(source, dest):
+            return dest  # already this very file (a hard link placed earlier)
+    # A name of its own per call: processes sharing a cache (a worker, the user's SDK) may
+    # place the same file at the same time.
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.agora-tmp")
     try:
         os.link(source, tmp)
     except OSError:
         shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dest
 
 

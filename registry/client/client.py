@@ -619,7 +619,7 @@ class Agora:
         raw = manifest.model_dump(mode="json", exclude_unset=True)
         if target is not None:
             target.mkdir(parents=True, exist_ok=True)
-            tmp = target / ".manifest.json.agora-tmp"
+            tmp = target / f".manifest.json.{os.getpid()}.{uuid.uuid4().hex[:12]}.agora-tmp"
             tmp.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             os.replace(tmp, target / "manifest.json")
         return LocalComposition(

@@ -666,3 +666,33 @@ def test_load_composed_dir_refuses_an_altered_expert_file(tmp_path: Path) -> Non
     with pytest.raises(AgoraError) as err:
         load_composed_dir(out)
     assert err.value.code == "composition_incomplete"
+
+
+def test_placing_the_same_file_from_many_threads_at_once_never_fails(tmp_path: Path) -> None:
+    """A worker and the user's SDK share a cache and may place the same base file together."""
+    import threading
+
+    from registry.client.cache import place
+
+    source = tmp_path / "blob"
+    source.write_bytes(b"weights" * 1000)
+    dest = tmp_path / "bases" / "rev" / "model.safetensors"
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def go() -> None:
+        start.wait()
+        try:
+            for _ in range(50):
+                place(source, dest)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert dest.read_bytes() == source.read_bytes()
+    assert [p.name for p in dest.parent.iterdir()] == ["model.safetensors"]  # no temp files
