@@ -1,29 +1,37 @@
 """CPU speed of the reference grouped MoE matmul (the CPU path of modelcore).
 
 Shape (issue 5): T=4096 tokens, d=1024, h=2048, E=32 experts, top-k=2, fp32, 2 threads.
-Three ways to compute the same T*k expert rows, all in this one process:
+Ways to compute the same T*k expert rows, all in this one process:
 
-* grouped: the reference path, ``plan_routing`` (sort + block ends by searchsorted) then
-  ``grouped_mm_ref`` (gather, one matmul per expert block, scatter back), timed together,
-  as inference runs it (no autograd: the cache-blocked schedule). The forward of its
-  autograd schedule (what CPU training runs) is printed too, for reference;
-* dense: one ``torch.mm`` of (T*k, d) @ (d, h): the same FLOPs with no routing at all;
-* per-token loop: one (1, d) @ (d, h) product per (token, slot), the naive baseline. It is
-  timed on a subset of tokens and extrapolated linearly to T (each product is independent
-  and the same size, so its time is linear in the token count); the script says so.
+* grouped: the whole sort-based reference path, timed as one call each: ``plan_routing``
+  (stable sort + block ends by searchsorted) then ``grouped_mm_ref`` without autograd
+  (as inference runs it): gather the rows of each expert, one matmul per expert block,
+  scatter the (T*k, h) result back to assignment order. A second row times the same with
+  gates: the K rows of each token combined into a (T, h) result (the MoE layer's output
+  step). The forward of the autograd schedule (what CPU training runs) is printed too;
+* dense: one ``torch.mm`` of (T*k, d) @ (d, h): the same FLOPs with no routing at all,
+  allocating its (T*k, h) output as the grouped call does;
+* per-token loop: one (1, d) @ (d, h) product per (token, slot), expert ids read as
+  Python ints beforehand. It is timed on a subset of tokens and extrapolated linearly to
+  T (each product is independent and the same size, so its time is linear in the token
+  count); the script says so.
 
-Repetitions interleave the paths, so a busy machine slows them alike, and the best of
-the repetitions is reported (the usual estimate of the unloaded time; on a shared
-2-core machine the median mostly measures the neighbours).
+Every repetition runs every path once, back to back, and each ratio is taken within a
+repetition (dense time / grouped time of the same repetition), so a neighbour that slows
+the machine for a while slows both sides of a ratio; the median over repetitions is the
+verdict, and the best times are printed beside it.
 Goals: grouped >= 0.85x dense GFLOP/s, >= 15x the per-token loop.
 
-Run: .venv/bin/python benchmarks/moe_cpu.py [--reps 7] [--loop-tokens 256]
+Run: .venv/bin/python benchmarks/moe_cpu.py [--reps 9] [--loop-tokens 256]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +39,7 @@ from modelcore.kernels import plan_routing
 from modelcore.kernels.moe_ref import grouped_mm_ref
 
 
-def _time(fn) -> float:
+def _time(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -45,7 +53,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--loop-tokens", type=int, default=256)
     args = ap.parse_args()
 
@@ -54,7 +62,9 @@ def main() -> None:
     T, d, h, E, k = args.tokens, args.d, args.h, args.experts, args.k
     x = torch.randn(T, d)
     w = torch.randn(E, d, h) / d**0.5
-    expert_idx = torch.randn(T, E).topk(k, dim=-1).indices  # a router's top-k
+    logits = torch.randn(T, E)  # a router's scores
+    top, expert_idx = logits.topk(k, dim=-1)
+    gates = top.softmax(-1)
     x_dense = torch.randn(T * k, d)
     w_dense = torch.randn(d, h) / d**0.5
     flops = 2.0 * T * k * d * h
@@ -62,6 +72,10 @@ def main() -> None:
     def grouped() -> torch.Tensor:
         with torch.no_grad():
             return grouped_mm_ref(x, w, plan_routing(expert_idx, E))
+
+    def grouped_gated() -> torch.Tensor:
+        with torch.no_grad():
+            return grouped_mm_ref(x, w, plan_routing(expert_idx, E), gates_TK=gates)
 
     w_train = w.clone().requires_grad_()
 
@@ -72,44 +86,67 @@ def main() -> None:
         with torch.no_grad():
             return torch.mm(x_dense, w_dense)
 
-    # correctness of what is timed, on a few rows
+    n_loop = min(args.loop_tokens, T)
+    loop_ids = expert_idx[:n_loop].tolist()
+
+    def loop() -> None:
+        with torch.no_grad():
+            for t in range(n_loop):
+                for e in loop_ids[t]:
+                    x[t : t + 1] @ w[e]
+
+    # correctness of what is timed: every row against the autograd schedule, a few rows
+    # against the definition, and the gated combine against its formula
     y = grouped()
     for a in (0, 1, T * k - 1):
         t, s = divmod(a, k)
         torch.testing.assert_close(y[a], x[t] @ w[expert_idx[t, s]], atol=1e-4, rtol=1e-4)
-
     torch.testing.assert_close(grouped_autograd().detach(), y)
-    grouped(), dense()  # warm-up: allocator, thread pool
-    t_grouped, t_dense, t_train = [], [], []
+    want_gated = torch.einsum("tkh,tk->th", y.view(T, k, h), gates)
+    torch.testing.assert_close(grouped_gated(), want_gated, atol=1e-4, rtol=1e-4)
+    del y, want_gated
+
+    paths = {
+        "grouped": grouped,
+        "grouped_gated": grouped_gated,
+        "dense": dense,
+        "autograd": grouped_autograd,
+        "loop": loop,
+    }
+    for fn in paths.values():  # warm-up: allocator, thread pools, MKL's buffers
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.reps):
-        t_grouped.append(_time(grouped))
-        t_dense.append(_time(dense))
-        t_train.append(_time(grouped_autograd))
-    tg, td, tt = (min(v) for v in (t_grouped, t_dense, t_train))
+        for name, fn in paths.items():
+            times[name].append(_time(fn))
+    times["loop"] = [t_sub * T / n_loop for t_sub in times["loop"]]  # extrapolated to T
 
-    n_loop = min(args.loop_tokens, T)
+    def paired(num: str, den: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
-    def loop() -> None:
-        for t in range(n_loop):
-            for s in range(k):
-                x[t : t + 1] @ w[expert_idx[t, s]]
-
-    loop()
-    tl_subset = min(_time(loop) for _ in range(3))
-    tl_full = tl_subset * T / n_loop
-
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"moe_cpu: T={T} d={d} h={h} E={E} k={k} fp32, torch.set_num_threads({args.threads}),")
-    print(f"         torch {torch.__version__}, best of {args.reps} (paths interleaved)")
-    print(f"{'path':<26}{'time ms':>10}{'GFLOP/s':>10}")
-    print(f"{'grouped (ref, incl. plan)':<26}{tg * 1e3:>10.1f}{flops / tg / 1e9:>10.1f}")
-    print(f"{'grouped, autograd fwd':<26}{tt * 1e3:>10.1f}{flops / tt / 1e9:>10.1f}")
-    print(f"{'dense torch.mm, same FLOPs':<26}{td * 1e3:>10.1f}{flops / td / 1e9:>10.1f}")
-    print(f"{'per-token loop (extrap.)':<26}{tl_full * 1e3:>10.1f}{flops / tl_full / 1e9:>10.1f}")
+    print(f"         torch {torch.__version__}, {args.reps} repetitions (paths interleaved),")
+    print(f"         load average at the end (1, 5, 15 min): {load}")
+    rows = [
+        ("grouped (plan+gather+mm+scatter)", "grouped"),
+        ("grouped, gated combine to (T,h)", "grouped_gated"),
+        ("grouped, autograd schedule fwd", "autograd"),
+        ("dense torch.mm, same FLOPs", "dense"),
+        ("per-token loop (extrapolated)", "loop"),
+    ]
+    print(f"{'path':<34}{'median ms':>10}{'best ms':>10}{'GFLOP/s':>9}")
+    for label, name in rows:
+        med, best = statistics.median(times[name]), min(times[name])
+        print(f"{label:<34}{med * 1e3:>10.1f}{best * 1e3:>10.1f}{flops / med / 1e9:>9.1f}")
     print(f"per-token loop timed on {n_loop} of {T} tokens and extrapolated x{T / n_loop:g}")
-    r_dense, r_loop = td / tg, tl_full / tg
+    print("ratios: median over repetitions of (other path's time / grouped time), same repetition")
     verdict = {True: "MET", False: "MISSED"}
-    print(f"grouped / dense GFLOP/s : {r_dense:.2f}x  (goal >= 0.85x) {verdict[r_dense >= 0.85]}")
-    print(f"grouped vs per-token    : {r_loop:.1f}x  (goal >= 15x) {verdict[r_loop >= 15]}")
+    for label, name in rows[:2]:
+        r_dense, r_loop = paired("dense", name), paired("loop", name)
+        print(f"{label}:")
+        print(f"  vs dense GFLOP/s : {r_dense:.2f}x  (goal >= 0.85x) {verdict[r_dense >= 0.85]}")
+        print(f"  vs per-token loop: {r_loop:.1f}x  (goal >= 15x) {verdict[r_loop >= 15]}")
 
 
 if __name__ == "__main__":
