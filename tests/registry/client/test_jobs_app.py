@@ -8,6 +8,7 @@ from the original files.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import threading
@@ -536,3 +537,37 @@ def test_cli_compose_refusals(cli_world: CliWorld, tmp_path: Path) -> None:
     assert unknown.exit_code == 1
     assert "[unknown_expert]" in unknown.stderr
     assert "(HTTP 422)" in unknown.stderr
+
+
+def test_docs_compose_snippet_runs_as_written_with_a_real_worker(
+    cli_world: CliWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """docs/sdk.md's compositions example, against a live registry and the real worker
+    (worker.runner.Worker, as `agora worker` runs it) in a thread."""
+    from worker.runner import Worker
+
+    docs = Path(__file__).resolve().parents[3] / "docs" / "sdk.md"
+    section = docs.read_text().split("### Compositions, evaluations and jobs", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'agora.compose("ensemble", texts=texts, k=4)' in snippet
+    snippet = snippet.replace("http://127.0.0.1:8000", cli_world.url).replace(
+        '"agora_..."', repr(cli_world.alice)
+    )
+    monkeypatch.setenv("AGORA_CACHE_DIR", str(tmp_path / "snippet-cache"))
+    with Agora(cli_world.url, token=cli_world.worker, cache_dir=tmp_path / "wc") as agora:
+        worker = Worker(agora, name="docs-worker", poll_interval=0.05, lease_seconds=30)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            exec(compile(snippet, str(docs), "exec"), {"__name__": "snippet"})
+        finally:
+            worker.request_stop()
+            thread.join(timeout=60)
+    assert worker.outcomes == ["succeeded", "succeeded"]  # the composition, the evaluation
+    printed = capsys.readouterr().out.splitlines()
+    experts = {e.id for e in cli_world.experts.values()}
+    assert {line.split()[0] for line in printed if line.split()[0] in experts} == experts
+    # The model loaded locally scores the texts exactly as the worker did for the manifest.
+    line = next(x for x in printed if "'bits_per_byte'" in x)
+    local, _, reported = line.partition(" ")
+    assert float(local) == pytest.approx(ast.literal_eval(reported)["bits_per_byte"], rel=1e-5)
