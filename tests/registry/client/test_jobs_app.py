@@ -571,3 +571,36 @@ def test_docs_compose_snippet_runs_as_written_with_a_real_worker(
     line = next(x for x in printed if "'bits_per_byte'" in x)
     local, _, reported = line.partition(" ")
     assert float(local) == pytest.approx(ast.literal_eval(reported)["bits_per_byte"], rel=1e-5)
+
+
+def test_cli_evaluate_prints_bits_per_byte_per_text_set(
+    cli_world: CliWorld, tmp_path: Path
+) -> None:
+    def score(worker: Agora, leased: LeasedJob) -> None:
+        results = {
+            name: {
+                "bits_per_byte": 1.25,
+                "base_bits_per_byte": 1.5,
+                "tokens": 7,
+                "bytes": sum(len(t.encode()) for t in texts),
+            }
+            for name, texts in leased.payload["text_sets"].items()
+        }
+        worker.complete_job(leased.id, leased.fencing_token, {"results": results})
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("SELECT 1;\n\nSELECT 2;\n")
+    a = cli_world.experts["a"]
+    with one_job_worker(cli_world, tmp_path / "c3", score) as payloads:
+        result = cli(["evaluate", f"held_out={held_out}", "--expert", a.id], cli_world.env)
+    assert result.exit_code == 0, result.output
+    (payload,) = payloads
+    assert payload["text_sets"] == {"held_out": ["SELECT 1;", "SELECT 2;"]}
+    assert payload["subject"]["expert"]["id"] == a.id
+    row = next(line for line in result.stdout.splitlines() if "held_out" in line)
+    assert "1.2500" in row
+    assert "1.5000" in row
+    assert "18" in row
+    with Agora(cli_world.url, token=cli_world.alice, cache_dir=tmp_path / "c4") as alice:
+        (stored,) = alice.list_evaluations(expert_id=a.id)
+    assert (stored.text_set, stored.bits_per_byte) == ("held_out", 1.25)
