@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Self, TypeAlias, TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -56,6 +56,7 @@ from registry.client.models import (
     Evaluation,
     Expert,
     ExpertPage,
+    ExpertRef,
     Job,
     JobAccepted,
     LeasedJob,
@@ -79,6 +80,9 @@ NEAREST_MAX_TEXTS = 200
 DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
 BACKOFF_CAP_S = 8.0
 RETRY_AFTER_CAP_S = 60.0
+
+ExpertSpec: TypeAlias = str | SubmittedExpert | SearchResult | ExpertRef | Expert
+"""An expert named for a composition: an id (``"ex_..."``, ``"ex_...@3"``) or an SDK object."""
 
 ProgressCallback = Callable[[int, int | None], None]
 """Called with (bytes done, total bytes or None) as a transfer advances."""
@@ -458,7 +462,7 @@ class Agora:
         method: str,
         *,
         base_revision: str | None = None,
-        experts: Sequence[str] | None = None,
+        experts: Sequence[ExpertSpec] | None = None,
         texts: str | Sequence[str] | None = None,
         k: int = 4,
         weights: Sequence[float] | None = None,
@@ -468,7 +472,9 @@ class Agora:
     ) -> CompositionHandle:
         """Request a composition (``mixture``, ``ensemble``, ``average`` or ``distill``).
 
-        ``experts`` are ids (latest version) or ``"exp_...@3"``; with ``texts`` and no
+        ``experts`` are ids (latest version), ``"ex_...@3"``, or what the SDK returned for
+        them (``SubmittedExpert``, ``SearchResult``: that exact version; ``Expert``: its
+        latest); with ``texts`` and no
         experts, the registry picks the top ``k`` by retrieval and their c-BTM weights.
         ``temperature`` is retrieval's T in softmax(-d^2/T) (default: the registry's).
         ``base_revision`` defaults to the registry's only base model. Returns at once with
@@ -480,7 +486,7 @@ class Agora:
         body: dict[str, Any] = {
             "method": method,
             "base_revision": base_revision or self._only_base_revision(),
-            "experts": list(experts) if experts is not None else None,
+            "experts": [_expert_spec(e) for e in experts] if experts is not None else None,
             "texts": [texts] if isinstance(texts, str) else list(texts) if texts else None,
             "k": k,
             "weights": list(weights) if weights is not None else None,
@@ -989,6 +995,19 @@ def _json(response: httpx.Response) -> Any:
             status=response.status_code,
             code="bad_response",
         ) from exc
+
+
+def _expert_spec(expert: ExpertSpec) -> str:
+    """``id`` or ``id@version`` for the registry, from an id or an SDK object naming one."""
+    if isinstance(expert, str):
+        return expert
+    if isinstance(expert, SearchResult):
+        return f"{expert.expert_id}@{expert.version}"
+    if isinstance(expert, SubmittedExpert | ExpertRef):
+        return f"{expert.id}@{expert.version}"
+    if isinstance(expert, Expert):
+        return expert.id
+    raise TypeError(f"not an expert id or SDK expert object: {expert!r}")
 
 
 def _items(response: httpx.Response) -> list[Any]:

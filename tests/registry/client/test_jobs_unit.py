@@ -335,6 +335,27 @@ def test_compose_posts_the_request_and_defaults_to_the_only_base(tmp_path: Path)
     )
 
 
+def test_compose_takes_the_sdks_expert_objects(tmp_path: Path) -> None:
+    from registry.client import Expert, SearchResult, SubmittedExpert
+
+    posted: list[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posted.append(body_of(request))
+        return httpx.Response(
+            202, json={"job_id": "job_01", "composition_id": "cmp_01", "status": "queued"}
+        )
+
+    agora, _ = make_client(handler, tmp_path)
+    submitted = SubmittedExpert(id="ex_a", version=3, digest="sha256:" + "0" * 64, status="active")
+    found = SearchResult(expert_id="ex_b", version=2, score=0.9, weight=0.6)
+    latest = Expert(id="ex_c", status="active", base_revision=REV, latest_version=5)
+    agora.compose("mixture", base_revision=REV, experts=[submitted, found, latest, "ex_d@1"])
+    assert posted[0]["experts"] == ["ex_a@3", "ex_b@2", "ex_c", "ex_d@1"]
+    with pytest.raises(TypeError):
+        agora.compose("mixture", base_revision=REV, experts=[42])  # type: ignore[list-item]
+
+
 def test_compose_without_a_single_base_asks_for_one(tmp_path: Path) -> None:
     agora, _ = make_client(
         lambda r: httpx.Response(200, json=base_listing(REV, "cd" * 32)), tmp_path
