@@ -144,14 +144,23 @@ def _grouped_inference(
     A, H = plan.sorted_assign_A.numel(), w_EDH.shape[-1]
     k = plan.k
     assign_A = plan.sorted_assign_A
-    src_A = None if grouped_in else assign_A // k
-    # Gated: each block's rows are multiplied by their gates in cache, scattered to the
-    # assignment order, then the K rows of a token summed: a fixed order for any K (an
-    # index_add_ from several threads would race, and for K > 2 sum in a varying order).
+    # Gated: each block's rows are multiplied by their gates while in cache, then summed
+    # into the token's output row. With K <= 2 that is an index_add_ into zeros under a
+    # lock (the workers may hold both rows of a token): 0 + a + b == 0 + b + a exactly,
+    # so the result is the same whichever block lands first, and no (A, H) buffer is
+    # needed. With K > 2 the order would change the rounding, so the rows are scattered
+    # to assignment order and the K rows of a token summed in a fixed order.
     gate_A = None
     if gates_TK is not None:
         gate_A = gates_TK.reshape(-1).to(x.dtype).index_select(0, assign_A).unsqueeze(1)
-    y_AH = x.new_empty(A, H)
+    add_in_place = gate_A is not None and k <= 2
+    if add_in_place:
+        assert gates_TK is not None
+        y_AH = x.new_zeros(gates_TK.shape[0], H)
+    else:
+        y_AH = x.new_empty(A, H)
+    tok_A = assign_A // k
+    combine_lock = threading.Lock()
     starts = [0]
     for n in counts:
         starts.append(starts[-1] + n)
@@ -172,8 +181,7 @@ def _grouped_inference(
                 x_blk = x[rows]
             else:
                 assert buf_in is not None
-                assert src_A is not None
-                x_blk = torch.index_select(x, 0, src_A[rows], out=buf_in[:n])
+                x_blk = torch.index_select(x, 0, tok_A[rows], out=buf_in[:n])
             if grouped_out:
                 torch.mm(x_blk, w_EDH[e], out=y_AH[rows])
                 continue
@@ -181,7 +189,11 @@ def _grouped_inference(
             y_blk = torch.mm(x_blk, w_EDH[e], out=buf_out[:n])
             if gate_A is not None:
                 y_blk.mul_(gate_A[rows])
-            y_AH.index_copy_(0, assign_A[rows], y_blk)
+            if add_in_place:
+                with combine_lock:
+                    y_AH.index_add_(0, tok_A[rows], y_blk)
+            else:
+                y_AH.index_copy_(0, assign_A[rows], y_blk)
 
     todo: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
     for blk in blocks:
@@ -192,7 +204,7 @@ def _grouped_inference(
         _pool(n_threads).run([lambda: drain(todo)] * n_threads)
     else:
         drain(todo)
-    if gate_A is None:
+    if gate_A is None or add_in_place:
         return y_AH
     return y_AH.view(-1, k, H).sum(dim=1)
 

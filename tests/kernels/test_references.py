@@ -121,15 +121,16 @@ def expert_parallel(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.parametrize(("grouped_in", "grouped_out", "gated"), _MODES)
 @pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("K", [2, 3])  # K <= 2 combines in place, K > 2 through a buffer
 def test_inference_schedule_is_the_per_token_loop(
-    grouped_in, grouped_out, gated, parallel, request: pytest.FixtureRequest
+    grouped_in, grouped_out, gated, parallel, K, request: pytest.FixtureRequest
 ):
     """The no-grad schedule (per-expert gather into a buffer, matmul, scatter or gated
     combine; serial or on worker threads) against the definition, at odd shapes with an
     empty and a dominant expert."""
     if parallel:
         request.getfixturevalue("expert_parallel")
-    T, K, E, D, H = 37, 3, 5, 50, 70
+    T, E, D, H = 37, 5, 50, 70
     idx, gates = _uneven_routing(T, E, K, seed=2)
     plan = plan_routing(idx, E)
     gen = torch.Generator().manual_seed(3)
@@ -194,3 +195,19 @@ def test_inference_schedule_handles_no_tokens():
         assert grouped_mm_ref(torch.randn(0, 6), w, plan).shape == (0, 3)
         y = grouped_mm_ref(torch.randn(0, 6), w, plan, gates_TK=torch.rand(0, 2))
     assert y.shape == (0, 3)
+
+
+def test_expert_parallel_gated_combine_is_deterministic(expert_parallel, monkeypatch):
+    """With K=2 the worker threads add a token's two gated rows in whichever order their
+    blocks finish; the sum must still be bit-identical to the serial schedule's."""
+    T, K, E, D, H = 301, 2, 7, 50, 70
+    idx, gates = _uneven_routing(T, E, K, seed=4)
+    plan = plan_routing(idx, E)
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(T, D, generator=gen), torch.randn(E, D, H, generator=gen)
+    with torch.no_grad():
+        runs = [grouped_mm_ref(x, w, plan, gates_TK=gates) for _ in range(3)]
+        monkeypatch.setattr(moe_ref, "_PARALLEL_MIN_MACS", 1 << 62)
+        serial = grouped_mm_ref(x, w, plan, gates_TK=gates)
+    for y in runs:
+        assert torch.equal(y, serial)
