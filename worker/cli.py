@@ -104,7 +104,7 @@ def worker_command(
         typer.echo(f"error: the worker needs torch and modelcore: {INSTALL_HINT}", err=True)
         raise typer.Exit(2)
     _setup_logging()
-    from registry.client import Agora, Forbidden, Unauthenticated
+    from registry.client import Agora, AgoraError, Forbidden, Unauthenticated
     from worker.runner import Worker, expand_kinds
 
     try:
@@ -140,6 +140,9 @@ def worker_command(
         except (Unauthenticated, Forbidden) as exc:
             typer.echo(f"error: the registry refused this token: {exc}", err=True)
             raise typer.Exit(2) from None
+        except AgoraError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -50,6 +50,7 @@ from registry.client import (
     LeasedJob,
     LeaseLost,
     NotFound,
+    RateLimited,
     ServerError,
     TransportError,
     Unauthenticated,
@@ -163,7 +164,9 @@ class Worker:
             raise ValueError("lease_seconds and poll_interval must be positive")
         self.agora = agora
         self.name = name or default_name()
-        self.kinds = expand_kinds(kinds)
+        # Always an explicit list: a newer registry's kinds this worker cannot run stay
+        # queued for workers that can, instead of failing here.
+        self.kinds = expand_kinds(kinds) or list(KINDS)
         self.lease_seconds = float(lease_seconds)
         self.poll_interval = float(poll_interval)
         self.max_jobs = max_jobs
@@ -197,7 +200,7 @@ class Worker:
             "worker %s: registry %s, kinds %s, lease %.0fs",
             self.name,
             self.agora.base_url,
-            ",".join(self.kinds) if self.kinds else "all",
+            "all" if sorted(self.kinds) == sorted(KINDS) else ",".join(self.kinds),
             self.lease_seconds,
         )
         while not self._stopping.is_set():
@@ -207,7 +210,7 @@ class Worker:
                 leased = self.agora.lease_job(self.name, self.kinds, self.lease_seconds)
             except (Unauthenticated, Forbidden):
                 raise  # a wrong token or role does not fix itself: let the caller see it
-            except (TransportError, ServerError) as exc:
+            except (TransportError, ServerError, RateLimited) as exc:
                 delay = min(BACKOFF_CAP_S, BACKOFF_START_S * 2.0**failures)
                 failures += 1
                 log.warning("lease failed (%s); retrying in %.1fs", exc, delay)

@@ -6,6 +6,7 @@ uses the real SDK over it. Artifacts are random tiny modelcore files (tests/work
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from helpers.artifacts import make_datasheet
 
 from registry.client import Agora
 from worker import runner as runner_mod
-from worker.handlers import JobCancelled, Outcome
+from worker.handlers import KINDS, JobCancelled, Outcome
 from worker.runner import Worker, expand_kinds
 
 
@@ -350,9 +351,11 @@ def test_a_lost_lease_stops_the_work_and_completes_nothing(world, tiny, texts, m
 def test_leasing_retries_while_the_registry_is_unreachable(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(runner_mod, "BACKOFF_START_S", 0.01)
     calls: list[str] = []
+    bodies: list[dict[str, Any]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request.url.path)
+        bodies.append(json.loads(request.content))
         if len(calls) <= 3:
             raise httpx.ConnectError("connection refused")
         if len(calls) == 4:
@@ -371,6 +374,8 @@ def test_leasing_retries_while_the_registry_is_unreachable(monkeypatch, tmp_path
     assert worker.run() == 0
     assert len(calls) >= 6  # three refusals and a 503, then empty-queue polls
     assert set(calls) == {"/v1/jobs/lease"}
+    # The worker names the kinds it can run (a newer registry's kinds stay queued for others).
+    assert bodies[-1] == {"worker": "w", "kinds": list(KINDS), "lease_seconds": 60.0}
 
 
 def test_expand_kinds() -> None:
