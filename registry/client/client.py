@@ -37,7 +37,12 @@ from registry.client.cache import (
     place,
     sha256_file,
 )
-from registry.client.composed import LocalComposition, build_composed_model, expert_filename
+from registry.client.composed import (
+    LocalComposition,
+    build_composed_model,
+    expert_filename,
+    require_model_dependencies,
+)
 from registry.client.errors import (
     AgoraError,
     BadRequest,
@@ -646,6 +651,7 @@ class Agora:
         ``ComposedModel.from_manifest``. Needs the model extra (``pip install
         'agora[model]'``); ``ModelDependenciesMissing`` says so otherwise.
         """
+        require_model_dependencies()  # before downloading anything
         local = self.download_composition(composition, progress=progress)
         return build_composed_model(
             local.manifest, local.base_dir, local.expert_files, device=device

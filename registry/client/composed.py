@@ -36,6 +36,7 @@ __all__ = [
     "build_composed_model",
     "expert_filename",
     "load_composed_dir",
+    "require_model_dependencies",
 ]
 
 INSTALL_HINT = "pip install 'agora[model]'"
@@ -77,6 +78,14 @@ def build_composed_model(
 
     ``expert_files`` maps each ``sha256:<hex>`` digest the manifest names to its file.
     """
+    composed_model = require_model_dependencies()
+    files = {digest: Path(path) for digest, path in expert_files.items()}
+    return composed_model.from_manifest(manifest, Path(base_dir), files, device=device)
+
+
+def require_model_dependencies() -> type[ComposedModel]:
+    """``modelcore``'s ComposedModel class; ``ModelDependenciesMissing`` (naming the extra
+    to install) when modelcore or torch is absent. Cheap to call before a long download."""
     try:
         from modelcore.compose.composed import ComposedModel
     except ModuleNotFoundError as exc:
@@ -85,8 +94,7 @@ def build_composed_model(
             "running a composition locally needs the model dependencies "
             f"({missing} is not installed): {INSTALL_HINT}"
         ) from exc
-    files = {digest: Path(path) for digest, path in expert_files.items()}
-    return ComposedModel.from_manifest(manifest, Path(base_dir), files, device=device)
+    return ComposedModel
 
 
 def load_composed_dir(

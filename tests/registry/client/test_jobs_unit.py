@@ -669,6 +669,7 @@ def test_without_modelcore_loading_says_what_to_install(
     with pytest.raises(ModelDependenciesMissing) as err:
         agora.load_composed("cmp_01")
     assert "pip install 'agora[model]'" in err.value.detail
+    assert served.weight_requests == []  # said before downloading anything
     agora.download_composition("cmp_01", tmp_path / "out")
     with pytest.raises(ModelDependenciesMissing):
         load_composed_dir(tmp_path / "out")
