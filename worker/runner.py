@@ -254,7 +254,6 @@ class Worker:
                 base_dir=self._base(revision, ctx), expert_files=self._experts(refs, ctx)
             )
             output = run_job(job.kind, job.payload, inputs, ctx)
-            ctx.check()  # a lost lease or a release since the last check: do not complete
         except JobCancelled:
             return self._cancelled(job, lease)
         except LeaseLost:
@@ -266,6 +265,9 @@ class Worker:
                 return "lease_lost"
             log.debug("job %s failed:\n%s", job.id, traceback.format_exc())
             return self._fail(job, _error_text(exc), retryable=True)
+        if lease.lost.is_set():
+            return "lease_lost"  # another worker holds it now: report nothing
+        # A release asked for after the work is done is not worth it: deliver the result.
         try:
             self.agora.complete_job(job.id, job.fencing_token, output.result, output.weights)
         except LeaseLost:
