@@ -392,3 +392,28 @@ def test_expand_kinds() -> None:
     ]
     with pytest.raises(ValueError, match="unknown job kind"):
         expand_kinds(["compose.soup"])
+
+
+def test_distill_uploads_the_student_and_reports_progress(world, tiny, texts) -> None:
+    alice, a, b = world["alice"], world["experts"]["a"], world["experts"]["b"]
+    params = {"steps": 3, "lr": 0.01, "seq_len": 16, "batch_size": 2, "seed": 0}
+    handle = alice.compose(
+        "distill", base_revision=tiny["revision"], experts=[a.id, b.id], texts=texts, params=params
+    )
+    worker = _worker(world, max_jobs=1)
+    assert worker.run() == 1
+    assert worker.outcomes == ["succeeded"]
+    composition = handle.wait(timeout=5)
+    job = alice.get_job(handle.job_id)
+    assert job.result is not None
+    assert len(job.result["details"]["kl_curve"]) == 3
+    from modelcore.artifacts import load_base
+    from modelcore.experts import load_expert
+
+    student = alice.download(composition.expert_id)
+    _, meta = load_expert(student, config=load_base(tiny["base"]).config)
+    assert meta["base_revision"] == tiny["revision"]
+    model = alice.load_composed(composition)
+    assert composition.manifest.metrics["bits_per_byte"] == pytest.approx(
+        model.bits_per_byte(texts)["bits_per_byte"], rel=1e-5
+    )
