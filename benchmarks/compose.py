@@ -7,18 +7,23 @@
    as a ratio to a plain memcpy of the same bytes (goal >= 0.4x), next to the naive
    per-parameter loop over fully loaded state dicts (~0.07x expected);
 3. log-mix: mixing 4 logit tensors (2048 x vocab) into the mixture's log-distribution,
-   as a ratio to one read pass over the 4 tensors (goal <= 2x), next to the stacked
-   ``logsumexp(stack(log_softmax))``.
+   as a ratio to one read pass over the 4 tensors (``x.sum()`` of each, torch's default
+   threads; goal <= 2x), next to the stacked ``logsumexp(stack(log_softmax))``.
 
     .venv/bin/python benchmarks/compose.py [--device cuda] [--only ensemble,average,logmix]
+        [--rounds 7]
 
-Nothing here asserts a time; the machine's load average is printed with the numbers.
+For averaging and log-mix the baseline and the candidates run in turns (one call of each
+per round, ``--rounds`` rounds after a warm-up round) and each is reported as the median
+of its rounds, so a change in the machine's load hits all of them alike. Nothing here
+asserts a time; the machine's load average is printed before and after the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +35,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import bench, fmt_x, header, row, sync
+
+
+def in_turns(
+    fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int
+) -> dict[str, float]:
+    """Median seconds of each function over ``rounds`` rounds of one call each, in turns,
+    after one warm-up round."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 1):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def best_of(fn: Callable[[], Any], device: torch.device, reps: int = 3) -> float:
@@ -92,14 +118,7 @@ def bench_ensemble(device: torch.device) -> None:
             )
 
 
-def memcpy_seconds(n_bytes: int) -> float:
-    """Best of 3 plain copies of ``n_bytes`` between two buffers (the baseline)."""
-    src = torch.ones(n_bytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    return best_of(lambda: dst.copy_(src), torch.device("cpu"))
-
-
-def bench_average(workdir: Path) -> None:
+def bench_average(workdir: Path, rounds: int) -> None:
     from safetensors.torch import load_file
 
     from modelcore.compose.merge import merge_files
@@ -118,7 +137,10 @@ def bench_average(workdir: Path) -> None:
         save_expert(paths[-1], tensors, base_revision="ab" * 32)
     in_bytes = 8 * n_params * 4
     cpu = torch.device("cpu")
-    t_copy = memcpy_seconds(in_bytes)
+    # The baseline: one plain copy of the same number of bytes between two buffers in
+    # memory (torch's default threads), as the issue states it.
+    src = torch.ones(in_bytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
 
     def naive() -> None:
         # Every file loaded whole, then a Python loop over parameters summing full tensors.
@@ -140,24 +162,34 @@ def bench_average(workdir: Path) -> None:
 
         return run
 
-    t_uniform = best_of(merged("uniform"), cpu)
-    t_weighted = best_of(merged("weighted", weights=range(1, 9)), cpu)
-    t_ties = best_of(merged("ties"), cpu, reps=1)
-    t_naive = best_of(naive, cpu, reps=1)
     print(f"\n## average: 8 experts x {n_params / 1e6:.1f}M params ({in_bytes / 2**20:.0f} MiB)")
+    print(f"# before: {load()}; median of {rounds} rounds in turns (slow ones: 1-2 runs)")
+    t = in_turns(
+        {
+            "copy": lambda: dst.copy_(src),
+            "uniform": merged("uniform"),
+            "weighted": merged("weighted", weights=range(1, 9)),
+        },
+        cpu,
+        rounds,
+    )
+    t_copy, t_uniform, t_weighted = t["copy"], t["uniform"], t["weighted"]
+    t_ties = best_of(merged("ties"), cpu, reps=2)
+    t_naive = best_of(naive, cpu, reps=1)
+    print(f"# after: {load()}")
     widths = [26, 10, 10, 14]
     print(row(["method", "seconds", "GB/s", "vs memcpy"], widths))
-    for name, t in (
+    for name, sec in (
         ("memcpy of the same bytes", t_copy),
         ("uniform (streamed)", t_uniform),
         ("weighted (streamed)", t_weighted),
         ("ties density 0.2", t_ties),
         ("naive per-parameter loop", t_naive),
     ):
-        print(row([name, f"{t:.3f}", f"{in_bytes / t / 1e9:.2f}", fmt_x(t_copy / t)], widths))
+        print(row([name, f"{sec:.3f}", f"{in_bytes / sec / 1e9:.2f}", fmt_x(t_copy / sec)], widths))
 
 
-def bench_logmix(device: torch.device, vocab: int) -> None:
+def bench_logmix(device: torch.device, vocab: int, rounds: int) -> None:
     from modelcore.compose.ensemble import log_mix
 
     torch.manual_seed(0)
@@ -173,19 +205,32 @@ def bench_logmix(device: torch.device, vocab: int) -> None:
         lp = torch.stack([torch.log_softmax(x, -1) for x in logits])
         return torch.logsumexp(lp + log_w[:, :, None], dim=0)
 
-    t_read = bench(read, device, warmup=1, reps=5)
-    t_mix = bench(lambda: log_mix(logits, log_w), device, warmup=1, reps=5)
-    t_stack = bench(stacked, device, warmup=1, reps=3)
+    out = torch.empty(N, vocab, device=device)  # reused, as a distillation loop would
     gib = P * N * vocab * 4 / 2**30
     print(f"\n## log-mix: {P} x ({N} x {vocab}) float32 logits ({gib:.2f} GiB)")
-    widths = [34, 10, 12]
+    print(f"# before: {load()}; median of {rounds} rounds in turns (stacked: best of 2)")
+    t = in_turns(
+        {
+            "read": read,
+            "list_out": lambda: log_mix(logits, log_w, out=out),
+            "list_new": lambda: log_mix(logits, log_w),
+            "iter_out": lambda: log_mix(iter(logits), log_w, out=out),
+        },
+        device,
+        rounds,
+    )
+    t_stack = best_of(stacked, device, reps=2)
+    print(f"# after: {load()}")
+    widths = [44, 10, 12]
     print(row(["", "ms", "vs one read"], widths))
-    for name, t in (
-        ("one read pass (sum of each)", t_read),
-        ("log_mix (blocked, no stack)", t_mix),
+    for name, sec in (
+        ("one read pass (sum of each)", t["read"]),
+        ("log_mix, all 4 at hand, into a given out", t["list_out"]),
+        ("log_mix, all 4 at hand, fresh output", t["list_new"]),
+        ("log_mix, one at a time (accumulator), out", t["iter_out"]),
         ("stack + logsumexp(log_softmax)", t_stack),
     ):
-        print(row([name, f"{t * 1e3:.1f}", fmt_x(t / t_read)], widths))
+        print(row([name, f"{sec * 1e3:.1f}", fmt_x(sec / t["read"])], widths))
 
 
 def main() -> None:
@@ -193,6 +238,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", default="ensemble,average,logmix")
     parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the in-turn timings")
     args = parser.parse_args()
     device = torch.device(args.device)
     header("composition benchmarks", device)
@@ -202,9 +248,9 @@ def main() -> None:
         bench_ensemble(device)
     if "average" in only:
         with tempfile.TemporaryDirectory() as tmp:
-            bench_average(Path(tmp))
+            bench_average(Path(tmp), args.rounds)
     if "logmix" in only:
-        bench_logmix(device, args.vocab)
+        bench_logmix(device, args.vocab, args.rounds)
 
 
 if __name__ == "__main__":

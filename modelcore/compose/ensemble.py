@@ -39,14 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelcore.compose._parallel import default_workers, run_blocks
 from modelcore.compose._threads import single_thread
 from modelcore.experts import covered_layers, expert_schema
 from modelcore.kernels import plan_routing
 
-# Rows of the logit matrix per block in ``log_mix``: 8 rows x 32k vocab x 4 bytes = 1 MiB,
-# about the L2 of a server core, so the passes over one block (softmax, weighted add,
-# final log) read DRAM once per input (benchmarks/compose.py measures it).
+# Bytes of exp'd logits per block in ``log_mix`` (rows x paths x vocab x 4; with 4 paths
+# and a 32k vocab, 2 rows): well inside a server core's L2 next to the output rows, so the
+# passes over one block (exp, row sums, weighted sum, log) read DRAM once per input
+# (benchmarks/compose.py measures it).
 _MIX_BLOCK_BYTES = 1 << 20
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class ExpertEnsemble(nn.Module):
@@ -258,54 +261,180 @@ def estimate_prior(
 
 
 # -- mixing in log space ------------------------------------------------------------------
-def log_mix(logits_chunks: Iterable[torch.Tensor], log_w_PN: torch.Tensor) -> torch.Tensor:
-    """``log sum_j w_j softmax(logits_j)`` for P logit matrices (N, V), read one at a time.
+def log_mix(
+    logits_chunks: Iterable[torch.Tensor],
+    log_w_PN: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``log sum_j w_j softmax(logits_j)`` for P logit matrices (N, V); no (P, N, V) stack.
 
-    No (P, N, V) stack is built: each path is added into one (N, V) accumulator of
-    probabilities, in row blocks small enough to stay in cache while the block's softmax
-    (one fused kernel: one exp per element, the only transcendental besides the final
-    log) is computed and added with its weight. ``w_j softmax(x_j) <= 1``, so the sum
-    cannot overflow; a token whose mixed probability is below the smallest normal float32
-    (1e-38, i.e. -87 nats) is clamped there instead of -inf.
+    One exp per input element and one log per output element: ``softmax(x) = e / s`` with
+    ``e = exp(x)`` kept in a cache-sized block and ``s`` its row sums, so the weighted sum
+    is ``sum_j (w_j / s_j) e_j`` (a per-row scale folded into one multiply-add), then one
+    log. The exp is taken unshifted where that is exact enough: a row whose ``s`` is finite
+    (nothing overflowed) and ``>= 1`` (an element that underflowed had a probability below
+    the smallest normal float, where the result is clamped anyway); any other row block is
+    redone with the usual max shift, ``exp(x - max)``.
+
+    Given a list or tuple (all P matrices at hand), each row block of the output is built
+    from the P inputs while they are in cache and written once: one read of the inputs,
+    one write of the output. Given any other iterable (paths computed one at a time, as
+    ``ExpertEnsemble.mixture_log_probs`` does), each path is added into one (N, V)
+    accumulator as it comes. On the CPU, row blocks run on a few threads
+    (``_parallel.run_blocks``). ``w_j softmax(x_j) <= 1``, so the sum cannot overflow; a
+    token whose mixed probability is below the smallest normal float32 (1e-38, i.e.
+    -87 nats) is clamped there instead of -inf.
+
+    ``out``: an (N, V) float32 tensor to write the result into (contiguous, on the
+    inputs' device), e.g. reused across the batches of a distillation run; a fresh
+    268 MB matrix costs its page faults and zero-filling on every call.
     """
     w_PN = log_w_PN.float().exp()
     last = w_PN.shape[0] - 1
     tiny = torch.finfo(torch.float32).tiny
     with single_thread():
-        out, p = _log_mix_blocks(logits_chunks, w_PN, last, tiny)
-    if out is None or p != last:
+        if isinstance(logits_chunks, (list, tuple)):
+            xs = list(logits_chunks)
+            if len(xs) != last + 1:
+                raise ValueError(f"expected {last + 1} logit matrices, got {len(xs)}")
+            if xs and not xs[0].is_cuda:
+                return _log_mix_all(xs, w_PN, tiny, out)
+        result, p = _log_mix_blocks(logits_chunks, w_PN, last, tiny, out)
+    if result is None or p != last:
         raise ValueError(f"expected {last + 1} logit matrices")
+    return result
+
+
+def _output(out: torch.Tensor | None, N: int, V: int, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(N, V, dtype=torch.float32, device=device)
+    if out.shape != (N, V) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape ({N}, {V})")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, the logits on {device}")
     return out
 
 
+def _block_rows(V: int, group: int) -> int:
+    return max(1, _MIX_BLOCK_BYTES // (4 * V * group))
+
+
+def _log_mix_all(
+    xs: list[torch.Tensor], w_PN: torch.Tensor, tiny: float, out: torch.Tensor | None
+) -> torch.Tensor:
+    """All P inputs at hand (CPU): each output row block from the P inputs' blocks."""
+    N, V = xs[0].shape
+    if any(x.shape != (N, V) for x in xs) or w_PN.shape[1] != N:
+        raise ValueError("logit matrices and weights must agree on (N, V)")
+    out = _output(out, N, V, xs[0].device)
+    _mix_group(xs, w_PN.t().contiguous(), out, accumulate=False, finish=True, tiny=tiny)
+    return out
+
+
+def _mix_group(
+    xs: Sequence[torch.Tensor],
+    w_NG: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    accumulate: bool,
+    finish: bool,
+    tiny: float,
+) -> None:
+    """``_mix_rows`` over every row block of a group of paths, on ``default_workers()``
+    threads (each with its own scratch buffers)."""
+    N, V = xs[0].shape
+    rows = _block_rows(V, len(xs))
+
+    def work(i: int, scratch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        r0 = i * rows
+        block = (r0, min(N, r0 + rows))
+        _mix_rows(xs, w_NG, out, block, scratch, accumulate=accumulate, finish=finish, tiny=tiny)
+
+    run_blocks(-(-N // rows), work, lambda: _scratch(rows, len(xs), V), default_workers())
+
+
+def _mix_rows(
+    xs: Sequence[torch.Tensor],
+    w_NG: torch.Tensor,
+    out: torch.Tensor,
+    block: tuple[int, int],
+    scratch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    accumulate: bool,
+    finish: bool,
+    tiny: float,
+) -> None:
+    """``out[r0:r1] (+)= sum_g (w_g / s_g) exp(x_g)`` over a group of G paths' row blocks
+    (``w_NG``: their weights, rows by path), then (``finish``) clamp and log.
+
+    ``scratch``: this thread's (rows, G, V) buffer for the exps and (rows, V) buffer for
+    the weighted sum, so that only the final log writes the output's (DRAM) rows.
+    """
+    r0, r1 = block
+    e_RGV = scratch[0][: r1 - r0]
+    o_RV = out[r0:r1]
+    sum_RV = scratch[1][: r1 - r0] if finish and not accumulate else o_RV
+    blocks = [x[r0:r1] if x.dtype == torch.float32 else x[r0:r1].float() for x in xs]
+    for g, x in enumerate(blocks):
+        torch.exp(x, out=e_RGV[:, g])
+    s_RG = e_RGV.sum(-1)
+    lo, hi = torch.aminmax(s_RG)
+    # NaN fails both comparisons, so it too takes the shifted path (and stays NaN there).
+    if not (float(lo) >= 1.0 and float(hi) <= _FLOAT32_MAX):
+        for g, x in enumerate(blocks):
+            torch.sub(x, x.amax(-1, keepdim=True), out=e_RGV[:, g])
+        e_RGV.exp_()
+        s_RG = e_RGV.sum(-1)
+    scale_RG = w_NG[r0:r1] / s_RG
+    if e_RGV.shape[1] == 1:
+        if accumulate:
+            sum_RV.addcmul_(e_RGV[:, 0], scale_RG)
+        else:
+            torch.mul(e_RGV[:, 0], scale_RG, out=sum_RV)
+    elif accumulate:
+        sum_RV.unsqueeze(1).baddbmm_(scale_RG.unsqueeze(1), e_RGV)
+    else:
+        torch.bmm(scale_RG.unsqueeze(1), e_RGV, out=sum_RV.unsqueeze(1))
+    if finish:
+        torch.log(sum_RV.clamp_min_(tiny), out=o_RV)
+
+
+def _scratch(rows: int, group: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(rows, group, V), torch.empty(rows, V)
+
+
 def _log_mix_blocks(
-    logits_chunks: Iterable[torch.Tensor], w_PN: torch.Tensor, last: int, tiny: float
+    logits_chunks: Iterable[torch.Tensor],
+    w_PN: torch.Tensor,
+    last: int,
+    tiny: float,
+    given: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, int]:
+    """Paths one at a time, each added into one (N, V) accumulator (finished at the last)."""
     out: torch.Tensor | None = None
     p = -1
-    buf: torch.Tensor | None = None
     for p, chunk_NV in enumerate(logits_chunks):
         if p > last:
             raise ValueError(f"more logit matrices than weights ({last + 1})")
-        x_NV = chunk_NV.float()
-        N, V = x_NV.shape
-        # On a GPU one launch per op over the whole matrix (blocks would only add launches).
-        rows = N if x_NV.is_cuda else max(1, _MIX_BLOCK_BYTES // (4 * V))
+        N, V = chunk_NV.shape
+        if out is not None and out.shape != (N, V):
+            raise ValueError("logit matrices must all have the same shape")
         if out is None:
-            out = torch.empty_like(x_NV)
-            buf = x_NV.new_empty(min(rows, N), V)
-        assert buf is not None
-        for r0 in range(0, N, rows):
-            r1 = min(N, r0 + rows)
-            acc, probs = out[r0:r1], buf[: r1 - r0]
-            torch.softmax(x_NV[r0:r1], dim=-1, out=probs)
-            w = w_PN[p, r0:r1, None]
+            out = _output(given, N, V, chunk_NV.device)
+        if chunk_NV.is_cuda:
+            # On a GPU one launch per op over the whole matrix (blocks would only add
+            # launches).
+            x_NV = chunk_NV.float()
+            probs = torch.softmax(x_NV, dim=-1)
             if p == 0:
-                torch.mul(probs, w, out=acc)
+                torch.mul(probs, w_PN[p, :, None], out=out)
             else:
-                acc.addcmul_(probs, w)
-            if p == last:  # finish the block while it is still in cache
-                acc.clamp_min_(tiny).log_()
+                out.addcmul_(probs, w_PN[p, :, None])
+            if p == last:
+                out.clamp_min_(tiny).log_()
+            continue
+        _mix_group([chunk_NV], w_PN[p, :, None], out, accumulate=p > 0, finish=p == last, tiny=tiny)
     return out, p
 
 

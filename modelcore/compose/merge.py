@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from modelcore.compose._parallel import default_workers, run_blocks
 from modelcore.compose._threads import single_thread
 from modelcore.experts import DTYPES, EXPERT_FORMAT, _atomic_write
 
@@ -53,11 +55,18 @@ class MergeMethod:
         tensors: Sequence[torch.Tensor],
         weights: torch.Tensor,
         reference: torch.Tensor | None = None,
+        *,
+        out: torch.Tensor | None = None,
         **params: Any,
     ) -> torch.Tensor:
+        """``out``: a float32 buffer for the result, elementwise methods only."""
         unknown = sorted(set(params) - set(self.params))
         if unknown:
             raise ValueError(f"{self.name} takes no parameters {unknown}")
+        if out is not None:
+            if not self.elementwise:
+                raise ValueError(f"{self.name} does not write into a given buffer")
+            return self.fn(tensors, weights, reference, out=out, **{**self.params, **params})
         return self.fn(tensors, weights, reference, **{**self.params, **params})
 
 
@@ -79,7 +88,11 @@ def get_method(name: str) -> MergeMethod:
 
 
 def _linear(
-    tensors: Sequence[torch.Tensor], weights: torch.Tensor, reference: torch.Tensor | None
+    tensors: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    reference: torch.Tensor | None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted mean as a running mean, ``m <- lerp(m, x_k, w_k / (w_1 + ... + w_k))``.
 
@@ -88,14 +101,31 @@ def _linear(
     where exactness is noticed: for identical inputs ``x_k - m`` is 0, so averaging n
     copies of an expert returns it bit for bit (a sum then a division by n does not:
     3 * x / 3 != x for some floats). Weights are already normalised; zeros are skipped.
+
+    ``out``: a float32 buffer of the inputs' shape to hold the mean (the streamed merge
+    reuses one per thread); the first step writes it as ``lerp(x_1, x_k, ...)`` instead
+    of copying ``x_1`` first, with the same bits.
     """
-    mean = tensors[0].to(torch.float32, copy=True)
-    seen = float(weights[0])
-    for t, w in zip(tensors[1:], weights[1:].tolist(), strict=True):
+    ws = weights.tolist()
+    seen = float(ws[0])
+    mean: torch.Tensor | None = None
+    for t, w in zip(tensors[1:], ws[1:], strict=True):
         if w == 0.0:
             continue
         seen += w
-        mean.lerp_(t.to(torch.float32), w / seen)
+        x = t if t.dtype == torch.float32 else t.to(torch.float32)
+        if mean is None:
+            start = tensors[0] if tensors[0].dtype == torch.float32 else tensors[0].float()
+            if out is None:
+                mean = torch.lerp(start, x, w / seen)
+            else:
+                mean = torch.lerp(start, x, w / seen, out=out)
+        else:
+            mean.lerp_(x, w / seen)
+    if mean is None:  # one input, or every other weight zero
+        if out is None:
+            return tensors[0].to(torch.float32, copy=True)
+        return out.copy_(tensors[0])
     return mean
 
 
@@ -125,11 +155,13 @@ def _ties(
         tau = t.to(torch.float64) - ref
         keep = max(1, math.ceil(density * tau.numel()))
         if keep < tau.numel():
-            # The keep-th largest magnitude by selection (kthvalue: linear time; topk of
-            # 20% of 2M values took 10x longer). Values tied with it are kept too.
-            magnitude = tau.abs().flatten()
-            threshold = magnitude.kthvalue(magnitude.numel() - keep + 1).values
-            tau = torch.where(tau.abs() >= threshold, tau, 0.0)
+            # The keep-th largest magnitude by selection in linear time (numpy's
+            # introselect: 3x faster than torch's kthvalue on 2M float64 values, and the
+            # same value, selection being exact). Values tied with it are kept too.
+            magnitude = tau.abs()
+            kth = magnitude.numel() - keep
+            threshold = float(np.partition(magnitude.reshape(-1).numpy(), kth)[kth])
+            tau = torch.where(magnitude >= threshold, tau, 0.0)
         taus.append(tau)
     w = weights.to(torch.float64)
     sign = torch.sign(sum(wi * tau for wi, tau in zip(w, taus, strict=True)))
@@ -320,37 +352,105 @@ def merge_files(
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
 
+    head = struct.pack("<Q", len(header)) + header
+
     def write(tmp: str) -> None:
         with contextlib.ExitStack() as stack:
             stack.enter_context(single_thread())
             inputs = [stack.enter_context(_ExpertReader(p)) for p in files]
             ref_in = stack.enter_context(_ExpertReader(os.fspath(reference))) if reference else None
-            with open(tmp, "wb") as f:
-                f.write(struct.pack("<Q", len(header)))
-                f.write(header)
-                for name in names:
-                    n_rows, row_bytes = inputs[0].rows(name)
-                    if m.elementwise:
-                        # Row blocks of ~1 MiB per input: read once from the page cache,
-                        # combined while in cache, written out; no tensor is read whole.
-                        step = max(1, _BLOCK_BYTES // max(1, row_bytes))
-                        for r0 in range(0, n_rows, step):
-                            r1 = min(n_rows, r0 + step)
-                            parts = [x.read(name, r0, r1) for x in inputs]
-                            ref = None if ref_in is None else ref_in.read(name, r0, r1)
-                            _write_tensor(f, m(parts, w, ref, **params).to(out_dtype))
-                    else:
-                        parts = [x.read(name, reuse=False) for x in inputs]
-                        ref = None if ref_in is None else ref_in.read(name, reuse=False)
-                        _write_tensor(f, m(parts, w, ref, **params).to(out_dtype))
-                        del parts, ref
+            fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+            stack.callback(os.close, fd)
+            _pwrite_all(fd, head, 0)
+            data_start = len(head)
+            if m.elementwise:
+                _merge_blocks(
+                    m,
+                    inputs,
+                    fd,
+                    ref_in=ref_in,
+                    w=w,
+                    params=params,
+                    entries=entries,
+                    names=names,
+                    out_dtype=out_dtype,
+                    data_start=data_start,
+                )
+                return
+            for name in names:
+                parts = [x.read(name) for x in inputs]
+                ref = None if ref_in is None else ref_in.read(name)
+                merged = m(parts, w, ref, **params).to(out_dtype)
+                _pwrite_all(fd, _bytes_of(merged), data_start + entries[name]["data_offsets"][0])
+                del parts, ref, merged
 
     _atomic_write(Path(out), write)
     return metadata
 
 
+def _merge_blocks(
+    m: MergeMethod,
+    inputs: Sequence[_ExpertReader],
+    fd: int,
+    *,
+    ref_in: _ExpertReader | None,
+    w: torch.Tensor,
+    params: Mapping[str, Any],
+    entries: Mapping[str, Any],
+    names: Sequence[str],
+    out_dtype: torch.dtype,
+    data_start: int,
+) -> None:
+    """An elementwise merge in row blocks of ~``_BLOCK_BYTES`` per input, on a few threads:
+    each block is read from every input with ``pread`` into that thread's buffers (one
+    kernel copy from the page cache), combined while in cache, and written with ``pwrite``
+    at its place in the output (the header fixed every offset up front, so blocks need no
+    order). Memory: one block per input and thread, never a whole tensor."""
+    tasks: list[tuple[str, int, int]] = []
+    step_bytes = step_elems = 0
+    for name in names:
+        n_rows, row_bytes = inputs[0].rows(name)
+        step = max(1, _BLOCK_BYTES // max(1, row_bytes))
+        step_bytes = max(step_bytes, min(step, n_rows) * row_bytes)
+        row_elems = math.prod(entries[name]["shape"][1:])
+        step_elems = max(step_elems, min(step, n_rows) * row_elems)
+        tasks += [(name, r0, min(n_rows, r0 + step)) for r0 in range(0, n_rows, step)]
+    out_item = torch.empty((), dtype=out_dtype).element_size()
+    n_in = len(inputs) + (ref_in is not None)
+
+    def buffers() -> tuple[list[torch.Tensor], torch.Tensor]:
+        raw = [torch.empty(step_bytes, dtype=torch.uint8) for _ in range(n_in)]
+        return raw, torch.empty(step_elems, dtype=torch.float32)
+
+    def work(i: int, state: tuple[list[torch.Tensor], torch.Tensor]) -> None:
+        name, r0, r1 = tasks[i]
+        raw, mean = state
+        parts = [x.read(name, r0, r1, into=raw[j]) for j, x in enumerate(inputs)]
+        ref = None if ref_in is None else ref_in.read(name, r0, r1, into=raw[-1])
+        buf = mean[: parts[0].numel()].view(parts[0].shape)
+        merged = m(parts, w, ref, out=buf, **params).to(out_dtype)
+        row_out = math.prod(parts[0].shape[1:]) * out_item
+        offset = data_start + entries[name]["data_offsets"][0] + r0 * row_out
+        _pwrite_all(fd, _bytes_of(merged), offset)
+
+    run_blocks(len(tasks), work, buffers, default_workers())
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes (the safetensors layout) without a Python-level copy."""
+    t = t.contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 class _ExpertReader:
-    """Reads row blocks of an expert file's tensors with ``readinto`` into a reused
+    """Reads row blocks of an expert file's tensors with ``pread`` into a caller's
     buffer: one kernel copy from the page cache per block, no page faults on a mapping,
     and nothing of the file held beyond the block (or the one tensor TIES needs)."""
 
@@ -358,18 +458,25 @@ class _ExpertReader:
         self.path = path
 
     def __enter__(self) -> _ExpertReader:
-        self.file = open(self.path, "rb", buffering=0)
-        (n,) = struct.unpack("<Q", self.file.read(8))
-        self.entries = json.loads(self.file.read(n))
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            self.entries = json.loads(os.pread(self.fd, n, 8))
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.entries.pop("__metadata__", None)
         self.start = 8 + n
-        self.buffer = torch.empty(0, dtype=torch.uint8)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.file.close()
+        os.close(self.fd)
 
-    def read(self, name: str, r0: int = 0, r1: int | None = None, *, reuse: bool = True):
+    def read(
+        self, name: str, r0: int = 0, r1: int | None = None, *, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``r0:r1`` of a tensor, read with ``pread`` (no shared file position, so
+        threads may read at once) into ``into`` (a uint8 buffer) or a fresh tensor."""
         e = self.entries[name]
         dtype = {v: k for k, v in _ST_DTYPE.items()}.get(e["dtype"])
         if dtype is None:
@@ -378,15 +485,14 @@ class _ExpertReader:
         r1 = shape[0] if r1 is None else r1
         row = math.prod(shape[1:]) * _ITEMSIZE[dtype]
         n = (r1 - r0) * row
-        if not reuse:
-            raw = torch.empty(n, dtype=torch.uint8)
-        else:
-            if self.buffer.numel() < n:
-                self.buffer = torch.empty(n, dtype=torch.uint8)
-            raw = self.buffer[:n]
-        self.file.seek(self.start + e["data_offsets"][0] + r0 * row)
-        if n and self.file.readinto(memoryview(raw.numpy())) != n:
-            raise ValueError(f"{self.path} is truncated")
+        raw = torch.empty(n, dtype=torch.uint8) if into is None else into[:n]
+        view = memoryview(raw.numpy())
+        offset = self.start + e["data_offsets"][0] + r0 * row
+        while view.nbytes:
+            got = os.preadv(self.fd, [view], offset)
+            if got <= 0:
+                raise ValueError(f"{self.path} is truncated")
+            view, offset = view[got:], offset + got
         return raw.view(dtype).view(r1 - r0, *shape[1:])
 
     def rows(self, name: str) -> tuple[int, int]:
@@ -395,9 +501,3 @@ class _ExpertReader:
         shape = e["shape"]
         dtype = {v: k for k, v in _ST_DTYPE.items()}.get(e["dtype"], torch.float32)
         return shape[0], math.prod(shape[1:]) * _ITEMSIZE[dtype]
-
-
-def _write_tensor(f: Any, t: torch.Tensor) -> None:
-    t = t.contiguous()
-    # Raw little-endian bytes (the safetensors layout) without a Python-level copy.
-    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
