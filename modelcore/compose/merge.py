@@ -249,7 +249,11 @@ def merge_tensors(
             raise ValueError("experts to merge must have the same tensor names and shapes")
     w = normalise_weights(weights, len(experts))
     first = names[0]
-    keys = [e[first].detach().reshape(-1)[:1024].cpu().numpy().tobytes() for e in experts]
+    # raw bytes (as in the file), so that bfloat16, which numpy lacks, works too
+    keys = [
+        e[first].detach().reshape(-1)[:1024].cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        for e in experts
+    ]
     order = _canonical_order(w, keys)
     experts = [experts[i] for i in order]
     w = w[order]

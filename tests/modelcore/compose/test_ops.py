@@ -98,6 +98,97 @@ def test_log_mix_equals_the_stacked_logsumexp():
         log_mix(iter(logits[:3]), log_w)
 
 
+def _stacked_log_mix(logits, log_w):
+    """The reference: float64, stacked, max-shifted; clamped like ``log_mix``."""
+    lp = torch.stack([torch.log_softmax(x.double(), -1) for x in logits])
+    mixed = torch.logsumexp(lp + log_w.double()[:, :, None], dim=0)
+    return mixed.clamp_min(math.log(torch.finfo(torch.float32).tiny)).float()
+
+
+@pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 20])
+def test_log_mix_blocks_threads_and_both_input_kinds_match_the_reference(monkeypatch, block_bytes):
+    from modelcore.compose import ensemble
+
+    # tiny blocks: one row per block, many blocks over 2 threads; 3000 bytes: blocks of
+    # 1 (4 paths) or 3 (1 path) rows of 251, the last one partial; 1 MiB: one block
+    monkeypatch.setattr(ensemble, "_MIX_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(ensemble, "default_workers", lambda: 2)
+    g = torch.Generator().manual_seed(0)
+    N, V = 23, 251
+    logits = [torch.randn(N, V, generator=g) * s for s in (1.0, 5.0, 9.0, 3.0)]
+    logits[1][4] -= 1000.0  # a row far below 0: unshifted exps underflow, s < 1
+    logits[2][7] += 500.0  # a row far above: unshifted exps overflow
+    logits[3][11, :5] = float("-inf")  # masked entries
+    log_w = torch.log_softmax(torch.randn(4, N, generator=g), dim=0)
+    log_w[0, :3] = float("-inf")  # weight 0 for path 0 on the first rows
+    want = _stacked_log_mix(logits, log_w)
+    for got in (log_mix(logits, log_w), log_mix(iter(logits), log_w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # all at hand or one at a time: the same function of the inputs
+    torch.testing.assert_close(log_mix(tuple(logits), log_w), log_mix(iter(logits), log_w))
+
+
+def test_log_mix_writes_into_a_given_output_and_checks_it():
+    g = torch.Generator().manual_seed(1)
+    logits = [torch.randn(5, 17, generator=g) for _ in range(3)]
+    log_w = torch.log_softmax(torch.randn(3, 5, generator=g), dim=0)
+    out = torch.full((5, 17), float("nan"))
+    assert log_mix(logits, log_w, out=out) is out
+    torch.testing.assert_close(out, _stacked_log_mix(logits, log_w), rtol=1e-5, atol=1e-5)
+    again = torch.full((5, 17), float("nan"))
+    assert log_mix(iter(logits), log_w, out=again) is again
+    torch.testing.assert_close(again, out)
+    with pytest.raises(ValueError, match="out must be"):
+        log_mix(logits, log_w, out=torch.empty(5, 16))
+    with pytest.raises(ValueError, match="out must be"):
+        log_mix(logits, log_w, out=torch.empty(17, 5).t())
+    with pytest.raises(ValueError, match="expected 3"):
+        log_mix(logits[:2], log_w)
+    with pytest.raises(ValueError, match="more logit matrices"):
+        log_mix(iter(logits + logits[:1]), log_w)
+    with pytest.raises(ValueError, match="agree"):
+        log_mix([logits[0], logits[1][:, :9], logits[2]], log_w)
+
+
+def test_log_mix_of_one_path_is_its_log_softmax_and_identical_paths_change_nothing():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 33, generator=g) * 4
+    want = torch.log_softmax(x, -1)
+    torch.testing.assert_close(log_mix([x], torch.zeros(1, 9)), want, rtol=1e-6, atol=1e-6)
+    log_w = torch.log_softmax(torch.randn(3, 9, generator=g), dim=0)
+    torch.testing.assert_close(log_mix([x, x, x], log_w), want, rtol=1e-6, atol=1e-6)
+    # the paths' order (with their weights) does not matter beyond rounding
+    perm = [2, 0, 1]
+    y = [x, x * 2, -x]
+    torch.testing.assert_close(
+        log_mix([y[i] for i in perm], log_w[perm]), log_mix(y, log_w), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_run_blocks_runs_every_block_once_and_reraises():
+    from modelcore.compose._parallel import run_blocks
+
+    seen = []
+    states = []
+
+    def make():
+        states.append(object())
+        return states[-1]
+
+    run_blocks(37, lambda i, st: seen.append((i, st)), make, 3)
+    assert sorted(i for i, _ in seen) == list(range(37))
+    assert 1 <= len(states) <= 3
+    assert {st for _, st in seen} <= set(states)
+    run_blocks(0, lambda i, st: seen.append(i), make, 2)  # nothing to do is fine
+
+    def boom(i, _st):
+        if i == 5:
+            raise RuntimeError("block 5")
+
+    with pytest.raises(RuntimeError, match="block 5"):
+        run_blocks(20, boom, lambda: None, 2)
+
+
 def test_posterior_follows_the_likelihood_and_starts_at_the_prior():
     ll = torch.tensor([[[-1.0, -1.0, -1.0]], [[-3.0, -3.0, -3.0]]])  # (P=2, B=1, T=3)
     prior = torch.log(torch.tensor([0.25, 0.75]))
@@ -196,6 +287,82 @@ def test_merged_file_streams_validates_and_matches_the_in_memory_merge(tmp_path)
     save_expert(tmp_path / "other.safetensors", experts[0], base_revision="cd" * 32)
     with pytest.raises(ValueError, match="another base"):
         merge.merge_files([paths[0], tmp_path / "other.safetensors"], tmp_path / "x.safetensors")
+
+
+ODD_SHAPES = {
+    "layers.0.modules.0.w_in": (37, 13),
+    "layers.0.modules.0.w_out": (13, 37),
+    "layers.0.modules.0.router_row": (5,),
+    "layers.1.modules.0.w_in": (1, 7),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_merge_in_small_blocks_on_threads_equals_the_in_memory_merge(
+    tmp_path, monkeypatch, dtype
+):
+    from modelcore.experts import load_expert, save_expert
+
+    def load_expert_tensors(path):
+        return load_expert(path)[0]
+
+    # 52-byte blocks: rows of 13 float32 split 1 per block for (37, 13), 7 elements per
+    # block for the (5,) vector (a partial last block), one row for (1, 7); 2 threads
+    monkeypatch.setattr(merge, "_BLOCK_BYTES", 52)
+    monkeypatch.setattr(merge, "default_workers", lambda: 2)
+    rev = "ab" * 32
+    experts = [_random_expert(s, ODD_SHAPES) for s in range(4)]
+    paths = []
+    for i, e in enumerate(experts):
+        paths.append(tmp_path / f"e{i}.safetensors")
+        save_expert(paths[-1], e, base_revision=rev, dtype=dtype)
+    stored = [load_expert_tensors(p) for p in paths]
+    cases = [
+        ("uniform", None),
+        ("weighted", [0.0, 2.0, 0.0, 1.0]),  # zeros are skipped, exactly
+        ("weighted", [0.0, 0.0, 5.0, 0.0]),  # one nonzero weight: that expert, bit for bit
+        ("ties", None),
+    ]
+    for method, weights in cases:
+        out = tmp_path / "merged.safetensors"
+        merge.merge_files(paths, out, method, weights=weights)
+        got = load_expert_tensors(out)
+        want = merge.merge_tensors(stored, method, weights=weights)
+        assert sorted(got) == sorted(want)
+        assert all(got[n].dtype == want[n].dtype and torch.equal(got[n], want[n]) for n in want)
+        if weights == [0.0, 0.0, 5.0, 0.0]:
+            assert all(torch.equal(got[n], stored[2][n]) for n in got)
+    # identical inputs give that expert back, exactly, streamed too
+    for method in ("uniform", "weighted"):
+        weights = None if method == "uniform" else [3.0, 1.0, 2.0]
+        out = tmp_path / "same.safetensors"
+        merge.merge_files([paths[1]] * 3, out, method, weights=weights)
+        got = load_expert_tensors(out)
+        assert all(torch.equal(got[n], stored[1][n]) for n in got)
+    # permuting the files (with their weights) gives the same bytes
+    w = [0.1, 0.4, 0.2, 0.3]
+    perm = [2, 0, 3, 1]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    merge.merge_files(paths, a, "weighted", weights=w)
+    merge.merge_files([paths[i] for i in perm], b, "weighted", weights=[w[i] for i in perm])
+    ta, tb = load_expert_tensors(a), load_expert_tensors(b)
+    assert all(torch.equal(ta[n], tb[n]) for n in ta)
+
+
+def test_streamed_merge_refuses_a_truncated_input_and_leaves_nothing(tmp_path):
+    from modelcore.experts import save_expert
+
+    rev = "ab" * 32
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"e{i}.safetensors")
+        save_expert(paths[-1], _random_expert(i, ODD_SHAPES), base_revision=rev)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[:-40])
+    with pytest.raises(ValueError, match="truncated"):
+        merge.merge_files(paths, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m")] == []
 
 
 def test_distillation_resumed_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
