@@ -27,8 +27,8 @@ from helpers.processes import Processes, Published, Registry, Trained, start_reg
 EXPERT_DOMAINS = ("licenses", "python_docs", "c_headers")
 LICENSES = {"licenses": "CC0-1.0", "python_docs": "PSF-2.0", "c_headers": "MIT"}
 SAMPLE_BYTES = 12 * 1024
-BASE_STEPS = 120
-EXPERT_STEPS = 80
+BASE_STEPS = 100
+EXPERT_STEPS = 70
 
 _PROCS = pytest.StashKey[Processes]()
 
