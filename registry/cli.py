@@ -84,9 +84,10 @@ def _loopback(host: str) -> str:
 
 def _serve_with_hooks(server: Any, settings: Settings, url: str) -> None:
     """Run uvicorn; once it listens, start the hooks (the in-process worker) with a worker
-    token made for this run, and at shutdown stop them and revoke the token."""
+    token made for this run. On SIGINT/SIGTERM the hooks are stopped *before* uvicorn closes
+    its socket, so the worker can still complete or hand back its job over HTTP; then the
+    token is revoked. A second signal exits at once (uvicorn's own force exit)."""
     import threading
-    import time
 
     from registry.services.tokens import create_token as make_token
     from registry.services.tokens import revoke_token
@@ -99,7 +100,28 @@ def _serve_with_hooks(server: Any, settings: Settings, url: str) -> None:
     finally:
         runtime.engine.dispose()
     stops: list[Callable[[], None]] = []
+    lock = threading.Lock()
     finished = threading.Event()
+
+    revoked = threading.Event()
+
+    def stop_hooks() -> None:
+        with lock:
+            while stops:
+                stops.pop()()
+
+    def revoke() -> None:
+        # Also on the signal path: uvicorn re-raises SIGTERM once it has shut down, which
+        # ends the process before a `finally` here would run.
+        if revoked.is_set():
+            return
+        runtime = _runtime(settings)
+        try:
+            with runtime.sessions() as session, session.begin():
+                revoke_token(session=session, token_id=token_id)
+            revoked.set()
+        finally:
+            runtime.engine.dispose()
 
     def start_when_listening() -> None:
         while not server.started:
@@ -107,10 +129,33 @@ def _serve_with_hooks(server: Any, settings: Settings, url: str) -> None:
                 return
         for hook in SERVE_HOOKS:
             try:
-                stops.append(hook(url, secret, settings.data_dir))
+                stop = hook(url, secret, settings.data_dir)
             except Exception as exc:  # the registry keeps serving without its worker
                 typer.echo(f"error: the in-process worker did not start: {exc}", err=True)
+                continue
+            with lock:
+                stops.append(stop)
 
+    plain_exit = server.handle_exit
+    exiting = threading.Event()
+
+    def handle_exit(sig: int, frame: Any) -> None:
+        if exiting.is_set():
+            plain_exit(sig, frame)  # a second signal: uvicorn forces the exit
+            return
+        exiting.set()
+        typer.echo("stopping the in-process worker (its job is finished or handed back)...")
+
+        def stop_then_exit() -> None:
+            try:
+                stop_hooks()
+                revoke()
+            finally:
+                plain_exit(sig, frame)
+
+        threading.Thread(target=stop_then_exit, name="serve-stop", daemon=True).start()
+
+    server.handle_exit = handle_exit
     starter = threading.Thread(target=start_when_listening, name="serve-hooks", daemon=True)
     starter.start()
     try:
@@ -118,16 +163,8 @@ def _serve_with_hooks(server: Any, settings: Settings, url: str) -> None:
     finally:
         finished.set()
         starter.join(timeout=5)
-        for stop in stops:
-            started = time.monotonic()
-            stop()
-            typer.echo(f"stopped the in-process worker in {time.monotonic() - started:.1f} s")
-        runtime = _runtime(settings)
-        try:
-            with runtime.sessions() as session, session.begin():
-                revoke_token(session=session, token_id=token_id)
-        finally:
-            runtime.engine.dispose()
+        stop_hooks()
+        revoke()
 
 
 def db_upgrade() -> None:

@@ -9,6 +9,7 @@ test fast; MiniLM retrieval has its own test in tests/registry/retrieval.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -98,14 +99,15 @@ def test_readme_quickstart_round_trips_an_expert(tmp_path: Path) -> None:
             check=False,
         )
     finally:
-        server.send_signal(signal.SIGINT)
+        # SIGTERM, as a process manager stops it: the in-process worker stops first.
+        server.send_signal(signal.SIGTERM)
         try:
-            server.communicate(timeout=20)
+            server_log, _ = server.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-            server.communicate()
+            server_log, _ = server.communicate()
 
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr + server_log
     # The snippet downloaded exactly the bytes `agora expert train` wrote.
     trained = (tmp_path / "licenses.safetensors").read_bytes()
     assert (tmp_path / "copy.safetensors").read_bytes() == trained
@@ -114,3 +116,25 @@ def test_readme_quickstart_round_trips_an_expert(tmp_path: Path) -> None:
     assert len(expert_ids) == 1, run.stdout
     assert "Open-source lice" in run.stdout
     assert "embedder hashing" in run.stdout
+    # `agora compose` was computed by the server's in-process worker and downloaded; the
+    # loaded composition generated text.
+    manifest = json.loads((tmp_path / "composed" / "manifest.json").read_text())
+    assert manifest["method"] == "ensemble"
+    assert [e["id"] for e in manifest["experts"]] == sorted(expert_ids)
+    assert "worker:    one in-process" in server_log
+    assert "stopping the in-process worker" in server_log
+    generated = run.stdout.strip().splitlines()[-1]
+    assert generated.strip(), run.stdout
+    # The worker token made for that run was revoked at shutdown.
+    tokens = subprocess.run(
+        [sys.executable, "-m", "agora.cli", "admin", "list-tokens"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    embedded = [line for line in tokens.splitlines() if "embedded-worker" in line]
+    assert embedded, tokens
+    assert all("revoked" in line for line in embedded), tokens
