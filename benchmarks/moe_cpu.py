@@ -22,16 +22,24 @@ the machine for a while slows both sides of a ratio; the median over repetitions
 verdict, and the best times are printed beside it.
 Goals: grouped >= 0.85x dense GFLOP/s, >= 15x the per-token loop.
 
-Run: .venv/bin/python benchmarks/moe_cpu.py [--reps 9] [--loop-tokens 256]
+``--compare-with FILE`` also times another version of ``moe_ref.py`` (e.g. an earlier
+commit's: ``git show REV:modelcore/kernels/moe_ref.py > /tmp/moe_ref_old.py``) in the same
+repetitions, so a before/after is measured under the same conditions.
+
+Run: .venv/bin/python benchmarks/moe_cpu.py [--reps 9] [--loop-tokens 256] [--compare-with F]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -55,6 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--loop-tokens", type=int, default=256)
+    ap.add_argument("--compare-with", type=Path, default=None, metavar="FILE")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -113,6 +122,34 @@ def main() -> None:
         "autograd": grouped_autograd,
         "loop": loop,
     }
+    rows = [
+        ("grouped (plan+gather+mm+scatter)", "grouped"),
+        ("grouped, gated combine to (T,h)", "grouped_gated"),
+        ("grouped, autograd schedule fwd", "autograd"),
+        ("dense torch.mm, same FLOPs", "dense"),
+        ("per-token loop (extrapolated)", "loop"),
+    ]
+    goal_rows = rows[:2]
+    if args.compare_with is not None:
+        other = _load_module(args.compare_with)
+
+        def other_grouped() -> torch.Tensor:
+            with torch.no_grad():
+                return other.grouped_mm_ref(x, w, other.plan_routing(expert_idx, E))
+
+        def other_gated() -> torch.Tensor:
+            with torch.no_grad():
+                return other.grouped_mm_ref(x, w, other.plan_routing(expert_idx, E), gates_TK=gates)
+
+        torch.testing.assert_close(other_grouped(), grouped())
+        torch.testing.assert_close(other_gated(), grouped_gated(), atol=1e-4, rtol=1e-4)
+        paths |= {"other": other_grouped, "other_gated": other_gated}
+        extra = [
+            (f"{args.compare_with.name}: grouped", "other"),
+            (f"{args.compare_with.name}: gated", "other_gated"),
+        ]
+        rows[2:2] = extra
+        goal_rows = goal_rows + extra
     for fn in paths.values():  # warm-up: allocator, thread pools, MKL's buffers
         fn()
     times: dict[str, list[float]] = {name: [] for name in paths}
@@ -128,13 +165,6 @@ def main() -> None:
     print(f"moe_cpu: T={T} d={d} h={h} E={E} k={k} fp32, torch.set_num_threads({args.threads}),")
     print(f"         torch {torch.__version__}, {args.reps} repetitions (paths interleaved),")
     print(f"         load average at the end (1, 5, 15 min): {load}")
-    rows = [
-        ("grouped (plan+gather+mm+scatter)", "grouped"),
-        ("grouped, gated combine to (T,h)", "grouped_gated"),
-        ("grouped, autograd schedule fwd", "autograd"),
-        ("dense torch.mm, same FLOPs", "dense"),
-        ("per-token loop (extrapolated)", "loop"),
-    ]
     print(f"{'path':<34}{'median ms':>10}{'best ms':>10}{'GFLOP/s':>9}")
     for label, name in rows:
         med, best = statistics.median(times[name]), min(times[name])
@@ -142,11 +172,21 @@ def main() -> None:
     print(f"per-token loop timed on {n_loop} of {T} tokens and extrapolated x{T / n_loop:g}")
     print("ratios: median over repetitions of (other path's time / grouped time), same repetition")
     verdict = {True: "MET", False: "MISSED"}
-    for label, name in rows[:2]:
+    for label, name in goal_rows:
         r_dense, r_loop = paired("dense", name), paired("loop", name)
         print(f"{label}:")
         print(f"  vs dense GFLOP/s : {r_dense:.2f}x  (goal >= 0.85x) {verdict[r_dense >= 0.85]}")
         print(f"  vs per-token loop: {r_loop:.1f}x  (goal >= 15x) {verdict[r_loop >= 15]}")
+
+
+def _load_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("moe_ref_compared", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":
