@@ -6,6 +6,9 @@ samples are their domain's text. A user asks for an ensemble of the k=2 experts 
 held-out text of one domain; the worker computes it; the SDK loads the composition and
 scores that text locally, better than the base does. The CLI does the same with
 `agora compose --texts FILE --out DIR`, and the directory loads offline.
+
+And the embedded default: `agora serve` alone (its in-process worker) averages two experts
+into a new one with lineage and a license derived from its parents'.
 """
 
 from __future__ import annotations
@@ -132,3 +135,53 @@ def test_a_composition_requested_by_text_is_computed_by_a_worker_and_loaded(
 
     offline = load_composed_dir(out)
     assert offline.bits_per_byte(texts)["bits_per_byte"] < base_bpb - 0.005
+
+
+@pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
+def test_one_agora_serve_averages_experts_with_its_embedded_worker(
+    launch: Callable[..., Registry],
+    publish: Callable[..., Published],
+    trained: Trained,
+    tmp_path: Path,
+) -> None:
+    """The embedded default: `agora serve` alone computes jobs. An average is a new expert,
+    stored like any other, whose datasheet names its parents and their joint license."""
+    import yaml
+    from safetensors.numpy import load_file
+
+    registry = launch(AGORA_EMBEDDED_WORKER="true")
+    published = publish(registry, domains=("licenses", "python_docs"))
+    parents = [published.experts["licenses"], published.experts["python_docs"]]
+    with Agora(registry.url, token=published.user_token, cache_dir=tmp_path / "sdk") as agora:
+        handle = agora.compose(
+            "average",
+            base_revision=published.revision,
+            experts=parents,
+            params={"merge": "uniform"},
+        )
+        composition = handle.wait(timeout=300, poll=0.3)
+        assert composition.expert_id is not None
+        assert composition.manifest is not None
+        assert composition.manifest.output is not None
+        assert composition.manifest.output.id == composition.expert_id
+        new = agora.get_expert(composition.expert_id)
+        front = yaml.safe_load(agora.get_datasheet(new.id).split("---")[1])
+        merged = load_file(agora.download(new.id))
+        inputs = [load_file(agora.download(p)) for p in parents]
+        model = agora.load_composed(composition)
+        score = model.bits_per_byte(trained.heldout["licenses"][:2])
+
+    assert new.owner == "alice"
+    assert new.status == "active"
+    assert new.base_revision == published.revision
+    # Lineage and license follow from the parents (CC0-1.0 and PSF-2.0).
+    assert [(p["expert_id"], p["version"]) for p in front["parents"]] == [(p, 1) for p in parents]
+    assert front["license"] == "CC0-1.0 AND PSF-2.0"
+    # The worker uploaded the uniform average of the parents, tensor by tensor.
+    assert sorted(merged) == sorted(inputs[0])
+    for name, tensor in merged.items():
+        expected = (inputs[0][name] + inputs[1][name]) / 2
+        assert abs(tensor - expected).max() < 1e-6, name
+    assert 0 < score["bits_per_byte"] < 10
+    # No `agora worker` ran: the one result came from the registry's in-process worker.
+    assert len(registry.query("SELECT job_id FROM job_results")) == 1

@@ -37,8 +37,6 @@ from helpers.processes import (
 from registry.client import Agora
 from registry.client.errors import LeaseLost
 
-pytestmark = pytest.mark.slow
-
 FINAL = ("succeeded", "failed", "dead")
 # Short texts: the jobs are cheap, the machinery around them is what is tested.
 SHORT_TEXT = "Permission is hereby granted, free of charge, to any person obtaining a copy."
@@ -92,6 +90,14 @@ def _wait_final(
 
 def _assert_each_applied_once(registry: Registry, ids: list[str], text_sets: int = 1) -> None:
     """One job_results row and ``text_sets`` evaluation rows per job, no more, no less."""
+    from sqlalchemy import create_engine, inspect
+
+    # The database itself refuses a second result: job_id is the table's primary key.
+    engine = create_engine(registry.database_url)
+    try:
+        assert inspect(engine).get_pk_constraint("job_results")["constrained_columns"] == ["job_id"]
+    finally:
+        engine.dispose()
     results = registry.query("SELECT job_id, fencing_token FROM job_results")
     per_job: dict[str, int] = {}
     for row in results:
@@ -105,6 +111,7 @@ def _assert_each_applied_once(registry: Registry, ids: list[str], text_sets: int
 # --------------------------------------------------------------------------- many workers
 
 
+@pytest.mark.slow  # trains the models the workers run
 @pytest.mark.parametrize("empty_database_url", ["sqlite", "postgresql"], indirect=True)
 def test_three_workers_run_fifty_jobs_each_exactly_once(
     launch: Callable[..., Registry],
@@ -153,6 +160,7 @@ def _leases(registry: Registry) -> dict[str, dict[str, Any]]:
     return {str(row["lease_owner"]): row for row in rows}
 
 
+@pytest.mark.slow  # trains the models the workers run
 @pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
 def test_sigkill_mid_job_ten_times_loses_nothing_and_applies_nothing_twice(
     launch: Callable[..., Registry],
@@ -285,7 +293,7 @@ def test_a_stale_workers_completion_is_refused(
         Agora(registry.url, token=tokens[1], cache_dir=tmp_path / "c2") as w2,
         registry.http(tokens[0]) as raw1,
     ):
-        first = w1.lease_job("w1", kinds=["evaluate"], lease_seconds=2)
+        first = w1.lease_job("w1", kinds=["evaluate"], lease_seconds=3)
         assert first is not None
         assert first.id == job_id
         assert first.job.attempts == 1
@@ -342,6 +350,7 @@ def _corrupt_blob(registry: Registry, digest: str) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow  # trains the models the workers run
 @pytest.mark.parametrize("empty_database_url", ["sqlite", "postgresql"], indirect=True)
 def test_a_poison_job_ends_dead_while_other_jobs_flow(
     launch: Callable[..., Registry],
