@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ AGORA = [sys.executable, "-m", "agora.cli"]
 READY_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 LOG_TAIL_CHARS = 12_000
+_IDLE_POLL = re.compile(r'/v1/jobs/lease "?HTTP/1\.1"? 204')
 
 
 def free_port() -> int:
@@ -127,10 +129,14 @@ class Process:
             os.killpg(self.popen.pid, sig)
 
     def log(self, tail: int | None = LOG_TAIL_CHARS) -> str:
+        """The log's end, without the lines of idle polls (a lease answered 204), which
+        would otherwise fill the tail of a worker's or the registry's log."""
         try:
             text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+        lines = [line for line in text.splitlines(keepends=True) if not _IDLE_POLL.search(line)]
+        text = "".join(lines)
         return text if tail is None or len(text) <= tail else "...\n" + text[-tail:]
 
 
