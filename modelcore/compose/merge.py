@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -268,6 +269,11 @@ def merge_tensors(
 # -- streaming over files -----------------------------------------------------------------
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+# Elementwise merges read their inputs through file mappings (no copy) where the platform
+# has them, else with pread into per-thread buffers.
+_MAPPED = hasattr(mmap, "MAP_PRIVATE")
+_MAP_FLAGS = getattr(mmap, "MAP_PRIVATE", 0)
+_MAP_PROT = getattr(mmap, "PROT_READ", 0) | getattr(mmap, "PROT_WRITE", 0)
 _BLOCK_BYTES = 1 << 20  # rows per streamed block: ~1 MiB of each input, cache-resident
 
 
@@ -423,14 +429,18 @@ def _merge_blocks(
     n_in = len(inputs) + (ref_in is not None)
 
     def buffers() -> tuple[list[torch.Tensor], torch.Tensor]:
-        raw = [torch.empty(step_bytes, dtype=torch.uint8) for _ in range(n_in)]
+        raw = [] if _MAPPED else [torch.empty(step_bytes, dtype=torch.uint8) for _ in range(n_in)]
         return raw, torch.empty(step_elems, dtype=torch.float32)
 
     def work(i: int, state: tuple[list[torch.Tensor], torch.Tensor]) -> None:
         name, r0, r1 = tasks[i]
         raw, mean = state
-        parts = [x.read(name, r0, r1, into=raw[j]) for j, x in enumerate(inputs)]
-        ref = None if ref_in is None else ref_in.read(name, r0, r1, into=raw[-1])
+        if _MAPPED:
+            parts = [x.mapped(name, r0, r1) for x in inputs]
+            ref = None if ref_in is None else ref_in.mapped(name, r0, r1)
+        else:
+            parts = [x.read(name, r0, r1, into=raw[j]) for j, x in enumerate(inputs)]
+            ref = None if ref_in is None else ref_in.read(name, r0, r1, into=raw[-1])
         buf = mean[: parts[0].numel()].view(parts[0].shape)
         merged = m(parts, w, ref, out=buf, **params).to(out_dtype)
         row_out = math.prod(parts[0].shape[1:]) * out_item
@@ -471,6 +481,14 @@ class _ExpertReader:
             raise
         self.entries.pop("__metadata__", None)
         self.start = 8 + n
+        # Every tensor's bytes must lie inside the file: a mapped block past its end would
+        # fault (SIGBUS) instead of failing a read.
+        size = os.fstat(self.fd).st_size
+        for name, e in self.entries.items():
+            lo, hi = e["data_offsets"]
+            if not 0 <= lo <= hi or self.start + hi > size:
+                os.close(self.fd)
+                raise ValueError(f"{self.path} is truncated or corrupt at {name}")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -497,6 +515,29 @@ class _ExpertReader:
             if got <= 0:
                 raise ValueError(f"{self.path} is truncated")
             view, offset = view[got:], offset + got
+        return raw.view(dtype).view(r1 - r0, *shape[1:])
+
+    def mapped(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of a tensor as a view of the page cache (a mapping of just those
+        bytes, unmapped when the view is dropped): no copy at all."""
+        e = self.entries[name]
+        dtype = {v: k for k, v in _ST_DTYPE.items()}.get(e["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: {name} has dtype {e['dtype']}, not an expert dtype")
+        shape = list(e["shape"])
+        row = math.prod(shape[1:]) * _ITEMSIZE[dtype]
+        n = (r1 - r0) * row
+        begin = self.start + e["data_offsets"][0] + r0 * row
+        if e["data_offsets"][0] + r1 * row > e["data_offsets"][1]:
+            raise ValueError(f"{self.path}: {name} is shorter than its shape")
+        if n == 0:
+            return torch.empty(r1 - r0, *shape[1:], dtype=dtype)
+        base = begin - begin % mmap.ALLOCATIONGRANULARITY
+        # A private writable mapping: torch gets a writable buffer (no read-only warning),
+        # pages are the page cache's own until written, and nothing here writes them (a
+        # write would touch a private copy only, never the file).
+        mm = mmap.mmap(self.fd, begin + n - base, flags=_MAP_FLAGS, prot=_MAP_PROT, offset=base)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=begin - base)
         return raw.view(dtype).view(r1 - r0, *shape[1:])
 
     def rows(self, name: str) -> tuple[int, int]:

@@ -297,9 +297,11 @@ ODD_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("dtype", "mapped"), [("float32", True), ("bfloat16", True), ("float32", False)]
+)
 def test_streamed_merge_in_small_blocks_on_threads_equals_the_in_memory_merge(
-    tmp_path, monkeypatch, dtype
+    tmp_path, monkeypatch, dtype, mapped
 ):
     from modelcore.experts import load_expert, save_expert
 
@@ -310,6 +312,7 @@ def test_streamed_merge_in_small_blocks_on_threads_equals_the_in_memory_merge(
     # block for the (5,) vector (a partial last block), one row for (1, 7); 2 threads
     monkeypatch.setattr(merge, "_BLOCK_BYTES", 52)
     monkeypatch.setattr(merge, "default_workers", lambda: 2)
+    monkeypatch.setattr(merge, "_MAPPED", mapped)  # file mappings, or pread into buffers
     rev = "ab" * 32
     experts = [_random_expert(s, ODD_SHAPES) for s in range(4)]
     paths = []
