@@ -106,14 +106,21 @@ def procs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Processes]
 
 
 @pytest.fixture
-def launch(procs: Processes, empty_database_url: str, tmp_path: Path) -> Callable[..., Registry]:
+def launch(
+    empty_database_url: str, procs: Processes, tmp_path: Path
+) -> Iterator[Callable[..., Registry]]:
     """``launch(**settings)``: a registry on this test's backend; settings such as
-    ``AGORA_JOB_MAX_ATTEMPTS="2"`` go to its environment. One per test."""
+    ``AGORA_JOB_MAX_ATTEMPTS="2"`` go to its environment. One per test.
+
+    Every process stops before the test database is dropped (this fixture's teardown
+    runs before that of the database it depends on).
+    """
 
     def start(**settings: str) -> Registry:
         return start_registry(procs, tmp_path / "data", empty_database_url, settings=settings)
 
-    return start
+    yield start
+    procs.stop_all()
 
 
 @pytest.fixture

@@ -99,8 +99,7 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL, at once, the way a crash or the OOM killer ends a process."""
-        if self.alive():
-            self._signal_group(signal.SIGKILL)
+        self._signal_group(signal.SIGKILL)
         self.popen.wait(timeout=30)
 
     def send(self, sig: int) -> None:
@@ -111,7 +110,8 @@ class Process:
         return self.popen.wait(timeout=timeout)
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> int:
-        """``sig``, then SIGKILL to its group if it has not exited within ``grace``."""
+        """``sig``, then SIGKILL to its group if it has not exited within ``grace``.
+        Idempotent: a stopped (or killed) process is left alone."""
         if self.alive():
             self.popen.send_signal(sig)
             try:
@@ -119,14 +119,15 @@ class Process:
             except subprocess.TimeoutExpired:
                 self._signal_group(signal.SIGKILL)
                 self.popen.wait(timeout=30)
-        # Children it left behind in its group (none expected) go too.
-        self._signal_group(signal.SIGKILL)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return int(self.popen.returncode)
 
     def _signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, sig)
+        # Only while the process is unreaped: its pid (the group id) cannot be reused yet.
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, sig)
 
     def log(self, tail: int | None = LOG_TAIL_CHARS) -> str:
         """The log's end, without the lines of idle polls (a lease answered 204), which
