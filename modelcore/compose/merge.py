@@ -5,12 +5,12 @@ Shape legend: P experts being merged, S elements of one tensor.
 Each method is a small registered object with a name and the paper it follows (as in
 mergekit): a pure function from the P input tensors of one name (and their weights) to
 the merged tensor. ``merge_tensors`` applies a method to in-memory state dicts;
-``merge_files`` streams from the experts' safetensors files: it opens them with
-``readinto`` row blocks (uniform and weighted combine blocks of ~1 MiB per input, so the
-working set stays in cache; TIES reads one whole tensor per input, as its trim needs),
-and writes the output
-file tensor by tensor behind a header computed up front, so the merged expert is never
-whole in memory either.
+``merge_files`` streams from the experts' safetensors files. Uniform and weighted combine
+row blocks of ~1 MiB per input, each read through a mapping of just that block's bytes
+(no copy; ``pread`` into buffers where there is no mmap), while the block is in cache,
+on a few threads (``_parallel.run_blocks``), each block written with ``pwrite`` at its
+offset behind a header computed up front. TIES reads one whole tensor per input, as its
+trim needs. Neither the inputs nor the merged expert are ever whole in memory.
 
 Uniform and weighted averaging are running means in float32 (exact for identical inputs,
 see ``_linear``); TIES works in float64 and casts once at the end. Inputs are summed in a
