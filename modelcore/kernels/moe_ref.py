@@ -20,6 +20,13 @@ with ``src(p) = a // K`` (gather inside the load) unless the input is already gr
 stays grouped (``grouped_out``). With ``gates_TK`` the K outputs of a token are summed,
 each times its gate, into a (T, H) result. This is the contract the Triton kernel in
 ``moe_triton.py`` implements (cf. ScatterMoE, Tan et al. 2024).
+
+The reference runs one of two schedules. With autograd (CPU training): whole-batch ops
+(one gather, a matmul per block, one cat, one scatter), each a single autograd node.
+Without (inference, and the speed that ``benchmarks/moe_cpu.py`` measures): expert by
+expert, gather into a small buffer, ``torch.mm``, scatter or gated add from another,
+spread over one worker thread per intra-op thread when the call is big enough. Both
+give the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -112,9 +119,9 @@ def _grouped_autograd(
     return torch.empty_like(y_sorted_AH).index_copy(0, plan.sorted_assign_A, y_sorted_AH)
 
 
-# Below this many multiply-adds (A * D * H) the inference schedule runs in the calling
-# thread: handing blocks to the worker threads costs ~0.1 ms per call, which is more than
-# it saves on a small layer (the tiny preset's layers are ~1e6).
+# Below this many multiply-adds (A * D * H, ~7e7: ~1 ms of one core) the inference
+# schedule runs in the calling thread. The hand-off to the workers costs 20-100 us per
+# call, and the tiny preset's FFN at 2048 tokens (4096 x 64 x 64 = 1.7e7) gains nothing.
 _PARALLEL_MIN_MACS = 1 << 26
 
 
