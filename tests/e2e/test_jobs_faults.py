@@ -6,6 +6,8 @@ What issue 7 promises and these tests check, through the HTTP API and the databa
   (its primary key is the job id) and one evaluation row per job;
 * a worker SIGKILLed mid-job, 10 times at random points, loses no job and applies none
   twice (the killed lease expires, another lease finishes the job with a newer token);
+* SIGTERM mid-job: the worker finishes the job and exits; a second SIGTERM hands the job
+  back at once (queued, attempt not counted) and the next worker computes it;
 * a stale worker's heartbeat, completion and failure are refused with 409 ``lease_lost``,
   and the job keeps the result of the lease that holds it;
 * a poison job ends ``dead`` after its attempts while the other jobs keep succeeding;
@@ -16,6 +18,7 @@ What issue 7 promises and these tests check, through the HTTP API and the databa
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -240,6 +243,74 @@ def test_sigkill_mid_job_ten_times_loses_nothing_and_applies_nothing_twice(
     for held in killed:
         assert tokens[held["id"]] > held["fencing_token"], held
         assert final[held["id"]]["attempts"] >= 2
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+@pytest.mark.slow  # trains the models the workers run
+@pytest.mark.parametrize("empty_database_url", ["postgresql"], indirect=True)
+def test_sigterm_finishes_the_job_and_a_second_sigterm_hands_it_back(
+    launch: Callable[..., Registry],
+    publish: Callable[..., Published],
+    procs: Processes,
+    trained: Trained,
+) -> None:
+    registry = launch()
+    published = publish(registry, domains=("licenses", "python_docs"))
+    token = registry.create_token("worker", "pool")
+    text = "\n\n".join(trained.heldout["licenses"])[:6000]
+
+    # One SIGTERM mid-job: the worker finishes the job, delivers it, and exits cleanly.
+    first = start_worker(procs, registry, token, name="t1", lease_seconds=3)
+    with registry.http(published.user_token) as http:
+        evaluation = _submit_evaluation(http, published.experts["licenses"], [text])
+    wait_until(lambda: "t1" in _leases(registry), timeout=120, interval=0.05, message="t1 to lease")
+    first.send(signal.SIGTERM)
+    assert first.wait(timeout=120) == 0, first.log()
+    job = registry.query("SELECT status, attempts FROM jobs WHERE id = :id", id=evaluation)[0]
+    assert job == {"status": "succeeded", "attempts": 1}
+    assert registry.query("SELECT worker FROM job_results WHERE job_id = :id", id=evaluation) == [
+        {"worker": "t1"}
+    ]
+
+    # Two SIGTERMs mid-distillation: the job is handed back at once, its attempt not
+    # counted, and the next worker computes it.
+    second = start_worker(procs, registry, token, name="t2", lease_seconds=3)
+    with registry.http(published.user_token) as http:
+        accepted = http.post(
+            "/v1/compositions",
+            json={
+                "method": "distill",
+                "base_revision": published.revision,
+                "experts": list(published.experts.values()),
+                "texts": [text],
+                "params": {"steps": 100, "seq_len": 32, "batch_size": 2},
+            },
+        )
+    assert accepted.status_code == 202, accepted.text
+    distill = accepted.json()["job_id"]
+
+    # Leased, so somewhere in download, load or the distillation loop: each of them
+    # checks for a release (the loop at every step), and the whole job takes seconds.
+    wait_until(lambda: "t2" in _leases(registry), timeout=120, interval=0.05, message="t2 to lease")
+    second.send(signal.SIGTERM)
+    time.sleep(0.3)
+    second.send(signal.SIGTERM)
+    assert second.wait(timeout=30) == 0, second.log()
+    job = registry.query(
+        "SELECT status, attempts, lease_owner FROM jobs WHERE id = :id", id=distill
+    )[0]
+    assert job == {"status": "queued", "attempts": 0, "lease_owner": None}
+    assert registry.scalar("SELECT COUNT(*) FROM job_results WHERE job_id = :id", id=distill) == 0
+
+    third = start_worker(procs, registry, token, name="t3", lease_seconds=3)
+    final = _wait_final(registry, [distill], timeout=180, workers=[third])
+    assert final[distill]["status"] == "succeeded"
+    assert final[distill]["attempts"] == 1
+    assert registry.query("SELECT worker FROM job_results WHERE job_id = :id", id=distill) == [
+        {"worker": "t3"}
+    ]
 
 
 # --------------------------------------------------------------------------- stale worker
