@@ -77,6 +77,7 @@ def _wait_final(
         for w in workers:
             assert w.alive(), f"worker {w.name} exited with {w.returncode()}:\n{w.log()}"
         jobs = _jobs(registry, ids)
+        assert len(jobs) == len(set(ids)), "a submitted job is missing from the jobs table"
         return jobs if all(j["status"] in FINAL for j in jobs.values()) else None
 
     def pending() -> str:
