@@ -35,6 +35,9 @@ def _setup_logging() -> None:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+    # httpx logs every request at INFO, the empty lease polls included: one line per job
+    # (the worker's own log) is what an operator reads; failures still show as warnings.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _resolve_device(device: str) -> str:
