@@ -130,9 +130,11 @@ def place(source: Path, dest: Path) -> Path:
         shutil.copyfile(source, tmp)
     try:
         os.replace(tmp, dest)
-    except BaseException:
+    finally:
+        # POSIX rename() of one hard link onto another link of the same inode does nothing
+        # and succeeds: when another caller linked ``dest`` to the same cache entry first,
+        # ``tmp`` is still there. (After a real rename it is gone; the unlink is a no-op.)
         tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

@@ -718,3 +718,21 @@ def test_placing_the_same_file_from_many_threads_at_once_never_fails(tmp_path: P
     assert errors == []
     assert dest.read_bytes() == source.read_bytes()
     assert [p.name for p in dest.parent.iterdir()] == ["model.safetensors"]  # no temp files
+
+
+def test_placing_over_a_link_to_the_same_entry_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rename() of a hard link onto another link of the same inode is a no-op that succeeds:
+    the race the threaded test above hits at random, made deterministic (the samefile
+    check loses the race)."""
+    from registry.client import cache
+
+    source = tmp_path / "blob"
+    source.write_bytes(b"weights")
+    dest = tmp_path / "bases" / "rev" / "model.safetensors"
+    cache.place(source, dest)
+    monkeypatch.setattr(cache.os.path, "samefile", lambda a, b: False)
+    cache.place(source, dest)
+    assert [p.name for p in dest.parent.iterdir()] == ["model.safetensors"]
+    assert dest.read_bytes() == b"weights"
