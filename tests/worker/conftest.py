@@ -6,22 +6,12 @@ payloads (and that its numbers are the composition's), not that composition help
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-TEXTS = [
-    "def add(a, b):\n    return a + b\n" * 2,
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "SELECT name FROM users WHERE id = 3;\n" * 2,
-]
-
-
-def digest_of(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+from helpers.tiny_models import TEXTS, digest_of, make_tiny_base
 
 
 def expert_ref(path: Path, name: str, version: int = 1) -> dict[str, Any]:
@@ -31,38 +21,6 @@ def expert_ref(path: Path, name: str, version: int = 1) -> dict[str, Any]:
         "digest": digest_of(path),
         "size": path.stat().st_size,
     }
-
-
-def make_tiny_base(root: Path, *, seed: int = 0, n_experts: int = 3) -> dict[str, Any]:
-    """A random tiny base (peaked predictions) and ``n_experts`` strong random experts."""
-    from modelcore.artifacts import save_base
-    from modelcore.config import ModelConfig
-    from modelcore.data.tokenizer import train_tokenizer
-    from modelcore.experts import add_modules, extract_expert, remove_modules, save_expert
-    from modelcore.model import ModularLM
-
-    torch.manual_seed(seed)
-    tok = train_tokenizer(TEXTS * 4, vocab_size=300)
-    config = ModelConfig.from_name("tiny").replace(max_seq_len=32, vocab_size=320)
-    model = ModularLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-    revision = save_base(root / "base", model, tok)
-    experts: dict[str, Path] = {}
-    for i, name in enumerate("abcdefgh"[:n_experts]):
-        gen = torch.Generator().manual_seed(seed * 100 + i + 1)
-        idx = add_modules(model, None, generator=gen)
-        tensors = extract_expert(model, idx)
-        remove_modules(model, idx)
-        for k, v in tensors.items():
-            if k.endswith("w_out"):
-                tensors[k] = v * 8
-            elif k.endswith("router_row"):
-                tensors[k] = torch.randn(v.shape, generator=gen) * 2
-        path = root / f"{name}.safetensors"
-        save_expert(path, tensors, base_revision=revision)
-        experts[name] = path
-    return {"root": root, "base": root / "base", "revision": revision, "experts": experts}
 
 
 @pytest.fixture(scope="session")

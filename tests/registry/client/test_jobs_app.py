@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from helpers.artifacts import make_datasheet
+from helpers.tiny_models import TEXTS, make_tiny_base
 from typer.testing import CliRunner
 
 from registry.client import (
@@ -36,13 +37,6 @@ from registry.client.composed import load_composed_dir
 
 torch = pytest.importorskip("torch")
 
-TEXTS = [
-    "def add(a, b):\n    return a + b\n" * 2,
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "SELECT name FROM users WHERE id = 3;\n" * 2,
-]
-
-
 def digest(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -58,40 +52,12 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A random tiny base bundle and three experts that visibly change its predictions."""
-    from modelcore.artifacts import save_base
-    from modelcore.config import ModelConfig
-    from modelcore.data.tokenizer import train_tokenizer
-    from modelcore.experts import add_modules, extract_expert, remove_modules, save_expert
-    from modelcore.model import ModularLM
-
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        root = tmp_path_factory.mktemp("sdk-model")
-        torch.manual_seed(0)
-        tok = train_tokenizer(TEXTS * 4, vocab_size=300)
-        config = ModelConfig.from_name("tiny").replace(max_seq_len=32, vocab_size=320)
-        model = ModularLM(config)
-        with torch.no_grad():
-            model.lm_head.weight.mul_(30)
-        revision = save_base(root / "base", model, tok)
-        experts: dict[str, Path] = {}
-        for i, name in enumerate("abc"):
-            gen = torch.Generator().manual_seed(i + 1)
-            idx = add_modules(model, None, generator=gen)
-            tensors = extract_expert(model, idx)
-            remove_modules(model, idx)
-            for key, value in tensors.items():
-                if key.endswith("w_out"):
-                    tensors[key] = value * 8
-                elif key.endswith("router_row"):
-                    tensors[key] = torch.randn(value.shape, generator=gen) * 2
-            path = root / f"{name}.safetensors"
-            save_expert(path, tensors, base_revision=revision)
-            experts[name] = path
+        return make_tiny_base(tmp_path_factory.mktemp("sdk-model"))
     finally:
         torch.set_num_threads(previous)
-    return {"base": root / "base", "revision": revision, "experts": experts}
 
 
 SHEETS = {
