@@ -37,6 +37,7 @@ from registry.client.composed import load_composed_dir
 
 torch = pytest.importorskip("torch")
 
+
 def digest(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
