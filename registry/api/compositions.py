@@ -21,7 +21,6 @@ from registry.api.common import IdempotentRequest, json_response
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.errors import BadRequest, Conflict
 from registry.retrieval.service import DEFAULT_TEMPERATURE
-from registry.runtime import Runtime
 from registry.services import compositions as comp
 from registry.services import experts as expert_svc
 from registry.services import jobs as jobs_svc
@@ -74,10 +73,6 @@ def _fingerprint(body: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _max_attempts(runtime: Runtime) -> int:
-    return runtime.settings.job_max_attempts
-
-
 @router.post(
     "/v1/compositions",
     status_code=202,
@@ -109,10 +104,7 @@ def create_composition(
             return json_response(stored)
         retrieved = None
         if body.experts is None and body.texts is not None:
-            if body.method not in comp.METHODS:
-                raise BadRequest(
-                    f"method must be one of {', '.join(comp.METHODS)}", code="invalid_method"
-                )
+            comp.check_method(body.method)  # before the search it would be wasted on
             hits = runtime.retrieval.search(
                 texts=body.texts,
                 base_revision=body.base_revision,
@@ -140,7 +132,7 @@ def create_composition(
                 kind=f"compose.{resolved.method}",
                 payload={},
                 created_by=principal.name,
-                max_attempts=_max_attempts(runtime),
+                max_attempts=runtime.settings.job_max_attempts,
                 idempotency_key=idem.key,
             )
             composition = comp.record_composition(
@@ -254,7 +246,7 @@ def create_evaluation(
                     "text_sets": text_sets,
                 },
                 created_by=principal.name,
-                max_attempts=_max_attempts(runtime),
+                max_attempts=runtime.settings.job_max_attempts,
                 idempotency_key=idem.key,
             )
             return StoredResponse(202, {"job_id": job.id, "status": job.status})

@@ -15,13 +15,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session
 
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.uploads import ParsedForm, parse_multipart
 from registry.db.models import Job
 from registry.errors import (
-    AgoraError,
     BadRequest,
     Forbidden,
     PayloadTooLarge,
@@ -356,8 +354,6 @@ async def complete(
         token = _token(raw_token)
         result = _parse_result(raw_result, limit)
         view = await run_in_threadpool(_complete, runtime, job_id, token, result, form)
-    except AgoraError:
-        raise
     finally:
         if form is not None:
             form.discard()
@@ -392,9 +388,3 @@ def list_jobs(
     with session.begin():
         rows = svc.list_jobs(session=session, status=status, kind=kind, limit=limit)
         return {"items": [svc.job_view(j, with_token=principal.is_admin) for j in rows]}
-
-
-def job_reader(session: Session, job_id: str, principal: Principal) -> Job:
-    job = svc.get_job(session=session, job_id=job_id)
-    _check_reader(job, principal)
-    return job

@@ -26,11 +26,12 @@ from registry.client.cache import parse_digest, sha256_file
 from registry.client.errors import AgoraError, DigestMismatch
 
 if TYPE_CHECKING:
-    from modelcore.compose.composed import ComposedModel
+    # Re-exported for client.py's annotations (the `as` form is mypy's explicit
+    # re-export); never imported at run time.
+    from modelcore.compose.composed import ComposedModel as ComposedModel  # noqa: PLC0414
     from registry.client.models import Composition
 
 __all__ = [
-    "ComposedModel",  # for annotations only: imported when type checking, never at run time
     "LocalComposition",
     "ModelDependenciesMissing",
     "build_composed_model",

@@ -207,9 +207,10 @@ def samples_of(version: ExpertVersion) -> tuple[str, ...]:
     return tuple(parse_datasheet(version.datasheet.encode("utf-8"), max_bytes=1 << 30).samples)
 
 
-def _texts_from_samples(experts: Sequence[ResolvedExpert], max_bytes: int) -> list[str]:
-    """The experts' datasheet samples, interleaved, up to ``max_bytes``."""
-    pools = [list(samples_of(r.version)) for r in experts]
+def interleave(groups: Sequence[Sequence[str]], max_bytes: int) -> list[str]:
+    """Round-robin over the groups' texts (one of each in turn, so every expert is
+    represented), stopping before the first text that would pass ``max_bytes`` of UTF-8."""
+    pools = [list(g) for g in groups]
     texts: list[str] = []
     size = 0
     while any(pools):
@@ -237,6 +238,11 @@ class CompositionRequest:
     retrieved: bool
 
 
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise BadRequest(f"method must be one of {', '.join(METHODS)}", code="invalid_method")
+
+
 def resolve_request(
     *,
     session: Session,
@@ -253,8 +259,7 @@ def resolve_request(
 ) -> CompositionRequest:
     """Check a composition request. ``retrieved`` holds (expert id, version, c-BTM
     weight) from the caller's search when the request gave texts and no experts."""
-    if method not in METHODS:
-        raise BadRequest(f"method must be one of {', '.join(METHODS)}", code="invalid_method")
+    check_method(method)
     if not 1 <= k <= max_k:
         raise BadRequest(f"k must be between 1 and {max_k}", code="invalid_k")
     checked_params = check_params(method, params)
@@ -298,7 +303,7 @@ def resolve_request(
     payload_texts = (
         kept_texts
         if kept_texts is not None
-        else _texts_from_samples(resolved, max_bytes=max_text_bytes)
+        else interleave([samples_of(r.version) for r in resolved], max_text_bytes)
     )
     return CompositionRequest(
         method=method,
@@ -527,19 +532,7 @@ def derived_datasheet(
         parse_datasheet(p.version.datasheet.encode("utf-8"), max_bytes=1 << 30) for p in parents
     ]
     names = [str(s.name) for s in sheets]
-    samples: list[str] = []
-    size = 0
-    pools = [list(s.samples) for s in sheets]
-    while any(pools):
-        for pool in pools:
-            if pool:
-                text = pool.pop(0)
-                n = len(text.encode("utf-8"))
-                if size + n <= DERIVED_SAMPLES_BYTES:
-                    samples.append(text)
-                    size += n
-        if size >= DERIVED_SAMPLES_BYTES:
-            break
+    samples = interleave([s.samples for s in sheets], DERIVED_SAMPLES_BYTES)
     verb = {"average": "Weight average", "distill": "Distillation"}[method]
     parent_list = "; ".join(
         f"{p.expert.id} v{p.version.version} ({n})" for p, n in zip(parents, names, strict=True)
