@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelcore import native
 from modelcore.compose._parallel import default_workers, run_blocks
 from modelcore.compose._threads import single_thread
 from modelcore.experts import covered_layers, expert_schema
@@ -49,6 +50,9 @@ from modelcore.kernels import plan_routing
 # passes over one block (exp, row sums, weighted sum, log) read DRAM once per input
 # (benchmarks/compose.py measures it).
 _MIX_BLOCK_BYTES = 1 << 20
+# rows per block handed to a thread by the native kernel (it works row by row; blocks only
+# amortise the call and balance the threads)
+_NATIVE_BLOCK_ROWS = 16
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
@@ -282,7 +286,9 @@ def log_mix(
     one write of the output. Given any other iterable (paths computed one at a time, as
     ``ExpertEnsemble.mixture_log_probs`` does), each path is added into one (N, V)
     accumulator as it comes. On the CPU, row blocks run on a few threads
-    (``_parallel.run_blocks``). ``w_j softmax(x_j) <= 1``, so the sum cannot overflow; a
+    (``_parallel.run_blocks``), each row in one call to the fused C kernel of
+    ``modelcore.native`` when it is available and the logits are contiguous float32 (else
+    with torch ops on cache-sized blocks). ``w_j softmax(x_j) <= 1``, so the sum cannot overflow; a
     token whose mixed probability is below the smallest normal float32 (1e-38, i.e.
     -87 nats) is clamped there instead of -inf.
 
@@ -342,8 +348,21 @@ def _mix_group(
     tiny: float,
 ) -> None:
     """``_mix_rows`` over every row block of a group of paths, on ``default_workers()``
-    threads (each with its own scratch buffers)."""
+    threads (each with its own scratch buffers); with the native kernel
+    (``modelcore.native``) when the inputs are contiguous float32 rows."""
     N, V = xs[0].shape
+    kernel = native.logmix()
+    if kernel is not None and all(kernel.accepts(x) for x in xs) and kernel.accepts(out):
+        mixer = kernel.bind(
+            list(xs), w_NG.float().contiguous(), out, accumulate=accumulate, finish=finish
+        )
+        rows = _NATIVE_BLOCK_ROWS
+
+        def native_work(i: int, scratch: torch.Tensor) -> None:
+            mixer.run(i * rows, min(N, (i + 1) * rows), scratch)
+
+        run_blocks(-(-N // rows), native_work, mixer.scratch, default_workers())
+        return
     rows = _block_rows(V, len(xs))
 
     def work(i: int, scratch: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -86,7 +86,25 @@ def test_mixture_removal_restores_the_base_bit_for_bit():
         assert torch.equal(model(ids, aux="none").logits, only_second)
 
 
-def test_log_mix_equals_the_stacked_logsumexp():
+@pytest.fixture(scope="module")
+def native_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("native")
+
+
+@pytest.fixture(params=["native", "torch"])
+def mix_backend(request, monkeypatch, native_cache):
+    """log_mix on the CPU through the fused C kernel (modelcore.native) or torch ops."""
+    from modelcore import native
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("AGORA_NATIVE_CACHE", str(native_cache))
+    monkeypatch.setenv("AGORA_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "native" and native.logmix() is None:
+        pytest.skip("no C compiler here: the native kernel cannot be built")
+    return request.param
+
+
+def test_log_mix_equals_the_stacked_logsumexp(mix_backend):
     torch.manual_seed(0)
     logits = [torch.randn(37, 501) * 5 for _ in range(4)]
     log_w = torch.log_softmax(torch.randn(4, 37), dim=0)
@@ -106,7 +124,9 @@ def _stacked_log_mix(logits, log_w):
 
 
 @pytest.mark.parametrize("block_bytes", [1, 3000, 1 << 20])
-def test_log_mix_blocks_threads_and_both_input_kinds_match_the_reference(monkeypatch, block_bytes):
+def test_log_mix_blocks_threads_and_both_input_kinds_match_the_reference(
+    monkeypatch, block_bytes, mix_backend
+):
     from modelcore.compose import ensemble
 
     # tiny blocks: one row per block, many blocks over 2 threads; 3000 bytes: blocks of
@@ -128,7 +148,7 @@ def test_log_mix_blocks_threads_and_both_input_kinds_match_the_reference(monkeyp
     torch.testing.assert_close(log_mix(tuple(logits), log_w), log_mix(iter(logits), log_w))
 
 
-def test_log_mix_writes_into_a_given_output_and_checks_it():
+def test_log_mix_writes_into_a_given_output_and_checks_it(mix_backend):
     g = torch.Generator().manual_seed(1)
     logits = [torch.randn(5, 17, generator=g) for _ in range(3)]
     log_w = torch.log_softmax(torch.randn(3, 5, generator=g), dim=0)
@@ -150,7 +170,7 @@ def test_log_mix_writes_into_a_given_output_and_checks_it():
         log_mix([logits[0], logits[1][:, :9], logits[2]], log_w)
 
 
-def test_log_mix_of_one_path_is_its_log_softmax_and_identical_paths_change_nothing():
+def test_log_mix_of_one_path_is_its_log_softmax_and_identical_paths_change_nothing(mix_backend):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(9, 33, generator=g) * 4
     want = torch.log_softmax(x, -1)
