@@ -42,6 +42,14 @@ def in_turns(
 ) -> dict[str, float]:
     """Median seconds of each function over ``rounds`` rounds of one call each, in turns,
     after one warm-up round."""
+    return {k: statistics.median(v) for k, v in rounds_in_turns(fns, device, rounds).items()}
+
+
+def rounds_in_turns(
+    fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of each function in each of ``rounds`` rounds (one call each, in turns),
+    after one warm-up round."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds + 1):
         for name, fn in fns.items():
@@ -51,7 +59,13 @@ def in_turns(
             sync(device)
             if r:
                 times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of one function's time over the baseline's in the same round: a
+    neighbour that slows the shared machine for a while slows both sides of a pair."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
 def load() -> str:
@@ -190,6 +204,7 @@ def bench_average(workdir: Path, rounds: int) -> None:
 
 
 def bench_logmix(device: torch.device, vocab: int, rounds: int) -> None:
+    from modelcore import native
     from modelcore.compose.ensemble import log_mix
 
     torch.manual_seed(0)
@@ -209,7 +224,7 @@ def bench_logmix(device: torch.device, vocab: int, rounds: int) -> None:
     gib = P * N * vocab * 4 / 2**30
     print(f"\n## log-mix: {P} x ({N} x {vocab}) float32 logits ({gib:.2f} GiB)")
     print(f"# before: {load()}; median of {rounds} rounds in turns (stacked: best of 2)")
-    t = in_turns(
+    raw = rounds_in_turns(
         {
             "read": read,
             "list_out": lambda: log_mix(logits, log_w, out=out),
@@ -219,18 +234,26 @@ def bench_logmix(device: torch.device, vocab: int, rounds: int) -> None:
         device,
         rounds,
     )
+    t = {k: statistics.median(v) for k, v in raw.items()}
     t_stack = best_of(stacked, device, reps=2)
     print(f"# after: {load()}")
+    if device.type == "cpu":
+        kernel = native.logmix()
+        print(f"# CPU kernel: {kernel.path if kernel else 'none (torch ops)'}")
     widths = [44, 10, 12]
     print(row(["", "ms", "vs one read"], widths))
-    for name, sec in (
-        ("one read pass (sum of each)", t["read"]),
-        ("log_mix, all 4 at hand, into a given out", t["list_out"]),
-        ("log_mix, all 4 at hand, fresh output", t["list_new"]),
-        ("log_mix, one at a time (accumulator), out", t["iter_out"]),
-        ("stack + logsumexp(log_softmax)", t_stack),
+    print(row(["one read pass (sum of each)", f"{t['read'] * 1e3:.1f}", fmt_x(1.0)], widths))
+    for name, key in (
+        ("log_mix, all 4 at hand, into a given out", "list_out"),
+        ("log_mix, all 4 at hand, fresh output", "list_new"),
+        ("log_mix, one at a time (accumulator), out", "iter_out"),
     ):
-        print(row([name, f"{sec * 1e3:.1f}", fmt_x(sec / t["read"])], widths))
+        ratio = paired_ratio(raw[key], raw["read"])
+        print(row([name, f"{t[key] * 1e3:.1f}", fmt_x(ratio)], widths))
+    stack_x = fmt_x(t_stack / t["read"])
+    print(row(["stack + logsumexp(log_softmax)", f"{t_stack * 1e3:.1f}", stack_x], widths))
+    print("# ms: median over rounds; vs one read: median over rounds of the ratio to that")
+    print("# round's read pass (the stacked version: best of 2 over the median read)")
 
 
 def main() -> None:

@@ -153,6 +153,25 @@ def test_inference_schedule_is_the_per_token_loop(
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
 
 
+def test_inference_schedule_on_worker_threads_takes_weights_that_require_grad(expert_parallel):
+    """An nn.Module's weights require grad; evaluating it under no_grad takes the inference
+    schedule, whose worker threads have grad mode on (it is per thread) and must not let
+    mm(out=) refuse those weights."""
+    T, K, E, D, H = 24, 2, 4, 16, 12
+    idx, gates = _uneven_routing(T, E, K, seed=5)
+    plan = plan_routing(idx, E)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(T, D, generator=gen)
+    w = torch.randn(E, D, H, generator=gen).requires_grad_()
+    moe_ref._pools.clear()
+    with torch.no_grad():
+        y = grouped_mm_ref(x, w, plan, gates_TK=gates)
+        want = grouped_mm_ref(x, w.detach(), plan, gates_TK=gates)
+    assert 2 in moe_ref._pools  # it ran on the worker threads
+    assert not y.requires_grad
+    torch.testing.assert_close(y, want, atol=0, rtol=0)
+
+
 def test_expert_parallel_schedule_leaves_thread_counts_alone(expert_parallel):
     """Its workers pin themselves to one intra-op thread each, which in torch also resets
     the process-wide default; the caller, and threads it starts later, must keep theirs."""
