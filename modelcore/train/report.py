@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         f"margins asserted per seed: gain expert >= {ex.MIN_EXPERT_GAIN}; others Δ full FT - "
         f"others Δ expert+reg >= {ex.MIN_FORGETTING_GAP}; H usage MI - H usage none >= "
         f"{ex.MIN_ENTROPY_GAP}; kept <= {ex.MAX_KEPT_FRACTION}; prune Δ (conc.) <= "
-        f"{ex.MAX_PRUNE_RISE}; prune Δ (base) - prune Δ (conc.) >= {ex.MIN_CONCENTRATION_BENEFIT}"
+        f"{ex.MAX_PRUNE_RISE}; prune Δ (base) - prune Δ (conc.) >= 0, and >= "
+        f"{ex.MIN_CONCENTRATION_BENEFIT} in the mean over seeds"
     )
     print(f"{len(args.seeds)} seeds in {wall:.0f}s wall, {cpu:.0f}s CPU, {args.threads} thread(s)")
     if args.json:

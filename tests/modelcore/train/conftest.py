@@ -67,6 +67,21 @@ def insertion_results(setup, prep, bases):
     return get
 
 
+@pytest.fixture(scope="session")
+def prune_results(setup, prep, bases):
+    """Experiment 4 per seed, computed on first use (two tests read them)."""
+    cache: dict[int, ex.PruneResult] = {}
+
+    def get(seed: int) -> ex.PruneResult:
+        if seed not in cache:
+            cache[seed] = ex.concentrate_and_prune(
+                setup, prep, bases.load(seed), seed, base_bpb=bases.base_bpb(seed)
+            )
+        return cache[seed]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     # Measured on the shared 2-core machine under load: a tiny training step costs 0.07 CPU s

@@ -77,7 +77,14 @@ def test_an_index_rebuilt_from_the_database_equals_the_live_one(api, experts, se
     for vector_id in ids:
         np.testing.assert_array_equal(live.reconstruct(vector_id), rebuilt.reconstruct(vector_id))
     query = live_retrieval.embed_query(DOMAINS["law"]["queries"])
-    assert live.search(query, 3) == rebuilt.search(query, 3)
+    live_hits, rebuilt_hits = live.search(query, 3), rebuilt.search(query, 3)
+    # The same experts in the same order; distances equal up to float32 rounding (an HNSW
+    # graph built incrementally and one built at once can sum a distance's terms in a
+    # different SIMD order: faiss 1.15 differs by one ulp here).
+    assert [hit[0] for hit in live_hits] == [hit[0] for hit in rebuilt_hits]
+    np.testing.assert_allclose(
+        [hit[1] for hit in live_hits], [hit[1] for hit in rebuilt_hits], rtol=1e-6, atol=0
+    )
 
 
 def test_a_replica_sees_changes_within_its_refresh_delay(api, experts, settings, tmp_path) -> None:
