@@ -52,34 +52,31 @@ def bases(setup: ex.Setup, prep: ex.Prepared, tmp_path_factory) -> BaseCache:
     return BaseCache(setup, prep, tmp_path_factory.mktemp("bases"))
 
 
-@pytest.fixture(scope="session")
-def insertion_results(setup, prep, bases):
-    """Experiments 1 and 2 per seed, computed on first use (two tests read them)."""
-    cache: dict[int, ex.InsertionResult] = {}
+def _per_seed(experiment, setup, prep, bases):
+    """``experiment(setup, prep, base, seed, base_bpb=...)`` per seed, computed on first use
+    and kept for the session (several tests read each result)."""
+    cache: dict = {}
 
-    def get(seed: int) -> ex.InsertionResult:
+    def get(seed: int):
         if seed not in cache:
-            cache[seed] = ex.insertion_vs_full(
+            cache[seed] = experiment(
                 setup, prep, bases.load(seed), seed, base_bpb=bases.base_bpb(seed)
             )
         return cache[seed]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def insertion_results(setup, prep, bases):
+    """Experiments 1 and 2 (an inserted expert vs finetuning the whole base)."""
+    return _per_seed(ex.insertion_vs_full, setup, prep, bases)
 
 
 @pytest.fixture(scope="session")
 def prune_results(setup, prep, bases):
-    """Experiment 4 per seed, computed on first use (two tests read them)."""
-    cache: dict[int, ex.PruneResult] = {}
-
-    def get(seed: int) -> ex.PruneResult:
-        if seed not in cache:
-            cache[seed] = ex.concentrate_and_prune(
-                setup, prep, bases.load(seed), seed, base_bpb=bases.base_bpb(seed)
-            )
-        return cache[seed]
-
-    return get
+    """Experiment 4 (load concentration, then pruning)."""
+    return _per_seed(ex.concentrate_and_prune, setup, prep, bases)
 
 
 @pytest.fixture(autouse=True)
