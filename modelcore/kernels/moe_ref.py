@@ -175,14 +175,11 @@ def _grouped_inference(
     blocks = sorted(((n, e) for e, n in enumerate(counts) if n), reverse=True)
     widest = blocks[0][0] if blocks else 0
 
+    # Grad mode is per thread: a pool thread has it on even when the caller runs under
+    # no_grad, and mm(out=) refuses inputs that require grad when it is on. This path is
+    # only taken when no gradient is needed.
+    @torch.no_grad()
     def drain(todo: queue.SimpleQueue[tuple[int, int]]) -> None:
-        # Grad mode is per thread: a pool thread has it on even when the caller runs
-        # under no_grad, and mm(out=) refuses inputs that require grad when it is on.
-        # This path is only taken when no gradient is needed.
-        with torch.no_grad():
-            _drain(todo)
-
-    def _drain(todo: queue.SimpleQueue[tuple[int, int]]) -> None:
         buf_in = None if grouped_in else x.new_empty(widest, x.shape[1])
         buf_out = None if grouped_out else x.new_empty(widest, H)
         while True:

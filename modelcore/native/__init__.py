@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("logmix.c")
 # -march=native only: built for a generic target the kernel's 8-lane vectors are split
 # into pairs of 4 and it is slower than torch's ops, so then the torch path is better.
-_FLAG_SETS = (["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno"],)
+_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
 _lock = threading.Lock()
 _loaded: dict[str, LogMixKernel | None] = {}
 
@@ -88,41 +88,47 @@ def _compiler_version(cc: str) -> str:
 def build(source: Path = _SOURCE) -> Path:
     """Compile ``source`` into the cache (if not there already); returns the library's path.
 
-    Raises RuntimeError (with the compiler's message) when no flag set compiles it.
+    Raises RuntimeError (with the compiler's message) when it does not compile.
     """
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
-    code = source.read_bytes()
+    command = [cc, *_FLAGS]
     key = hashlib.sha256(
-        b"\0".join([code, _compiler_version(cc).encode(), _cpu_identity().encode()])
+        b"\0".join(
+            [
+                source.read_bytes(),
+                " ".join(command).encode(),
+                _compiler_version(cc).encode(),
+                _cpu_identity().encode(),
+            ]
+        )
     ).hexdigest()[:20]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for flags in _FLAG_SETS:
-        fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run(  # noqa: S603 (our own argv: compiler, fixed flags, our paths)
-                [cc, *flags, "-o", tmp, str(source)],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if done.returncode == 0:
-                os.replace(tmp, target)  # atomic: a concurrent build just replaces it
-                log.info("built %s with %s %s", target, cc, " ".join(flags))
-                return target
-            errors.append(f"{cc} {' '.join(flags)}: {done.stderr.strip()[-2000:]}")
-        except (OSError, subprocess.SubprocessError) as e:
-            errors.append(f"{cc} {' '.join(flags)}: {e}")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    raise RuntimeError("could not compile " + source.name + ":\n" + "\n".join(errors))
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run(  # noqa: S603 (our own argv: compiler, fixed flags, our paths)
+            [*command, "-o", tmp, str(source)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if done.returncode != 0:
+            error = done.stderr.strip()[-2000:]
+        else:
+            os.replace(tmp, target)  # atomic: a concurrent build just replaces it
+            log.info("built %s with %s", target, " ".join(command))
+            return target
+    except (OSError, subprocess.SubprocessError) as e:
+        error = str(e)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    raise RuntimeError(f"could not compile {source.name} ({' '.join(command)}):\n{error}")
 
 
 class LogMixKernel:

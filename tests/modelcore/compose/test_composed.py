@@ -6,67 +6,33 @@ learning); the trained ones of conftest.py are for the learning tests.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers.tiny_models import TEXTS, digest_of, make_tiny_base
 
-from modelcore.artifacts import load_base, save_base
+from modelcore.artifacts import load_base
 from modelcore.compose.composed import MANIFEST_FORMAT, ComposedModel
-from modelcore.config import ModelConfig
 from modelcore.data.batches import eval_batches
-from modelcore.data.tokenizer import train_tokenizer
-from modelcore.experts import add_modules, extract_expert, remove_modules, save_expert
+from modelcore.experts import add_modules
 from modelcore.model import ModularLM
-
-TEXTS = [
-    "def add(a, b):\n    return a + b\n",
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "SELECT name FROM users WHERE id = 3;",
-]
-
-
-def _digest(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A random tiny base bundle and two experts (made larger than their init so they
     visibly change the base's predictions)."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("composed")
-    tok = train_tokenizer(TEXTS * 4, vocab_size=300)
-    config = ModelConfig.from_name("tiny").replace(max_seq_len=32, vocab_size=320)
-    model = ModularLM(config)
-    with torch.no_grad():  # peaked predictions, so composition choices show in the numbers
-        model.lm_head.weight.mul_(30)
-    revision = save_base(root / "base", model, tok)
-    experts = {}
-    for name, seed in (("a", 1), ("b", 2)):
-        idx = add_modules(model, None, generator=torch.Generator().manual_seed(seed))
-        tensors = extract_expert(model, idx)
-        remove_modules(model, idx)
-        gen = torch.Generator().manual_seed(seed)
-        for k, v in tensors.items():  # a strong module with its own router direction
-            if k.endswith("w_out"):
-                tensors[k] = v * 8
-            elif k.endswith("router_row"):
-                tensors[k] = torch.randn(v.shape, generator=gen) * 2
-        path = root / f"{name}.safetensors"
-        save_expert(path, tensors, base_revision=revision)
-        experts[name] = path
-    return {"root": root, "base": root / "base", "revision": revision, "experts": experts}
+    return make_tiny_base(tmp_path_factory.mktemp("composed"), n_experts=2)
 
 
 def _ref(path: Path, name: str, weight: float | None = None) -> dict[str, Any]:
     return {
         "id": f"exp_{name.upper() * 26}"[:30],
         "version": 1,
-        "digest": _digest(path),
+        "digest": digest_of(path),
         "size": path.stat().st_size,
         "weight": weight,
     }
@@ -87,8 +53,8 @@ def _manifest(files: dict[str, Any], method: str, names: list[str], **extra: Any
     }
 
 
-def _by_digest(files: dict[str, Any]) -> dict[str, Path]:
-    return {_digest(p): p for p in files["experts"].values()}
+def _bydigest_of(files: dict[str, Any]) -> dict[str, Path]:
+    return {digest_of(p): p for p in files["experts"].values()}
 
 
 def _ids(files: dict[str, Any]) -> torch.Tensor:
@@ -108,7 +74,7 @@ def _base_with(files: dict[str, Any], names: list[str]) -> ModularLM:
 
 def test_mixture_of_one_expert_is_the_base_with_that_expert(files) -> None:
     composed = ComposedModel.from_manifest(
-        _manifest(files, "mixture", ["a"]), files["base"], _by_digest(files)
+        _manifest(files, "mixture", ["a"]), files["base"], _bydigest_of(files)
     )
     ids = _ids(files)
     want = torch.log_softmax(_base_with(files, ["a"])(ids, aux="none").logits.float(), -1)
@@ -120,7 +86,7 @@ def test_mixture_of_one_expert_is_the_base_with_that_expert(files) -> None:
 
 def test_mixture_of_two_experts_matches_both_inserted(files) -> None:
     composed = ComposedModel.from_manifest(
-        _manifest(files, "mixture", ["a", "b"]), files["base"], _by_digest(files)
+        _manifest(files, "mixture", ["a", "b"]), files["base"], _bydigest_of(files)
     )
     ids = _ids(files)
     want = torch.log_softmax(_base_with(files, ["a", "b"])(ids, aux="none").logits.float(), -1)
@@ -131,7 +97,7 @@ def test_mixture_of_two_experts_matches_both_inserted(files) -> None:
 def test_ensemble_with_one_hot_prior_is_that_expert(files, which: int) -> None:
     weights = [1.0 if i == which else 0.0 for i in range(2)]
     manifest = _manifest(files, "ensemble", ["a", "b"], weights=weights)
-    composed = ComposedModel.from_manifest(manifest, files["base"], _by_digest(files))
+    composed = ComposedModel.from_manifest(manifest, files["base"], _bydigest_of(files))
     ids = _ids(files)
     name = ["a", "b"][which]
     want = torch.log_softmax(_base_with(files, [name])(ids, aux="none").logits.float(), -1)
@@ -142,7 +108,7 @@ def test_ensemble_bits_per_byte_is_the_score_of_its_log_probs(files) -> None:
     """bits_per_byte (batched likelihoods + posterior) and log_probs (full mixed
     distribution) are two code paths for the same model: they must agree."""
     manifest = _manifest(files, "ensemble", ["a", "b"], weights=[0.7, 0.3])
-    composed = ComposedModel.from_manifest(manifest, files["base"], _by_digest(files))
+    composed = ComposedModel.from_manifest(manifest, files["base"], _bydigest_of(files))
     got = composed.bits_per_byte(TEXTS, seq_len=24)
     nll, n_bytes = 0.0, 0
     for batch in eval_batches(composed.tokenizer, TEXTS, seq_len=24, batch_size=16):
@@ -154,7 +120,7 @@ def test_ensemble_bits_per_byte_is_the_score_of_its_log_probs(files) -> None:
     assert got["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
     # The prior matters: the other prior scores the same text differently.
     flipped = _manifest(files, "ensemble", ["a", "b"], weights=[0.3, 0.7])
-    other = ComposedModel.from_manifest(flipped, files["base"], _by_digest(files))
+    other = ComposedModel.from_manifest(flipped, files["base"], _bydigest_of(files))
     assert other.bits_per_byte(TEXTS, seq_len=24)["bits_per_byte"] != got["bits_per_byte"]
 
 
@@ -162,7 +128,7 @@ def test_mixture_bits_per_byte_matches_modelcore_eval(files) -> None:
     from modelcore.eval import evaluate
 
     composed = ComposedModel.from_manifest(
-        _manifest(files, "mixture", ["b"]), files["base"], _by_digest(files)
+        _manifest(files, "mixture", ["b"]), files["base"], _bydigest_of(files)
     )
     want = evaluate(_base_with(files, ["b"]), composed.tokenizer, {"t": TEXTS}, seq_len=24)["t"]
     got = composed.bits_per_byte(TEXTS, seq_len=24)
@@ -177,7 +143,7 @@ def test_average_manifest_loads_its_output_expert(files) -> None:
     out = files["experts"]["b"]
     manifest = _manifest(files, "average", ["a", "b"], output=_ref(out, "b"))
     # Only the output's file is needed: the inputs were folded into it.
-    composed = ComposedModel.from_manifest(manifest, files["base"], {_digest(out): out})
+    composed = ComposedModel.from_manifest(manifest, files["base"], {digest_of(out): out})
     ids = _ids(files)
     want = torch.log_softmax(_base_with(files, ["b"])(ids, aux="none").logits.float(), -1)
     torch.testing.assert_close(composed.log_probs(ids), want)
@@ -188,7 +154,7 @@ def test_generate_is_greedy_and_deterministic_at_temperature_zero(files, method:
     from modelcore.data.tokenizer import decode, encode, eot_id
 
     composed = ComposedModel.from_manifest(
-        _manifest(files, method, ["a", "b"], weights=[0.5, 0.5]), files["base"], _by_digest(files)
+        _manifest(files, method, ["a", "b"], weights=[0.5, 0.5]), files["base"], _bydigest_of(files)
     )
     prompt = "def add(a, b):"
     first = composed.generate(prompt, max_new_tokens=6)
@@ -227,14 +193,14 @@ def test_release_restores_the_base_exactly(files) -> None:
 
 def test_manifest_naming_a_missing_digest_is_refused(files) -> None:
     manifest = _manifest(files, "mixture", ["a", "b"])
-    only_a = {_digest(files["experts"]["a"]): files["experts"]["a"]}
-    with pytest.raises(ValueError, match=_digest(files["experts"]["b"])):
+    only_a = {digest_of(files["experts"]["a"]): files["experts"]["a"]}
+    with pytest.raises(ValueError, match=digest_of(files["experts"]["b"])):
         ComposedModel.from_manifest(manifest, files["base"], only_a)
 
 
 def test_wrong_file_for_a_digest_is_refused(files) -> None:
     manifest = _manifest(files, "mixture", ["a"])
-    swapped = {_digest(files["experts"]["a"]): files["experts"]["b"]}
+    swapped = {digest_of(files["experts"]["a"]): files["experts"]["b"]}
     with pytest.raises(ValueError, match="hashes to"):
         ComposedModel.from_manifest(manifest, files["base"], swapped)
 
@@ -243,7 +209,7 @@ def test_manifest_of_another_base_is_refused(files) -> None:
     manifest = _manifest(files, "mixture", ["a"])
     manifest["base_revision"] = "0" * 64
     with pytest.raises(ValueError, match="not " + "0" * 64):
-        ComposedModel.from_manifest(manifest, files["base"], _by_digest(files))
+        ComposedModel.from_manifest(manifest, files["base"], _bydigest_of(files))
 
 
 @pytest.mark.parametrize(
@@ -258,4 +224,4 @@ def test_manifest_of_another_base_is_refused(files) -> None:
 def test_malformed_manifests_are_refused(files, change: dict, message: str) -> None:
     manifest = {**_manifest(files, "mixture", ["a"]), **change}
     with pytest.raises(ValueError, match=message):
-        ComposedModel.from_manifest(manifest, files["base"], _by_digest(files))
+        ComposedModel.from_manifest(manifest, files["base"], _bydigest_of(files))
