@@ -74,8 +74,14 @@ def _eval(
         int, typer.Option("--prior-windows", min=1, help="ensemble: windows for the prior.")
     ] = 8,
     with_base: Annotated[
-        bool, typer.Option("--with-base", help="ensemble: the base alone is one more path.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--with-base/--without-base",
+            help="ensemble: the unmodified base is one more path, the null expert the "
+            "posterior falls back on (default: with; --weights may then end with its weight).",
+            show_default=False,
+        ),
+    ] = None,
     domains: Annotated[
         list[str] | None, typer.Option("--domain", help="Only these domains (repeatable).")
     ] = None,
@@ -93,12 +99,14 @@ def _eval(
     expert_paths = list(experts or [])
     bundle = _load_base(base_dir, _device(device))
     loaded = _experts(expert_paths, bundle, at_least=0)
+    if with_base is not None and method != "ensemble":
+        flag = "--with-base" if with_base else "--without-base"
+        raise typer.BadParameter("only with --method ensemble", param_hint=flag)
+    base_path = method == "ensemble" and with_base is not False
     if weights is not None and method == "mixture":
         raise typer.BadParameter("weights apply to ensemble and average", param_hint="--weights")
-    if with_base and method != "ensemble":
-        raise typer.BadParameter("only with --method ensemble", param_hint="--with-base")
-    if weights is not None and len(weights) != len(loaded) + int(with_base):
-        raise typer.BadParameter(f"{len(weights)} weights for {len(loaded)} experts", "--weights")
+    if weights is not None:
+        weights = _path_weights(weights, len(loaded), base_path)
     corpus = _corpus(max_bytes_per_domain)
     try:
         texts = recipes.heldout_by_domain(corpus, domains or None)
@@ -114,7 +122,7 @@ def _eval(
             weights=weights,
             merge=merge,
             prior_windows=prior_windows,
-            include_base=with_base,
+            include_base=base_path,
             batch_size=batch_size,
         )
     except ValueError as exc:
@@ -129,6 +137,8 @@ def _eval(
         },
     }
     if method == "ensemble" and loaded:
+        report["with_base"] = base_path
+        # One per expert, then (with the base) the base path's: the posterior's mean.
         report["mean_weights"] = {n: r["mean_weights"] for n, r in results.items()}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -137,12 +147,28 @@ def _eval(
     from rich.table import Table
 
     title = f"base {bundle.revision[:12]} + {len(expert_paths)} expert(s)"
-    table = Table(title=title + (f" ({method})" if loaded else ""))
+    shown = f"{method}, with the base as a path" if loaded and base_path else method
+    table = Table(title=title + (f" ({shown})" if loaded else ""))
     for column in ("domain", "bits/byte", "perplexity", "tokens"):
         table.add_column(column, justify="left" if column == "domain" else "right")
     for name, r in report["domains"].items():
         table.add_row(name, f"{r['bits_per_byte']:.4f}", f"{r['perplexity']:.2f}", str(r["tokens"]))
     Console(file=sys.stdout).print(table)
+
+
+def _path_weights(weights: list[float], n_experts: int, base_path: bool) -> list[float]:
+    """One weight per path: the experts' and, with the base as a path, the base's, last
+    (given, or the mean of the experts')."""
+    if len(weights) == n_experts:
+        if base_path and n_experts:
+            return [*weights, sum(weights) / n_experts]
+        return weights
+    if base_path and len(weights) == n_experts + 1:
+        return weights
+    also = " (and optionally one more, last, for the base)" if base_path else ""
+    raise typer.BadParameter(
+        f"{len(weights)} weights for {n_experts} experts{also}", param_hint="--weights"
+    )
 
 
 def _posterior_weights(
@@ -151,7 +177,8 @@ def _posterior_weights(
     from modelcore.compose.ensemble import ExpertEnsemble, estimate_prior
     from modelcore.data.batches import eval_batches
 
-    ens = ExpertEnsemble(bundle.model, loaded)
+    # The experts' shares of the posterior only: the base is no parameter set to average.
+    ens = ExpertEnsemble(bundle.model, loaded, include_base=False)
     batches = (
         b.tokens for b in eval_batches(bundle.tokenizer, texts, seq_len=seq_len, batch_size=8)
     )
@@ -187,7 +214,9 @@ def _merge(
     from modelcore.experts import load_expert
 
     if method not in merging.METHODS:
-        raise typer.BadParameter(f"must be one of {', '.join(merging.METHODS)}", "--method")
+        raise typer.BadParameter(
+            f"must be one of {', '.join(merging.METHODS)}", param_hint="--method"
+        )
     bundle = _load_base(base_dir, _device("cpu"))
     paths = list(experts or [])
     loaded = _experts(paths, bundle, at_least=2)
@@ -245,12 +274,19 @@ def _distill(
     seed: Seed = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", min=2)] = 128,
+    with_base: Annotated[
+        bool,
+        typer.Option(
+            "--with-base/--without-base",
+            help="The teacher ensemble has the unmodified base as one more path.",
+        ),
+    ] = True,
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
     device: Device = None,
     progress: ShowProgress = True,
 ) -> None:
     """Train one student on the experts' ensemble (KL) over a domain; print JSON with the
-    loss curve."""
+    loss curve. The teacher has the base as one more path unless --without-base."""
     from modelcore.compose.distill import STUDENTS, DistillSettings, describe, distill
     from modelcore.compose.ensemble import ExpertEnsemble, estimate_prior
     from modelcore.train import recipes
@@ -270,8 +306,8 @@ def _distill(
             bundle.tokenizer, texts, seq_len=seq, batch_size=batch_size, seed=seed
         )
 
-    teacher = ExpertEnsemble(bundle.model, loaded)
-    prior = estimate_prior(teacher, make_batches(), n_sequences=16)
+    teacher = ExpertEnsemble(bundle.model, loaded, include_base=with_base)
+    prior = estimate_prior(teacher, make_batches(), n_sequences=16)  # over every path
     settings = DistillSettings(
         student=student, steps=steps, lr=lr, seed=seed, checkpoint_every=checkpoint_every
     )
@@ -310,7 +346,8 @@ def _distill(
         "revision": written,
         "domain": domain,
         "experts": [str(p) for p in experts or []],
-        "teacher_prior": prior.exp().tolist(),
+        "with_base": with_base,
+        "teacher_prior": prior.exp().tolist(),  # one per expert, then the base's
         "checkpoint": str(ckpt),
         "seconds": round(time.perf_counter() - started, 2),
         **describe(result),
@@ -338,7 +375,9 @@ def _matrix(
     chosen = list(methods or METHODS)
     bad = [m for m in chosen if m not in METHODS]
     if bad:
-        raise typer.BadParameter(f"unknown {bad}; known: {', '.join(METHODS)}", "--method")
+        raise typer.BadParameter(
+            f"unknown {bad}; known: {', '.join(METHODS)}", param_hint="--method"
+        )
     bundle = _load_base(base_dir, _device(device))
     paths = list(experts or [])
     loaded = _experts(paths, bundle)

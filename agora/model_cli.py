@@ -244,7 +244,35 @@ def _expert_train(
     routing_reg: Annotated[
         float,
         typer.Option("--routing-reg", min=0.0, help="Weight of ||new router rows|| (4.3)."),
-    ] = 0.0,
+    ] = 0.01,
+    max_general_share: Annotated[
+        float,
+        typer.Option(
+            "--max-general-share",
+            min=0.0,
+            max=0.999,
+            help="Router bias calibrated so the expert fires on at most this share of "
+            "general text's tokens per layer.",
+        ),
+    ] = 0.3,
+    general_weight: Annotated[
+        float,
+        typer.Option(
+            "--general-weight",
+            min=0.0,
+            help="Weight of the LM loss on general text (the other corpus domains) that "
+            "teaches the expert to stay out of their way.",
+        ),
+    ] = 1.0,
+    general_batches: Annotated[
+        int,
+        typer.Option(
+            "--general-batches",
+            min=0,
+            help="Batches of general text the router is calibrated on; 0 turns the "
+            "calibration and the general loss off.",
+        ),
+    ] = 8,
     init_from: Annotated[
         Path | None,
         typer.Option("--init-from", help="Start from this expert's tensors, not fresh ones."),
@@ -284,16 +312,29 @@ def _expert_train(
         seed=seed,
     )
     n_steps = steps or defaults.expert_steps
+    opts = recipes.expert_options(
+        bundle.tokenizer,
+        corpus,
+        domain,
+        seq_len=min(seq_len or defaults.seq_len, bundle.config.max_seq_len),
+        batch_size=batch_size or defaults.batch_size,
+        seed=seed,
+        routing_reg=routing_reg,
+        max_general_share=max_general_share,
+        general_batches=general_batches,
+    )
+    if general_batches > 0:
+        opts["general_weight"] = general_weight
     started = time.perf_counter()
     trained = train_expert(
         bundle.model,
         data,
         n_steps,
         lr or defaults.expert_lr,
-        routing_reg=routing_reg,
         init_from=init,
         seed=seed,
         progress=progress,
+        **opts,
     )
     save_expert(out, trained.tensors, base_revision=bundle.revision, dtype=dtype)
     summary: dict[str, Any] = {
@@ -302,6 +343,11 @@ def _expert_train(
         "domain": domain,
         "steps": n_steps,
         "routing_reg": routing_reg,
+        "max_general_share": max_general_share if general_batches > 0 else None,
+        "general_weight": general_weight if general_batches > 0 else 0.0,
+        # per layer: the share of general text's tokens the expert fires on, and its bias
+        "general_share": {str(i): r["share_after"] for i, r in trained.lanes.items()},
+        "router_bias": {str(i): r["bias"] for i, r in trained.lanes.items()},
         "init_from": str(init_from) if init_from else None,
         "first_loss": trained.result.losses[0],
         "final_loss": trained.result.final_loss,

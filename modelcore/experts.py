@@ -9,6 +9,11 @@ module's expert embedding)::
     layers.{i}.modules.{j}.w_in        (D, F)
     layers.{i}.modules.{j}.w_out       (F, D)
     layers.{i}.modules.{j}.router_row  (R,)
+    layers.{i}.modules.{j}.router_bias (1,)
+
+The router bias is calibrated after training (``calibrate_router_bias``) so that the
+module fires on its domain and enters the top-k of at most a stated share of general
+text's tokens; files written before it existed have none, and load with bias 0.
 
 ``expert_schema(config)`` is the one place those names and shapes come from; the base
 bundle's config.json carries it so the registry can check expert files without torch.
@@ -39,12 +44,14 @@ from modelcore.config import ModelConfig
 
 EXPERT_FORMAT = "agora.expert/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_NAME = re.compile(r"^layers\.(\d+)\.modules\.(\d+)\.(w_in|w_out|router_row)$")
+_NAME = re.compile(r"^layers\.(\d+)\.modules\.(\d+)\.(w_in|w_out|router_row|router_bias)$")
+# Tensors an expert file may lack (written before they existed); their value when absent.
+OPTIONAL_TENSORS = {"router_bias": 0.0}
 
 
 def module_tensor_shapes(config: ModelConfig) -> dict[str, list[int]]:
     D, F_, R = config.d_model, config.d_ffn, config.router_hidden
-    return {"w_in": [D, F_], "w_out": [F_, D], "router_row": [R]}
+    return {"w_in": [D, F_], "w_out": [F_, D], "router_row": [R], "router_bias": [1]}
 
 
 def expert_schema(
@@ -73,6 +80,8 @@ def expert_schema(
 
 def _check_against_schema(tensors: Mapping[str, torch.Tensor], schema: dict[str, Any]) -> None:
     expected = {t["name"]: list(t["shape"]) for t in schema["tensors"]}
+    optional = {n for n in expected if n.rsplit(".", 1)[-1] in OPTIONAL_TENSORS}
+    expected = {n: s for n, s in expected.items() if n in tensors or n not in optional}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -82,6 +91,14 @@ def _check_against_schema(tensors: Mapping[str, torch.Tensor], schema: dict[str,
     for name, shape in expected.items():
         if list(tensors[name].shape) != shape:
             raise ValueError(f"{name}: shape {list(tensors[name].shape)} != schema {shape}")
+
+
+def check_expert(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> list[int]:
+    """Check an expert's names and shapes against ``config``'s schema (optional tensors
+    may be absent); returns the layers it covers. ``ValueError`` says what differs."""
+    layers = covered_layers(tensors)
+    _check_against_schema(tensors, expert_schema(config, layers=layers))
+    return layers
 
 
 def covered_layers(tensors: Mapping[str, Any]) -> list[int]:
@@ -126,16 +143,18 @@ def add_modules(
     new_idx = [-1] * config.n_layers
     for i in layers:
         ffn = model.ffn_layers[i]
+        bias: float | torch.Tensor = 0.0
         if tensors is not None:
             pre = f"layers.{i}.modules.0."
             w_in, w_out, row = (tensors[pre + k] for k in ("w_in", "w_out", "router_row"))
+            bias = tensors.get(pre + "router_bias", OPTIONAL_TENSORS["router_bias"])
         else:
             dev = ffn.w_in[0].device
             w_in = torch.randn(*shapes["w_in"], generator=generator).to(dev) * std
             w_out = torch.randn(*shapes["w_out"], generator=generator).to(dev) * out_std
             with torch.no_grad():
                 row = ffn.router.expert_rows()[ffn.active_E].mean(0)
-        new_idx[i] = ffn.append_module(w_in, w_out, row)
+        new_idx[i] = ffn.append_module(w_in, w_out, row, bias)
     return new_idx
 
 
@@ -230,6 +249,9 @@ def extract_expert(model: Any, module_idx_per_layer: Sequence[int]) -> dict[str,
         out[pre + "w_in"] = w_in_EDF[j].detach().clone().contiguous()
         out[pre + "w_out"] = w_out_EFD[j].detach().clone().contiguous()
         out[pre + "router_row"] = ffn.router.expert_rows()[j].detach().clone().contiguous()
+        bias_E = ffn.router.expert_biases()
+        bias = bias_E[j : j + 1] if bias_E is not None else ffn.router.rows[0].new_zeros(1)
+        out[pre + "router_bias"] = bias.detach().clone().contiguous()
     if not out:
         raise ValueError("no layer selected")
     return out

@@ -107,9 +107,14 @@ class MoEFeedForward(nn.Module):
         raise IndexError(f"module {idx} out of range (have {start})")
 
     def append_module(
-        self, w_in_DF: torch.Tensor, w_out_FD: torch.Tensor, row_R: torch.Tensor
+        self,
+        w_in_DF: torch.Tensor,
+        w_out_FD: torch.Tensor,
+        row_R: torch.Tensor,
+        bias: float | torch.Tensor = 0.0,
     ) -> int:
-        """Add one module as a new block (active); returns its index."""
+        """Add one module as a new block (active), with its router row and router bias;
+        returns its index."""
         ref = self.w_in[0]
         if tuple(w_in_DF.shape) != tuple(ref.shape[1:]):
             raise ValueError(f"w_in shape {tuple(w_in_DF.shape)} != {tuple(ref.shape[1:])}")
@@ -118,7 +123,7 @@ class MoEFeedForward(nn.Module):
         like = {"device": ref.device, "dtype": ref.dtype}
         self.w_in.append(nn.Parameter(w_in_DF.detach().to(**like).clone().unsqueeze(0)))
         self.w_out.append(nn.Parameter(w_out_FD.detach().to(**like).clone().unsqueeze(0)))
-        self.router.append_row(row_R)
+        self.router.append_row(row_R, bias)
         one = self.active_mask_E.new_ones(1)
         self.active_mask_E = torch.cat([self.active_mask_E, one])
         self._refresh_active()
@@ -138,7 +143,15 @@ class MoEFeedForward(nn.Module):
         self._refresh_active()
 
     def consolidated(self) -> dict[str, torch.Tensor]:
-        """Weights as one block each (state-dict names of a freshly built layer)."""
+        """Weights as one block each (state-dict names of a freshly built layer).
+
+        A base has no router biases: inserted modules become base modules here only if
+        theirs are zero (a calibrated bias would otherwise be dropped silently)."""
+        bias_E = self.router.expert_biases()
+        if bias_E is not None and bool((bias_E != 0).any()):
+            raise ValueError(
+                "inserted modules with a non-zero router bias cannot be saved as base modules"
+            )
         w_in, w_out = self.weights()
         return {
             "w_in.0": w_in.detach(),
@@ -152,7 +165,10 @@ class MoEFeedForward(nn.Module):
     # -- forward ------------------------------------------------------------------------
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
         k = self._n_active if self.dense else min(self.top_k, self._n_active)
-        routing = route(self.router(x_TD), self.active_E, k)
+        sizes = block_sizes(self.w_in)
+        # With inserted modules a token's best base module keeps its slot (router.py).
+        n_base = sizes[0] if len(sizes) > 1 and not self.dense else None
+        routing = route(self.router(x_TD), self.active_E, k, n_base=n_base)
         w_in_EDF, w_out_EFD = self.weights()
         plan = plan_routing(routing.topk_idx_TK, self.n_modules)
         h_AF = self.backend.grouped_mm(x_TD, w_in_EDF, plan, grouped_out=True)

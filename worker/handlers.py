@@ -3,14 +3,23 @@
 One function per kind (``HANDLERS``), each ``handler(payload, inputs, ctx) -> Outcome``:
 
 * ``compose.mixture``: the experts inserted into the base; ``metrics`` only.
-* ``compose.ensemble``: DEMix ensemble; the prior is the payload's weights or, without
-  them, estimated on the payload texts (``estimate_prior``); ``weights`` = that prior.
+* ``compose.ensemble``: DEMix ensemble with the unmodified base as one more path, last
+  (``params.with_base``, default true: the null expert the posterior falls back on); the
+  prior is the payload's weights (and ``params.base_weight``) or, without them, estimated
+  on the payload texts (``estimate_prior``, over every path); ``weights`` = the experts'
+  shares of that prior, ``base_weight`` the base's (together they sum to 1).
 * ``compose.average``: uniform / weighted / TIES merge of the expert files, streamed
-  (``merge_files``); the merged expert is the output file.
+  (``merge_files``); the merged expert is the output file. Weights estimated on the texts
+  are the posterior over the experts alone: the base cannot be averaged in.
 * ``compose.distill``: an expert student trained on the ensemble's distributions over the
-  payload texts (``compose.distill``); the student is the output file.
+  payload texts (``compose.distill``); the teacher has the base as a path as an ensemble
+  does (``params.with_base``); the student is the output file.
 * ``evaluate``: bits per byte of an expert (base + it) or of a composition (its
-  manifest) and of the base on each named text set.
+  manifest) and of the base on each named text set, with the relative change
+  ``delta_vs_base``.
+
+Results are ``registry.contracts``' ``ComposeResult`` and ``EvaluationResult``, the shapes
+the registry validates.
 
 ``metrics`` of every compose job is base vs composition bits per byte on the payload
 texts (``ComposedModel.bits_per_byte``, ``modelcore.eval`` accounting), or None when
@@ -44,6 +53,7 @@ from modelcore.compose.composed import (
     ComposedModel,
     manifest_inputs,
     manifest_weights,
+    manifest_with_base,
     normalise_prior,
 )
 from modelcore.compose.distill import DistillSettings, describe, distill
@@ -52,17 +62,20 @@ from modelcore.compose.merge import merge_files
 from modelcore.data.batches import eval_batches, token_batches, token_stream
 from modelcore.eval import evaluate
 from modelcore.experts import EXPERT_FORMAT, covered_layers, load_expert
+from registry.contracts import (
+    METHOD_SPECS,
+    ComposeResult,
+    EvaluationResult,
+    ParamError,
+    TextSetScore,
+)
 
 COMPOSE_KINDS = ("compose.mixture", "compose.ensemble", "compose.average", "compose.distill")
 KINDS = (*COMPOSE_KINDS, "evaluate")
-MERGE_METHODS = ("uniform", "weighted", "ties")
-DISTILL_DEFAULTS: dict[str, float | int] = {
-    "steps": 50,
-    "lr": 0.01,
-    "seq_len": 64,
-    "batch_size": 8,
-    "seed": 0,
-}
+# From the method specs the registry checks requests against (registry.contracts).
+MERGE_METHODS = METHOD_SPECS["average"].param("merge").choices
+DISTILL_DEFAULTS = METHOD_SPECS["distill"].defaults()
+PRIOR_WINDOWS = int(METHOD_SPECS["ensemble"].defaults()["prior_windows"])
 
 
 class PermanentJobError(Exception):
@@ -205,6 +218,44 @@ def _params(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     if not isinstance(params, Mapping):
         raise PermanentJobError("payload.params must be an object")
     return params
+
+
+def _base_path(
+    payload: Mapping[str, Any], method: str, weights: Sequence[float] | None
+) -> tuple[bool, float | None]:
+    """``(with_base, base_weight)`` of an ensemble or distill payload's params, checked
+    as the registry checks them (the registry fills ``with_base`` in; absent = true)."""
+    params = _params(payload)
+    spec = METHOD_SPECS[method]
+    try:
+        with_base = spec.param("with_base").check(params.get("with_base", True))
+        base_weight = spec.param("base_weight").check(params.get("base_weight"))
+    except ParamError as exc:
+        raise PermanentJobError(str(exc)) from None
+    assert isinstance(with_base, bool)
+    assert base_weight is None or isinstance(base_weight, float)
+    if base_weight is not None and not with_base:
+        raise PermanentJobError("params.base_weight needs params.with_base")
+    if base_weight is not None and weights is None:
+        raise PermanentJobError("params.base_weight needs payload.weights (the experts')")
+    return with_base, base_weight
+
+
+def _shares(
+    log_prior: torch.Tensor, n_experts: int, with_base: bool
+) -> tuple[list[float], float | None]:
+    """A prior over the paths as (the experts' shares, the base's share or None), summing
+    to 1 together."""
+    p = log_prior.double().exp()
+    p = p / p.sum()
+    shares = [float(x) for x in p]
+    if len(shares) != n_experts + int(with_base):
+        raise RuntimeError(f"a prior of {len(shares)} paths for {n_experts} experts")
+    return shares[:n_experts], shares[n_experts] if with_base else None
+
+
+def _result(**fields: Any) -> dict[str, Any]:
+    return ComposeResult(**fields).model_dump(mode="json", exclude_none=True)
 
 
 def _evaluate_subject(
@@ -376,31 +427,37 @@ def compose_mixture(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
     ctx.progress(0, 1, "mixture")
     metrics = _metrics(bundle, lambda: ComposedModel(bundle, "mixture", experts), texts, ctx)
     ctx.progress(1, 1, "mixture")
-    return Outcome({"weights": None, "metrics": metrics, "details": {"experts": len(refs)}})
+    return Outcome(_result(metrics=metrics, details={"experts": len(refs)}))
 
 
 def compose_ensemble(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
     bundle, refs, experts, texts = _setup(payload, inputs, ctx)
-    weights = _weights(payload, len(refs))
-    prior_windows = _int_param(_params(payload), "prior_windows", 8, 1)
+    n = len(refs)
+    weights = _weights(payload, n)
+    with_base, base_weight = _base_path(payload, "ensemble", weights)
+    prior_windows = _int_param(_params(payload), "prior_windows", PRIOR_WINDOWS, 1)
     ctx.progress(0, 2, "prior")
-    with ComposedModel(bundle, "ensemble", experts, weights=weights) as composed:
+    with ComposedModel(
+        bundle, "ensemble", experts, weights=weights, with_base=with_base, base_weight=base_weight
+    ) as composed:
+        assert composed.ensemble is not None
+        assert composed.log_prior is not None
         if weights is not None:
             source = "given"
+            log_prior = composed.log_prior
         elif texts:
-            assert composed.ensemble is not None
             ctx.check()
             log_prior = estimate_prior(
                 composed.ensemble, _prior_batches(bundle, texts), n_sequences=prior_windows
             )
-            weights = [float(w) for w in log_prior.double().exp()]
             source = "estimated"
         else:
-            weights = [1.0 / len(refs)] * len(refs)
+            log_prior = composed.log_prior  # uniform over the paths
             source = "uniform"
-        composed.log_prior = normalise_prior(weights, len(refs)).to(composed.device)
-        total = sum(weights)
-        weights = [w / total for w in weights]
+        expert_shares, base_share = _shares(log_prior, n, with_base)
+        composed.log_prior = normalise_prior(
+            expert_shares, composed.ensemble.n_paths, with_base=with_base, base_weight=base_share
+        ).to(composed.device)
         ctx.progress(1, 2, "bits per byte")
         metrics = None
         if texts:
@@ -414,8 +471,21 @@ def compose_ensemble(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobCont
                 "bytes": comp["bytes"],
             }
     ctx.progress(2, 2, "done")
-    details = {"prior": source, "prior_windows": prior_windows, "experts": len(refs)}
-    return Outcome({"weights": weights, "metrics": metrics, "details": details})
+    details = {
+        "prior": source,
+        "prior_windows": prior_windows,
+        "experts": n,
+        "with_base": with_base,
+    }
+    return Outcome(
+        _result(
+            weights=expert_shares,
+            base_weight=base_share,
+            with_base=with_base,
+            metrics=metrics,
+            details=details,
+        )
+    )
 
 
 def compose_average(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
@@ -437,7 +507,9 @@ def compose_average(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
             raise PermanentJobError("weighted averaging needs weights or texts to estimate them")
         # DEMix's posterior prior on the target text as the merge weights.
         ctx.check()
-        ensemble = ExpertEnsemble(bundle.model, experts)
+        # Over the experts only: the base is what every expert is added to, not a
+        # parameter set that could take a share of the average.
+        ensemble = ExpertEnsemble(bundle.model, experts, include_base=False)
         log_prior = estimate_prior(ensemble, _prior_batches(bundle, texts))
         weights = [float(w) for w in log_prior.double().exp()]
         source = "estimated"
@@ -459,7 +531,7 @@ def compose_average(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
     total = sum(weights) if weights is not None else 1.0
     result_weights = None if weights is None else [w / total for w in weights]
     details = {"merge": merge, "params": extra, "weights_source": source, "metadata": meta}
-    return Outcome({"weights": result_weights, "metrics": metrics, "details": details}, out)
+    return Outcome(_result(weights=result_weights, metrics=metrics, details=details), out)
 
 
 def compose_distill(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
@@ -480,14 +552,19 @@ def compose_distill(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
         raise PermanentJobError("the texts are too short to distill on")
     # Short texts: windows shrink to fit (the stream must hold one window of seq_len + 1).
     used_len = min(seq_len, n_tokens - 1, int(bundle.model.config.max_seq_len))
-    weights = _weights(payload, len(refs))
-    teacher = ExpertEnsemble(bundle.model, experts)
+    n = len(refs)
+    weights = _weights(payload, n)
+    with_base, base_weight = _base_path(payload, "distill", weights)
+    # The teacher is the ensemble a compose.ensemble job would build: the base one path.
+    teacher = ExpertEnsemble(bundle.model, experts, include_base=with_base)
     ctx.check()
     if weights is None:
         log_prior = estimate_prior(teacher, _prior_batches(bundle, texts))
     else:
-        log_prior = normalise_prior(weights, len(refs))
-    prior = [float(w) for w in log_prior.double().exp()]
+        log_prior = normalise_prior(
+            weights, teacher.n_paths, with_base=with_base, base_weight=base_weight
+        )
+    expert_shares, base_share = _shares(log_prior, n, with_base)
 
     def make_batches() -> Any:
         return token_batches(tok, texts, seq_len=used_len, batch_size=batch_size, seed=seed)
@@ -506,15 +583,32 @@ def compose_distill(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
     load_expert(out, config=bundle.config)  # what the registry will check, checked here first
     metrics = _metrics(bundle, lambda: ComposedModel(bundle, "distill", [tensors]), texts, ctx)
     ctx.check()
-    with ComposedModel(bundle, "ensemble", experts, weights=prior) as teacher_model:
+    with ComposedModel(
+        bundle,
+        "ensemble",
+        experts,
+        weights=expert_shares,
+        with_base=with_base,
+        base_weight=base_share,
+    ) as teacher_model:
         teacher_bits = teacher_model.bits_per_byte(texts)["bits_per_byte"]
     details = {
         **describe(result),
         "seq_len": used_len,
         "teacher_bits_per_byte": teacher_bits,
-        "teacher_prior": prior,
+        "teacher_prior": expert_shares + ([] if base_share is None else [base_share]),
+        "with_base": with_base,
     }
-    return Outcome({"weights": prior, "metrics": metrics, "details": details}, out)
+    return Outcome(
+        _result(
+            weights=expert_shares,
+            base_weight=base_share,
+            with_base=with_base,
+            metrics=metrics,
+            details=details,
+        ),
+        out,
+    )
 
 
 def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
@@ -532,15 +626,31 @@ def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext)
     bundle = ctx.bases.get(inputs.base_dir, revision)
     experts = _load_experts(refs, inputs, bundle, ctx)
     weights = manifest_weights(manifest) if manifest is not None and method == "ensemble" else None
+    # An ensemble is built as its manifest says: a manifest without with_base predates the
+    # base as a path and was computed without it.
+    with_base, base_weight = False, None
+    if manifest is not None and method == "ensemble":
+        try:
+            with_base, base_weight = manifest_with_base(manifest)
+        except ValueError as exc:
+            raise PermanentJobError(f"payload.subject.manifest: {exc}") from None
     total = 2 * len(sets)
     base: dict[str, dict[str, Any]] = {}
     for i, (name, texts) in enumerate(sets.items()):
         ctx.progress(i, total, f"base on {name}")
         ctx.check()
         base[name] = _base_bits(bundle, texts)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, TextSetScore] = {}
     try:
-        composed = ComposedModel(bundle, method, experts, weights=weights, manifest=manifest)
+        composed = ComposedModel(
+            bundle,
+            method,
+            experts,
+            weights=weights,
+            manifest=manifest,
+            with_base=with_base,
+            base_weight=base_weight,
+        )
     except ValueError as exc:
         raise PermanentJobError(f"the subject cannot be composed: {exc}") from None
     with composed:
@@ -548,14 +658,15 @@ def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext)
             ctx.progress(len(sets) + i, total, f"subject on {name}")
             ctx.check()
             r = composed.bits_per_byte(texts)
-            results[name] = {
-                "bits_per_byte": r["bits_per_byte"],
-                "base_bits_per_byte": base[name]["bits_per_byte"],
-                "tokens": r["tokens"],
-                "bytes": r["bytes"],
-            }
+            # Scored on the same texts, cut into the same windows, as the base above.
+            results[name] = TextSetScore.of(
+                bits_per_byte=r["bits_per_byte"],
+                base_bits_per_byte=base[name]["bits_per_byte"],
+                tokens=int(r["tokens"]),
+                bytes=int(r["bytes"]),
+            )
     ctx.progress(total, total, "done")
-    return Outcome({"results": results})
+    return Outcome(EvaluationResult(results=results).model_dump(mode="json"))
 
 
 HANDLERS: dict[str, Handler] = {

@@ -9,10 +9,13 @@ expert files by digest) into a model that:
 
 * ``mixture``: has every expert inserted into the base's MoE layers (token-level top-k
   routing over old and new modules, ``compose.mixture``);
-* ``ensemble``: runs the experts as one batched ``ExpertEnsemble``; the manifest weights
-  are the prior ``P(j)`` and every position uses the DEMix posterior
+* ``ensemble``: runs the experts as one batched ``ExpertEnsemble``, with the unmodified
+  base as one more path (the "null expert", manifest ``with_base``, on unless a manifest
+  says ``false``); the manifest weights (and ``base_weight``) are the prior ``P(j)`` and
+  every position uses the DEMix posterior
   ``P(j | x_<t) ∝ P(j) prod_{s<t} p_j(x_s | x_<s)`` over its prefix (Gururangan et al.
-  2022, section 4.2), so scoring and generation adapt to the text as it goes;
+  2022, section 4.2), so scoring and generation adapt to the text as it goes, and text no
+  expert fits falls back on the base;
 * ``average`` / ``distill``: has the composition's ``output`` expert (the merged or
   distilled one) inserted.
 
@@ -70,13 +73,31 @@ def _digest_hex(digest: Any) -> str:
     return hexpart
 
 
-def normalise_prior(weights: Sequence[float] | None, n_paths: int) -> torch.Tensor:
-    """Log prior (P,) from non-negative weights (normalised here); None = uniform."""
-    if weights is None:
+def normalise_prior(
+    weights: Sequence[float] | None,
+    n_paths: int,
+    *,
+    with_base: bool = False,
+    base_weight: float | None = None,
+) -> torch.Tensor:
+    """Log prior over the ensemble's paths from non-negative weights (normalised here).
+
+    ``weights``: one per expert (None = all equal). ``with_base``: the base is one more
+    path, last (``n_paths`` counts it), with prior weight ``base_weight``; None gives it
+    the mean of the experts' weights (so uniform weights stay uniform)."""
+    n_experts = n_paths - int(with_base)
+    if not with_base and base_weight is not None:
+        raise ValueError("base_weight needs the base as a path (with_base)")
+    if weights is None and base_weight is None:
         return torch.full((n_paths,), -math.log(n_paths))
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    if w.numel() != n_paths:
-        raise ValueError(f"{w.numel()} weights for {n_paths} experts")
+    w = torch.tensor(
+        [1.0] * n_experts if weights is None else [float(x) for x in weights], dtype=torch.float64
+    )
+    if w.numel() != n_experts:
+        raise ValueError(f"{w.numel()} weights for {n_experts} experts")
+    if with_base:
+        b = float(w.mean()) if base_weight is None else float(base_weight)
+        w = torch.cat([w, torch.tensor([b], dtype=torch.float64)])
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError("weights must be finite, non-negative and not all zero")
     # A zero weight stays zero: log 0 = -inf, and the posterior of such an expert is 0.
@@ -112,6 +133,20 @@ def manifest_inputs(manifest: Mapping[str, Any]) -> tuple[str, list[Mapping[str,
     return str(method), refs
 
 
+def manifest_with_base(manifest: Mapping[str, Any]) -> tuple[bool, float | None]:
+    """``(with_base, base_weight)`` of an ensemble manifest. Manifests written before the
+    base became a path by default do not say, and were built without it: False."""
+    with_base = manifest.get("with_base", False)
+    if not isinstance(with_base, bool):
+        raise ValueError(f"manifest with_base must be true or false, got {with_base!r}")
+    base_weight = manifest.get("base_weight")
+    if base_weight is not None and (
+        isinstance(base_weight, bool) or not isinstance(base_weight, (int, float))
+    ):
+        raise ValueError(f"manifest base_weight must be a number, got {base_weight!r}")
+    return with_base, None if base_weight is None else float(base_weight)
+
+
 def manifest_weights(manifest: Mapping[str, Any]) -> list[float] | None:
     """The experts' weights if every expert has one, else None (uniform)."""
     experts = manifest.get("experts") or []
@@ -126,7 +161,9 @@ class ComposedModel(nn.Module):
 
     ``experts``: the expert tensors (mixture, ensemble: the manifest's experts in order;
     average, distill: the one output expert). ``weights`` (ensemble only): the prior, in
-    the experts' order; None = uniform.
+    the experts' order; None = uniform. ``with_base`` (ensemble only, default on): the
+    base alone is one more path, last, with prior weight ``base_weight`` (None: the mean
+    of the experts' weights).
     """
 
     def __init__(
@@ -137,6 +174,8 @@ class ComposedModel(nn.Module):
         *,
         weights: Sequence[float] | None = None,
         manifest: Mapping[str, Any] | None = None,
+        with_base: bool = True,
+        base_weight: float | None = None,
     ) -> None:
         super().__init__()
         if method not in METHODS:
@@ -154,10 +193,15 @@ class ComposedModel(nn.Module):
         self.ensemble: ExpertEnsemble | None = None
         self._added: list[list[int]] | None = None
         self.log_prior: torch.Tensor | None = None
+        self.with_base = method == "ensemble" and with_base
         if method == "ensemble":
-            self.log_prior = normalise_prior(weights, len(experts)).to(self.device)
-            self.ensemble = ExpertEnsemble(self.base, experts)
+            n_paths = len(experts) + int(with_base)
+            prior = normalise_prior(weights, n_paths, with_base=with_base, base_weight=base_weight)
+            self.log_prior = prior.to(self.device)
+            self.ensemble = ExpertEnsemble(self.base, experts, include_base=with_base)
         else:
+            if weights is not None or base_weight is not None:
+                raise ValueError("weights are an ensemble's prior; other methods take none")
             self._added = insert_experts(self.base, experts)
 
     # -- construction ---------------------------------------------------------------------
@@ -204,8 +248,18 @@ class ComposedModel(nn.Module):
             if meta["base_revision"] != bundle.revision:
                 raise ValueError(f"expert {path} was made for base {meta['base_revision']}")
             experts.append(tensors)
-        weights = manifest_weights(manifest) if method == "ensemble" else None
-        return cls(bundle, method, experts, weights=weights, manifest=manifest)
+        if method != "ensemble":
+            return cls(bundle, method, experts, manifest=manifest)
+        with_base, base_weight = manifest_with_base(manifest)
+        return cls(
+            bundle,
+            method,
+            experts,
+            weights=manifest_weights(manifest),
+            manifest=manifest,
+            with_base=with_base,
+            base_weight=base_weight,
+        )
 
     def release(self) -> None:
         """Remove inserted experts: the base is left exactly as it was given."""
@@ -227,7 +281,7 @@ class ComposedModel(nn.Module):
     @property
     def n_experts(self) -> int:
         if self.ensemble is not None:
-            return self.ensemble.n_paths
+            return self.ensemble.n_experts
         return len(self._added or [])
 
     # -- scoring --------------------------------------------------------------------------

@@ -42,8 +42,9 @@ from torch import nn
 from modelcore import native
 from modelcore.compose._parallel import default_workers, run_blocks
 from modelcore.compose._threads import single_thread
-from modelcore.experts import covered_layers, expert_schema
+from modelcore.experts import check_expert
 from modelcore.kernels import plan_routing
+from modelcore.router import topk_keeping_base
 
 # Bytes of exp'd logits per block in ``log_mix`` (rows x paths x vocab x 4; with 4 paths
 # and a 32k vocab, 2 rows): well inside a server core's L2 next to the output rows, so the
@@ -54,6 +55,8 @@ _MIX_BLOCK_BYTES = 1 << 20
 # amortise the call and balance the threads)
 _NATIVE_BLOCK_ROWS = 16
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+# The base path's least share of an estimated prior (``estimate_prior``).
+MIN_BASE_PRIOR = 0.5
 
 
 class ExpertEnsemble(nn.Module):
@@ -68,7 +71,7 @@ class ExpertEnsemble(nn.Module):
         model: nn.Module,
         experts: Sequence[Mapping[str, torch.Tensor]],
         *,
-        include_base: bool = False,
+        include_base: bool = True,
     ) -> None:
         super().__init__()
         if not experts:
@@ -76,27 +79,32 @@ class ExpertEnsemble(nn.Module):
         self.model = model
         config = model.config
         self.n_experts = len(experts)
-        # include_base: one more path, last, that is the base alone (no module added), so
-        # text the experts do not cover can fall back on the base instead of on the
-        # least bad expert.
+        # include_base (the default): one more path, last, that is the base alone (no
+        # module added), the "null expert", so text the experts do not cover falls back on
+        # the base instead of on the least bad expert, and removing an expert returns its
+        # domain to the base (docs/composition.md, "Do no harm").
         self.n_paths = len(experts) + int(include_base)
+        self.include_base = include_base
         device = next(model.parameters()).device
         self.w_in: list[torch.Tensor] = []
         self.w_out: list[torch.Tensor] = []
         self.rows: list[torch.Tensor] = []
+        self.biases: list[torch.Tensor] = []  # per layer (E2,): router bias of every module
         self.allowed: list[torch.Tensor] = []  # per layer (P, E2) bool
         for tensors in experts:
-            layers = covered_layers(tensors)
-            schema = expert_schema(config, layers=layers)
-            expected = {t["name"]: t["shape"] for t in schema["tensors"]}
-            if sorted(expected) != sorted(tensors) or any(
-                list(tensors[n].shape) != shape for n, shape in expected.items()
-            ):
-                raise ValueError("expert tensors do not match the base's expert schema")
+            try:
+                check_expert(tensors, config)
+            except ValueError as exc:
+                raise ValueError(
+                    f"expert tensors do not match the base's expert schema: {exc}"
+                ) from exc
         for i, ffn in enumerate(model.ffn_layers):
             w_in_EDF, w_out_EFD = (w.detach() for w in ffn.weights())
             rows_ER = ffn.router.expert_rows().detach()
             E = w_in_EDF.shape[0]
+            base_bias = ffn.router.expert_biases()
+            bias_E = rows_ER.new_zeros(E) if base_bias is None else base_bias.detach()
+            new_bias = []
             allowed_PE2 = torch.zeros(self.n_paths, E + self.n_experts, dtype=torch.bool)
             allowed_PE2[:, :E] = ffn.active_E.cpu()
             new_in, new_out, new_rows = [], [], []
@@ -107,14 +115,18 @@ class ExpertEnsemble(nn.Module):
                     new_in.append(tensors[pre + "w_in"])
                     new_out.append(tensors[pre + "w_out"])
                     new_rows.append(tensors[pre + "router_row"])
+                    # Expert files from before router biases existed have none: bias 0.
+                    new_bias.append(tensors.get(pre + "router_bias", torch.zeros(1)).reshape(1))
                 else:  # layer not covered: a placeholder the mask never routes to
                     new_in.append(torch.zeros_like(w_in_EDF[0]))
                     new_out.append(torch.zeros_like(w_out_EFD[0]))
                     new_rows.append(torch.zeros_like(rows_ER[0]))
+                    new_bias.append(torch.zeros(1))
             like = {"device": device, "dtype": w_in_EDF.dtype}
             self.w_in.append(torch.cat([w_in_EDF, torch.stack(new_in).to(**like)]))
             self.w_out.append(torch.cat([w_out_EFD, torch.stack(new_out).to(**like)]))
             self.rows.append(torch.cat([rows_ER, torch.stack(new_rows).to(**like)]))
+            self.biases.append(torch.cat([bias_E.to(**like), torch.cat(new_bias).to(**like)]))
             self.allowed.append(allowed_PE2.to(device))
 
     # -- the batched forward ------------------------------------------------------------
@@ -122,7 +134,7 @@ class ExpertEnsemble(nn.Module):
         ffn = self.model.ffn_layers[i]
         P, B, T, D = x_PBTD.shape
         x_ND = x_PBTD.reshape(P * B * T, D)
-        logits_NE2 = torch.tanh(ffn.router.proj(x_ND)) @ self.rows[i].t()
+        logits_NE2 = torch.tanh(ffn.router.proj(x_ND)) @ self.rows[i].t() + self.biases[i]
         # Path p's tokens may only use the base's active modules and expert p's module.
         allowed_PE2 = self.allowed[i]
         masked = (
@@ -132,7 +144,8 @@ class ExpertEnsemble(nn.Module):
         )
         probs_NE2 = F.softmax(masked, dim=-1).view(P * B * T, -1)
         k = min(ffn.top_k, int(allowed_PE2.sum(-1).min()))
-        top_NK, idx_NK = probs_NE2.topk(k, dim=-1)
+        E = self.w_in[i].shape[0] - self.n_experts
+        top_NK, idx_NK = topk_keeping_base(probs_NE2, k, E)
         gates_NK = (top_NK / top_NK.sum(-1, keepdim=True)).to(x_ND.dtype)
         plan = plan_routing(idx_NK, self.w_in[i].shape[0])
         h_AF = F.gelu(ffn.backend.grouped_mm(x_ND, self.w_in[i], plan, grouped_out=True))
@@ -237,14 +250,24 @@ def estimate_prior(
     *,
     n_sequences: int = 16,
     ema: float = 0.3,
+    min_base_prior: float = MIN_BASE_PRIOR,
 ) -> torch.Tensor:
     """DEMix's cached prior: start uniform; after each sequence of target text, move the
     prior towards that sequence's final posterior, ``prior <- (1 - ema) prior + ema post``.
+
+    With the base as a path, its prior is raised to ``min_base_prior`` if it ended below
+    (the experts' shares scaled down to make room). A Bayesian mixture scores a window at
+    most ``-log2 P(base)`` bits worse than the base alone, so at 0.5 no text can cost more
+    than one bit per window over the base, whatever the few sequences the prior was
+    estimated on said; an expert's own domain pays at most ``-log2 P(expert)`` the same
+    way, and the posterior moves to it within the window.
 
     ``batches``: (B, T+1) token ids of the target text. Returns log prior (P,).
     """
     if not 0 < ema <= 1:
         raise ValueError("ema must be in (0, 1]")
+    if not 0 <= min_base_prior < 1:
+        raise ValueError("min_base_prior must be in [0, 1)")
     P = ensemble.n_paths
     prior = torch.full((P,), 1.0 / P, dtype=torch.float64)
     seen = 0
@@ -261,6 +284,9 @@ def estimate_prior(
             break
     if seen == 0:
         raise ValueError("no target text to estimate the prior on")
+    if ensemble.include_base and P > 1 and float(prior[-1]) < min_base_prior:
+        prior[:-1] *= (1 - min_base_prior) / float(prior[:-1].sum())
+        prior[-1] = min_base_prior
     return prior.clamp_min(1e-12).log().float()
 
 

@@ -10,7 +10,7 @@ single expert's in one table:
 * ``ensemble``: DEMix output ensembling, posterior weights with a cached prior estimated
   on the first ``prior_windows`` windows of the text being scored (DEMix estimates it on
   a few development sequences of the target domain), or fixed ``weights``; optionally
-  with the base alone as one more path (``include_base``);
+  with the base alone as one more path (``include_base``, the default);
 * ``average``: the experts merged into one (``merge``: uniform, weighted by ``weights``,
   or TIES) and inserted.
 """
@@ -156,14 +156,15 @@ def evaluate_composition(
     merge: str = "uniform",
     merge_params: Mapping[str, Any] | None = None,
     prior_windows: int = 8,
-    include_base: bool = False,
+    include_base: bool = True,
     seq_len: int | None = None,
     batch_size: int = 16,
 ) -> dict[str, dict[str, Any]]:
     """Bits per byte per domain of ``model`` composed with ``experts`` by ``method``.
 
-    ``include_base`` (ensemble only): the base alone is one more path (weights: one
-    more, last)."""
+    ``include_base`` (ensemble only, on by default): the base alone is one more path
+    (weights: one more, last; the estimated prior keeps at least ``MIN_BASE_PRIOR`` on
+    it)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not experts:

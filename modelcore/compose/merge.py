@@ -249,12 +249,10 @@ def merge_tensors(
         if sorted(e) != names or any(e[n].shape != experts[0][n].shape for n in names):
             raise ValueError("experts to merge must have the same tensor names and shapes")
     w = normalise_weights(weights, len(experts))
-    first = names[0]
-    # raw bytes (as in the file), so that bfloat16, which numpy lacks, works too
-    keys = [
-        e[first].detach().reshape(-1)[:1024].cpu().contiguous().view(torch.uint8).numpy().tobytes()
-        for e in experts
-    ]
+    # The first 4 KiB of the tensors' raw bytes in name order: what ``_data_prefix`` reads
+    # from a file (safetensors lays same-dtype tensors out by name), so a merge in memory
+    # and one over files sum in the same order. Raw bytes, so bfloat16 (no numpy) works.
+    keys = [_bytes_prefix([e[n] for n in names]) for e in experts]
     order = _canonical_order(w, keys)
     experts = [experts[i] for i in order]
     w = w[order]
@@ -283,6 +281,16 @@ def _header(path: str) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]
         doc = json.loads(f.read(n))
     meta = doc.pop("__metadata__", {}) or {}
     return meta, {k: (v["dtype"], list(v["shape"])) for k, v in doc.items()}
+
+
+def _bytes_prefix(tensors: Sequence[torch.Tensor], n: int = 4096) -> bytes:
+    out = b""
+    for t in tensors:
+        if len(out) >= n:
+            break
+        flat = t.detach().reshape(-1)[: max(1, n // t.element_size())].cpu().contiguous()
+        out += flat.view(torch.uint8).numpy().tobytes()
+    return out[:n]
 
 
 def _data_prefix(path: str, n: int = 4096) -> bytes:

@@ -1,8 +1,13 @@
 """Print the composition claims per seed, with the numbers the tests assert on:
 
     .venv/bin/python -m modelcore.compose.report [--seeds 0 1 2] [--json]
+    .venv/bin/python -m modelcore.compose.report --harm [--seeds 0 1 2] [--json]
 
-(same setup as tests/modelcore/compose; a few minutes on 2 CPU cores).
+The first: the DEMix-setting claims (same setup as tests/modelcore/compose/test_learning.py).
+``--harm``: the harm table (``modelcore.compose.harm``): every method's change against
+the base on every domain, inside and outside its composition, seen and unseen domains,
+with the CLI's defaults (what tests/modelcore/compose/test_harm.py asserts). A few
+minutes per seed on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import json
 import torch
 
 from modelcore.compose import experiments as cx
+from modelcore.compose import harm
 from modelcore.compose.distill import DistillSettings, distill
 from modelcore.compose.ensemble import ExpertEnsemble, estimate_prior
 from modelcore.compose.evaluate import evaluate_composition, posterior_by_position
 from modelcore.eval import evaluate
 from modelcore.train import experiments as ex
+from modelcore.train import recipes
 
 
 def run_seed(setup: cx.ComposeSetup, prep: ex.Prepared, seed: int) -> dict:
@@ -78,12 +85,34 @@ def run_seed(setup: cx.ComposeSetup, prep: ex.Prepared, seed: int) -> dict:
     }
 
 
+def harm_main(seeds: list[int], as_json: bool) -> None:
+    setup = harm.HarmSetup()
+    data = harm.prepare(setup, cache_dir=recipes.default_cache_dir())
+    reports = []
+    for seed in seeds:
+        report = harm.run_seed(setup, data, seed)
+        reports.append(report)
+        if not as_json:
+            print(f"seed {seed}: bits/byte (change vs base; * = the composition's own domain)")
+            print(harm.format_table(report))
+            print("general share (held-out general text, per layer):", report["general_share"])
+            print()
+    if as_json:
+        print(json.dumps(reports, indent=1))
+        return
+    print(harm.format_summary(reports))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="composition claims per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--harm", action="store_true", help="the harm table instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.harm:
+        harm_main(args.seeds, args.json)
+        return
     setup = cx.ComposeSetup()
     prep = ex.prepare(setup.inner)
     reports = [run_seed(setup, prep, s) for s in args.seeds]

@@ -15,6 +15,18 @@ machine with the same Python (stdlib, docs, tests) or the same packages (license
 | c_headers     | Python's ``include`` dir ``.h`` files, plus ``/usr/include`` where present  |
 | python_tests  | the stdlib's own test suites (``test/``, ``*/tests/``, ``idle_test/``),     |
 |               | present only where the distribution ships them (Docker images strip them)  |
+
+Two more domains are never part of the default corpus (``DOMAIN_NAMES``), so no base
+trained by ``agora base train`` has seen them; the composition report and its tests use
+them as *unseen* domains (``UNSEEN_DOMAIN_NAMES``, built on request with
+``build_corpus(domains=...)``):
+
+| domain          | documents                                                              |
+|-----------------|------------------------------------------------------------------------|
+| perl_modules    | the system Perl's ``.pm`` modules (code and POD prose in a language     |
+|                 | none of the default domains uses), where a system Perl is installed    |
+| package_readmes | the long descriptions (Markdown / reStructuredText) in the ``METADATA`` |
+|                 | of installed distributions: prose about software, not licenses         |
 """
 
 from __future__ import annotations
@@ -29,9 +41,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DOMAIN_NAMES", "SourceDoc", "SourcePaths", "list_sources"]
+__all__ = ["DOMAIN_NAMES", "UNSEEN_DOMAIN_NAMES", "SourceDoc", "SourcePaths", "list_sources"]
 
 DOMAIN_NAMES = ("python_stdlib", "python_docs", "licenses", "c_headers", "python_tests")
+UNSEEN_DOMAIN_NAMES = ("perl_modules", "package_readmes")
 
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 # Headers of a generated file: encodings/cp1252.py says "generated from 'MAPPINGS/...'",
@@ -210,17 +223,51 @@ def _c_headers(paths: SourcePaths) -> list[SourceDoc]:
     return docs
 
 
+# Debian keeps the interpreter's core modules in perl-base (arch dir) and the rest under
+# /usr/share/perl/5.x; other systems use /usr/share/perl5 or /usr/lib/perl5.
+_PERL_ROOTS = ("/usr/share/perl/*", "/usr/lib/*/perl-base", "/usr/lib/*/perl/*", "/usr/share/perl5")
+
+
+def _perl_modules(paths: SourcePaths) -> list[SourceDoc]:
+    import glob
+
+    docs: dict[str, SourceDoc] = {}
+    for pattern in _PERL_ROOTS:
+        for root in sorted(glob.glob(pattern)):
+            for rel in _walk(Path(root), ".pm"):
+                # The same module under two roots (a version upgrade) counts once.
+                docs.setdefault(f"perl/{rel}", _file_doc(f"perl/{rel}", Path(root) / rel))
+    return list(docs.values())
+
+
+def _package_readmes(paths: SourcePaths) -> list[SourceDoc]:
+    docs: dict[str, SourceDoc] = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        body = dist.metadata.get_payload() if dist.metadata is not None else None  # type: ignore[attr-defined]
+        if not name or not isinstance(body, str) or len(body.strip()) < 200:
+            continue  # no long description (or a one-liner): nothing to learn from
+        docs.setdefault(
+            f"{name}/METADATA",
+            SourceDoc(f"{name}/METADATA", functools.partial(_constant, body.replace("\r\n", "\n"))),
+        )
+    return list(docs.values())
+
+
 _SOURCES: dict[str, Callable[[SourcePaths], list[SourceDoc]]] = {
     "python_stdlib": _python_stdlib,
     "python_docs": _python_docs,
     "licenses": _licenses,
     "c_headers": _c_headers,
     "python_tests": _python_tests,
+    "perl_modules": _perl_modules,
+    "package_readmes": _package_readmes,
 }
 
 
 def list_sources(name: str, paths: SourcePaths) -> list[SourceDoc]:
     """The documents of domain ``name``, sorted by id (an empty list where absent)."""
     if name not in _SOURCES:
-        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAIN_NAMES)}")
+        known = ", ".join((*DOMAIN_NAMES, *UNSEEN_DOMAIN_NAMES))
+        raise ValueError(f"unknown domain {name!r}; known: {known}")
     return sorted(_SOURCES[name](paths), key=lambda d: d.id)

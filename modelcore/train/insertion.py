@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from modelcore import experts, losses
+from modelcore import experts, lanes, losses
 from modelcore.train.loop import TrainResult, run_training
-from modelcore.train.objectives import lm_with_aux
+from modelcore.train.objectives import forward_lm, lm_with_aux
 
 
 @dataclass
@@ -41,6 +41,19 @@ class ExpertTraining:
     tensors: dict[str, torch.Tensor]  # named as experts.expert_schema says, detached, CPU
     module_idx: list[int]  # the inserted module's index in each MoE layer
     result: TrainResult
+    # per covered layer, the router-bias calibration on general text after training
+    # (``lanes.calibrate_router_bias``: share_before, share_after, bias); {} without it
+    lanes: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _router_features(
+    model: nn.Module, layers: Sequence[int], batches: Sequence[torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """``tanh(W x + b)`` of every token of ``batches`` at each layer's router."""
+    inputs = lanes._layer_inputs(model, layers, batches)
+    ffns = list(model.ffn_layers)  # type: ignore[arg-type]
+    return {i: torch.tanh(ffns[i].router.proj(x)) for i, x in inputs.items()}
 
 
 @torch.no_grad()
@@ -51,39 +64,44 @@ def calibrate_new_rows(
     *,
     coverage: float = 0.5,
     copy_busiest: bool = True,
+    general: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """Set each new module's router row so it is in the top-k of ``coverage`` of the
     tokens of ``batches`` ((B, T+1) ids of the expert's domain); see the module docstring.
 
     A row ``c * u`` can only win tokens whose router feature points along ``u``
-    (``h . u > 0``), so the share reached is at most theirs."""
+    (``h . u > 0``), so the share reached is at most theirs.
+
+    ``general``: batches of general text (the base's domains). With them ``u`` is the
+    direction from general text's mean router feature to the domain's (the domain's mean
+    hidden state at that layer, FlexOlmo's router embedding, made contrastive: a row along
+    the plain mean also points at every token the domain shares with general text)."""
     if not 0 < coverage < 1:
         raise ValueError("coverage must be in (0, 1)")
-    layers = list(model.ffn_layers)
-    captured: dict[int, list[torch.Tensor]] = {i: [] for i, j in enumerate(module_idx) if j >= 0}
-    hooks = [
-        layers[i].register_forward_hook(lambda _m, inp, _o, i=i: captured[i].append(inp[0]))
-        for i in captured
-    ]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    layers = list(model.ffn_layers)  # type: ignore[arg-type]
+    covered = [i for i, j in enumerate(module_idx) if j >= 0]
+    # The new modules are switched off while the features are read: the base's view.
+    saved = {i: layers[i].active_E.clone() for i in covered}
+    for i in covered:
+        off = saved[i].clone()
+        off[module_idx[i]] = False
+        layers[i].set_active(off)
     try:
-        for batch_BT1 in batches:
-            model(batch_BT1[:, :-1].to(device), aux="none")
+        feats = _router_features(model, covered, list(batches))
+        general_feats = _router_features(model, covered, list(general)) if general else {}
     finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    for i, chunks in captured.items():
+        for i in covered:
+            layers[i].set_active(saved[i])
+    for i, h_TR in feats.items():
         ffn, j = layers[i], module_idx[i]
-        h_TR = torch.tanh(ffn.router.proj(torch.cat(chunks)))
         old_E = ffn.active_E.clone()
         old_E[j] = False
         logits_TE = (h_TR @ ffn.router.expert_rows().t())[:, old_E]
         k = min(ffn.top_k, int(old_E.sum()))
         kth_T = logits_TE.topk(k, dim=-1).values[:, -1]
         u_R = h_TR.mean(0)
+        if i in general_feats:
+            u_R = u_R - general_feats[i].mean(0)
         u_R = u_R / u_R.norm().clamp_min(1e-6)
         along_T = h_TR @ u_R
         aligned = along_T > 1e-6
@@ -122,6 +140,11 @@ def train_expert(
     clip: float = 1.0,
     calibrate: int = 2,
     coverage: float = 0.5,
+    general: Iterable[torch.Tensor] | None = None,
+    max_general_share: float | None = None,
+    general_weight: float = 1.0,
+    calibration_batches: int = 8,
+    recalibrate_every: int = 0,
 ) -> ExpertTraining:
     """Insert one module per MoE layer into ``model``, train only those on ``batches``.
 
@@ -130,9 +153,25 @@ def train_expert(
     ``requires_grad`` flags of the base's parameters are restored afterwards.
     ``calibrate``: how many of the batches calibrate a fresh module's router rows (they
     are trained on too; 0 keeps the rows ``experts.add_modules`` gives).
+
+    ``general`` ((B, T+1) batches of general text: the base's domains, not this one) and
+    ``max_general_share``: the new rows start contrastive (domain minus general, see
+    ``calibrate_new_rows``) and the router bias is calibrated on ``general`` before and
+    after training so that the module fires on at most that share of general text's
+    tokens per layer (``lanes.calibrate_router_bias``; the result is in ``.lanes``).
     """
     if routing_reg < 0:
         raise ValueError(f"routing_reg must be >= 0, got {routing_reg}")
+    if (general is None) != (max_general_share is None):
+        raise ValueError("give general text and max_general_share together")
+    if general_weight < 0:
+        raise ValueError(f"general_weight must be >= 0, got {general_weight}")
+    general_stream = iter(general) if general is not None else None
+    calib: list[torch.Tensor] | None = None
+    if general_stream is not None:
+        calib = list(itertools.islice(general_stream, calibration_batches))
+        if not calib:
+            raise ValueError("general must hold at least one batch")
     before = {id(p): p.requires_grad for p in model.parameters()}
     # The fresh module's initial weights are drawn here: seed them too.
     generator = torch.Generator().manual_seed(seed)
@@ -143,17 +182,36 @@ def train_expert(
         if init_from is None and calibrate > 0:
             iterator = iter(batches)
             first = list(itertools.islice(iterator, calibrate))
-            calibrate_new_rows(model, module_idx, first, coverage=coverage)
+            calibrate_new_rows(model, module_idx, first, coverage=coverage, general=calib)
             batches = itertools.chain(first, iterator)
+        on_step = None
+        if recalibrate_every > 0 and calib is not None and max_general_share is not None:
+            share = max_general_share
+
+            def on_step(step: int) -> None:
+                # Train in the lane the module will have: the bias is set before the
+                # first step and again every `recalibrate_every` steps.
+                if step % recalibrate_every == 0:
+                    lanes.calibrate_router_bias(model, module_idx, calib, max_share=share)
+
         trainable = experts.freeze_for_insertion(model, module_idx)
+        device = next(model.parameters()).device
+        # More general text for the general LM term; the calibration sample once it ends.
+        replay = itertools.chain(general_stream, itertools.cycle(calib)) if calib else None
 
         def reg_term() -> tuple[str, torch.Tensor]:
-            return "routing_reg", losses.routing_reg(experts.router_rows(model, module_idx))
+            reg = losses.routing_reg(experts.router_rows(model, module_idx))
+            if replay is None or general_weight == 0.0:
+                return "routing_reg", routing_reg * reg
+            # The LM loss on general text: the base is frozen, so its gradient reaches only
+            # the new module and row, which learn to stay out of general text's way.
+            _, lm_general = forward_lm(model, next(replay).to(device))
+            return "general_lm", routing_reg * reg + general_weight * lm_general
 
         result = run_training(
             model,
             batches,
-            lm_with_aux("none", 0.0, extra=reg_term, extra_weight=routing_reg),
+            lm_with_aux("none", 0.0, extra=reg_term, extra_weight=1.0),
             steps=steps,
             lr=lr,
             params=trainable,
@@ -163,6 +221,7 @@ def train_expert(
             seed=seed,
             progress=progress,
             description="expert",
+            on_step=on_step,
         )
     except BaseException:
         experts.remove_modules(model, module_idx)
@@ -170,8 +229,12 @@ def train_expert(
     finally:
         for p in model.parameters():
             p.requires_grad_(before.get(id(p), True))
+    report: dict[int, dict[str, float]] = {}
+    if calib is not None and max_general_share is not None:
+        # Training moved the rows; the bias is set for the rows as they are now.
+        report = lanes.calibrate_router_bias(model, module_idx, calib, max_share=max_general_share)
     tensors = {
         name: t.detach().to("cpu").clone()
         for name, t in experts.extract_expert(model, module_idx).items()
     }
-    return ExpertTraining(tensors=tensors, module_idx=module_idx, result=result)
+    return ExpertTraining(tensors=tensors, module_idx=module_idx, result=result, lanes=report)

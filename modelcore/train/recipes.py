@@ -116,3 +116,55 @@ def heldout_by_domain(corpus: Corpus, names: Sequence[str] | None = None) -> dic
     if unknown:
         raise ValueError(f"unknown domains {unknown}; known: {sorted(corpus.domains)}")
     return {n: corpus.domains[n].heldout for n in chosen if corpus.domains[n].heldout}
+
+
+# -- expert training defaults (the CLI's; docs/composition.md, "Do no harm") --------------
+# Weight of ||new router rows|| (ModuleFormer 4.3): on by default.
+EXPERT_ROUTING_REG = 0.01
+# Share of general text's tokens a new module may enter the top-k of, per layer, after the
+# router-bias calibration (modelcore.lanes).
+EXPERT_MAX_GENERAL_SHARE = 0.02
+# (B, T+1) batches of general text the rows and the bias are calibrated on.
+EXPERT_GENERAL_BATCHES = 8
+
+
+def general_texts(corpus: Corpus, domain: str | None) -> list[str]:
+    """General text for an expert of ``domain``: the training text of every corpus domain
+    but that one (the base's pretraining mix without the expert's own domain)."""
+    texts = [t for name, d in corpus.domains.items() if name != domain for t in d.train]
+    if not texts:
+        raise ValueError("the corpus has no general text besides the expert's domain")
+    return texts
+
+
+def expert_options(
+    tokenizer,
+    corpus: Corpus,
+    domain: str | None,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    routing_reg: float | None = None,
+    max_general_share: float | None = None,
+    general_batches: int | None = None,
+) -> dict:
+    """Keyword arguments of ``train_expert`` for the CLI's defaults: routing
+    regularization, and calibration on a fixed sample of general text (``None`` = the
+    default; ``general_batches=0`` turns the calibration off)."""
+    n = EXPERT_GENERAL_BATCHES if general_batches is None else general_batches
+    opts: dict = {"routing_reg": EXPERT_ROUTING_REG if routing_reg is None else routing_reg}
+    if n > 0:
+        stream = batches(
+            tokenizer,
+            general_texts(corpus, domain),
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=seed + 7919,  # not the expert's own stream
+        )
+        opts["general"] = stream
+        opts["calibration_batches"] = n
+        opts["max_general_share"] = (
+            EXPERT_MAX_GENERAL_SHARE if max_general_share is None else max_general_share
+        )
+    return opts

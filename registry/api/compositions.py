@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from registry.api.common import IdempotentRequest, json_response
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
+from registry.contracts import METHODS, params_reference
 from registry.errors import BadRequest, Conflict
 from registry.retrieval.service import DEFAULT_TEMPERATURE
 from registry.services import compositions as comp
@@ -33,7 +34,7 @@ Requester = Annotated[Principal, Depends(require_roles("contributor", "moderator
 
 
 class CompositionIn(BaseModel):
-    method: str = Field(description="mixture | ensemble | average | distill")
+    method: str = Field(description=" | ".join(METHODS))
     base_revision: str
     experts: list[str] | None = Field(
         default=None, description="expert ids, optionally pinned: ex_...@VERSION"
@@ -47,9 +48,16 @@ class CompositionIn(BaseModel):
     )
     k: int = Field(default=4, description="experts retrieval picks when none are named")
     weights: list[float] | None = Field(
-        default=None, description="one per expert (ensemble prior, weighted average)"
+        default=None,
+        description="one per expert (ensemble prior, weighted average); the registry "
+        "normalises them to sum 1 (and scales params.base_weight with them)",
     )
-    params: dict[str, Any] | None = Field(default=None, description="method parameters")
+    params: dict[str, Any] | None = Field(
+        default=None,
+        description="method parameters (400 invalid_params when unknown or out of bounds). "
+        "An ensemble has the unmodified base as one more path unless params.with_base is "
+        "false; its manifest says with_base.\n" + params_reference(),
+    )
     temperature: float = Field(
         default=DEFAULT_TEMPERATURE, description="T of retrieval's weights softmax(-d^2/T)"
     )
@@ -89,7 +97,11 @@ def create_composition(
     """Refusals: ``unknown_expert`` / ``unknown_expert_version`` / ``base_mismatch`` /
     ``no_experts_found`` (422), ``expert_disabled`` (451), ``base_model_not_found`` (404),
     ``invalid_method`` / ``invalid_params`` / ``invalid_k`` / ``invalid_weights`` /
-    ``too_few_experts`` / ``missing_experts`` (400), ``texts_too_large`` (413)."""
+    ``too_few_experts`` / ``missing_experts`` (400), ``texts_too_large`` (413).
+
+    ``ensemble`` (and ``distill``'s teacher) has the unmodified base as one more path,
+    the null expert the posterior falls back on, unless ``params.with_base`` is false;
+    ``params.base_weight`` is its prior weight next to ``weights``."""
     settings = runtime.settings
     idem = IdempotentRequest(
         principal=principal,

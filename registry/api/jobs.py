@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.uploads import ParsedForm, parse_multipart
+from registry.contracts import ComposeResult, TextSetScore
 from registry.db.models import Job
 from registry.errors import (
     BadRequest,
@@ -135,6 +136,12 @@ def fail(
     return view
 
 
+_RESULT_DOC = (
+    "compose.*: {weights (one per expert), base_weight and with_base (ensemble, distill: "
+    "the base as one more path; weights + base_weight sum to 1), metrics, details}; "
+    "evaluate: {results: {text set: {bits_per_byte, base_bits_per_byte, delta_vs_base, "
+    "tokens, bytes}}} (registry/contracts.py: ComposeResult, EvaluationResult)"
+)
 _COMPLETE_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -145,7 +152,7 @@ _COMPLETE_DOC: dict[str, Any] = {
                     "required": ["fencing_token", "result"],
                     "properties": {
                         "fencing_token": {"type": "integer"},
-                        "result": {"type": "object"},
+                        "result": {"type": "object", "description": _RESULT_DOC},
                     },
                 }
             },
@@ -155,7 +162,10 @@ _COMPLETE_DOC: dict[str, Any] = {
                     "required": ["fencing_token", "result", "weights"],
                     "properties": {
                         "fencing_token": {"type": "string"},
-                        "result": {"type": "string", "description": "a JSON object"},
+                        "result": {
+                            "type": "string",
+                            "description": f"a JSON object: {_RESULT_DOC}",
+                        },
                         "weights": {
                             "type": "string",
                             "format": "binary",
@@ -215,8 +225,8 @@ def _complete(
                 )
             if not produces_expert and weights is not None:
                 raise BadRequest(f"{kind} produces no weights", code="unexpected_output")
-            checked_eval: dict[str, dict[str, Any]] = {}
-            checked: dict[str, Any] = {}
+            checked_eval: dict[str, TextSetScore] = {}
+            checked = ComposeResult()
             if kind == "evaluate":
                 checked_eval = comp.check_evaluation_result(job, result)
             else:
@@ -231,7 +241,7 @@ def _complete(
                 sheet = comp.derived_datasheet(
                     job=job,
                     parents=parents,
-                    weights=checked["weights"] or job.payload.get("weights"),
+                    weights=checked.weights or job.payload.get("weights"),
                     created_by=job.created_by,
                 )
                 staged = (parents, base, sheet)
@@ -278,7 +288,7 @@ def _complete(
                         expert_id=expert.id,
                         version=version.version,
                         parents=parents,
-                        weights=checked["weights"] or job.payload.get("weights"),
+                        weights=checked.weights or job.payload.get("weights"),
                     )
                     runtime.retrieval.record_vectors(
                         session=session,

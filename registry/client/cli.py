@@ -37,8 +37,13 @@ from registry.client.client import DEFAULT_TEMPERATURE, DEFAULT_URL, Agora, Prog
 from registry.client.errors import AgoraError, JobFailed
 from registry.client.jobs import JobCallback
 from registry.client.models import Composition, Job
+from registry.contracts import METHOD_SPECS, METHODS, params_summary, relative_change
 
-COMPOSE_METHODS = ("mixture", "ensemble", "average", "distill")
+COMPOSE_METHODS = METHODS
+# The methods with the base as a path (ensemble, and distill's teacher): --with-base.
+BASE_PATH_METHODS = tuple(
+    name for name, spec in METHOD_SPECS.items() if any(p.name == "with_base" for p in spec.params)
+)
 
 RegistryOption = Annotated[
     str,
@@ -422,11 +427,24 @@ def _compose(
     ] = None,
     params: Annotated[
         list[str] | None,
-        typer.Option("--param", help="Method parameter key=value (repeatable), e.g. steps=50."),
+        typer.Option(
+            "--param",
+            help=f"Method parameter key=value (repeatable), e.g. steps=50. {params_summary()}.",
+        ),
     ] = None,
     weights: Annotated[
         str | None,
         typer.Option("--weights", help="Comma separated weights, one per expert."),
+    ] = None,
+    with_base: Annotated[
+        bool | None,
+        typer.Option(
+            "--with-base/--without-base",
+            help="ensemble, distill: the unmodified base is one more path of the ensemble, "
+            "the null expert it falls back on where no expert fits (default: with; its "
+            "weight: --param base_weight=W).",
+            show_default=False,
+        ),
     ] = None,
     timeout: Annotated[
         float | None, typer.Option("--timeout", min=0, help="Seconds to wait (default: no limit).")
@@ -447,6 +465,11 @@ def _compose(
         raise typer.BadParameter(
             f"{method!r} is not one of {', '.join(COMPOSE_METHODS)}", param_hint="--method"
         )
+    if with_base is not None and method not in BASE_PATH_METHODS:
+        flag = "--with-base" if with_base else "--without-base"
+        raise typer.BadParameter(
+            f"only with --method {' or '.join(BASE_PATH_METHODS)}", param_hint=flag
+        )
     passages = read_passages(texts) if texts is not None else None
     if texts is not None and not passages:
         raise typer.BadParameter(f"{texts} holds no text", param_hint="--texts")
@@ -460,6 +483,12 @@ def _compose(
             f"{weights!r} is not a list of numbers", param_hint="--weights"
         ) from None
     method_params = parse_params(params or [])
+    if with_base is not None:
+        if method_params.get("with_base", with_base) != with_base:
+            raise typer.BadParameter(
+                "contradicts --param with_base=...", param_hint="--with-base/--without-base"
+            )
+        method_params["with_base"] = with_base
     with _client(registry, token) as agora:
         handle = agora.compose(
             method,
@@ -504,6 +533,9 @@ def _print_composition(composition: Composition, job: Job | None, out: Path) -> 
     for ref in manifest.experts:
         weight = f"{ref.weight:.3f}" if ref.weight is not None else "-"
         table.add_row(ref.id, str(ref.version), weight, ref.digest[:19])
+    if manifest.with_base:  # the null expert: the base alone, one more path
+        weight = f"{manifest.base_weight:.3f}" if manifest.base_weight is not None else "mean"
+        table.add_row("base (no expert)", "-", weight, manifest.base_revision[:19])
     Console(width=100).print(table)
     if manifest.output is not None:
         typer.echo(f"new expert   {manifest.output.id} v{manifest.output.version}")
@@ -565,13 +597,18 @@ def _evaluate(
     table.add_column("text set")
     table.add_column("bits/byte", justify="right", no_wrap=True)
     table.add_column("base", justify="right", no_wrap=True)
+    table.add_column("vs base", justify="right", no_wrap=True)
     table.add_column("bytes", justify="right", no_wrap=True)
     for name, score in scores.items():
         base_bpb = score.base_bits_per_byte
+        delta = score.delta_vs_base
+        if delta is None and base_bpb is not None:  # a worker that did not say
+            delta = relative_change(score.bits_per_byte, base_bpb)
         table.add_row(
             name,
             f"{score.bits_per_byte:.4f}",
             f"{base_bpb:.4f}" if base_bpb is not None else "-",
+            f"{delta:+.2%}" if delta is not None else "-",
             str(score.bytes) if score.bytes is not None else "-",
         )
     Console(width=100).print(table)

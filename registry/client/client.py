@@ -70,6 +70,7 @@ from registry.client.models import (
     SearchResults,
     SubmittedExpert,
 )
+from registry.contracts import METHOD_SPECS
 
 if TYPE_CHECKING:
     from registry.client.composed import ComposedModel
@@ -472,10 +473,18 @@ class Agora:
         k: int = 4,
         weights: Sequence[float] | None = None,
         params: Mapping[str, Any] | None = None,
+        with_base: bool = True,
+        base_weight: float | None = None,
         temperature: float | None = None,
         idempotency_key: str | None = None,
     ) -> CompositionHandle:
         """Request a composition (``mixture``, ``ensemble``, ``average`` or ``distill``).
+
+        An ``ensemble`` (and a ``distill``'s teacher) has the unmodified base as one more
+        path, the null expert its posterior falls back on where no expert fits;
+        ``with_base=False`` leaves it out. ``base_weight`` is its prior weight on the scale
+        of ``weights`` (default: their mean). Both travel as ``params`` (see
+        ``registry.contracts.METHOD_SPECS`` for every method's parameters).
 
         ``experts`` are ids (latest version), ``"ex_...@3"``, or what the SDK returned for
         them (``SubmittedExpert``, ``SearchResult``: that exact version; ``Expert``: its
@@ -488,6 +497,7 @@ class Agora:
         """
         if experts is None and texts is None:
             raise ValueError("compose needs experts, texts, or both")
+        params = _base_params(method, params, with_base=with_base, base_weight=base_weight)
         body: dict[str, Any] = {
             "method": method,
             "base_revision": base_revision or self._only_base_revision(),
@@ -495,7 +505,7 @@ class Agora:
             "texts": [texts] if isinstance(texts, str) else list(texts) if texts else None,
             "k": k,
             "weights": list(weights) if weights is not None else None,
-            "params": dict(params or {}),
+            "params": params,
         }
         if temperature is not None:
             body["temperature"] = temperature
@@ -1001,6 +1011,39 @@ def _json(response: httpx.Response) -> Any:
             status=response.status_code,
             code="bad_response",
         ) from exc
+
+
+def _base_params(
+    method: str,
+    params: Mapping[str, Any] | None,
+    *,
+    with_base: bool,
+    base_weight: float | None,
+) -> dict[str, Any]:
+    """``params`` with the base path's settings, for the methods that have a base path
+    (ensemble, distill). ``params`` may say them instead (as the REST API takes them); a
+    keyword that contradicts it is a ``ValueError``."""
+    out = dict(params or {})
+    spec = METHOD_SPECS.get(method)
+    if spec is None:  # the registry answers invalid_method
+        return out
+    if not any(p.name == "with_base" for p in spec.params):
+        if not with_base or base_weight is not None:
+            raise ValueError(
+                f"with_base and base_weight are for ensemble and distill, not {method}"
+            )
+        return out
+    if "with_base" not in out:
+        out["with_base"] = with_base
+    elif not with_base and out["with_base"] is not False:
+        raise ValueError(f"params['with_base'] is {out['with_base']!r} but with_base=False")
+    if base_weight is not None:
+        if out.get("base_weight", base_weight) != base_weight:
+            raise ValueError(
+                f"params['base_weight'] is {out['base_weight']!r} but base_weight={base_weight!r}"
+            )
+        out["base_weight"] = base_weight
+    return out
 
 
 def _expert_spec(expert: ExpertSpec) -> str:

@@ -6,6 +6,10 @@ and fits the base, and queues a job whose payload holds everything a worker need
 never reads the database). When the job succeeds its result is applied here: a manifest
 for ``mixture`` and ``ensemble``; for ``average`` and ``distill`` also a new expert,
 stored like any other, with a datasheet the registry writes (lineage, license).
+
+Method parameters, and the shapes of job results, are ``registry.contracts``'. An
+ensemble has the unmodified base as one more path unless ``params.with_base`` is false;
+its manifest records ``with_base`` and the base's share of the prior, ``base_weight``.
 """
 
 from __future__ import annotations
@@ -17,9 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from registry.contracts import (
+    METHOD_SPECS,
+    METHODS,
+    ComposeResult,
+    EvaluationResult,
+    ParamError,
+    TextSetScore,
+    relative_change,
+)
 from registry.db.models import (
     BaseModel,
     Composition,
@@ -42,26 +56,8 @@ from registry.services.ids import new_id
 from registry.validation import parse_datasheet
 from registry.validation.datasheet import Datasheet
 
-METHODS = ("mixture", "ensemble", "average", "distill")
 MANIFEST_FORMAT = "agora.composition/1"
-MIN_EXPERTS = {"mixture": 1, "ensemble": 1, "average": 2, "distill": 1}
 MAX_EXPERTS = 16
-# Method parameters: name -> (type, minimum, maximum or allowed values, default).
-PARAMS: dict[str, dict[str, tuple[type, Any, Any, Any]]] = {
-    "mixture": {},
-    "ensemble": {"prior_windows": (int, 1, 64, 8)},
-    "average": {
-        "merge": (str, None, ("uniform", "weighted", "ties"), "uniform"),
-        "density": (float, 0.0, 1.0, 0.2),
-    },
-    "distill": {
-        "steps": (int, 1, 5000, 50),
-        "lr": (float, 1e-6, 1.0, 1e-2),
-        "seq_len": (int, 8, 4096, 64),
-        "batch_size": (int, 1, 256, 8),
-        "seed": (int, 0, 2**31 - 1, 0),
-    },
-}
 _REF = re.compile(r"^(ex_[0-9A-Za-z]{1,64})(?:@([1-9][0-9]{0,8}))?$")
 # A derived expert's datasheet quotes its parents' samples up to this many bytes (the
 # datasheet limit on samples is 64 KiB).
@@ -146,41 +142,11 @@ def check_texts(texts: Sequence[str], *, max_bytes: int, field: str = "texts") -
 
 
 def check_params(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    spec = PARAMS[method]
-    given = dict(params or {})
-    unknown = sorted(set(given) - set(spec))
-    if unknown:
-        allowed = ", ".join(sorted(spec)) or "none"
-        raise BadRequest(
-            f"unknown params for {method}: {', '.join(unknown)} (allowed: {allowed})",
-            code="invalid_params",
-        )
-    out: dict[str, Any] = {}
-    for name, (kind, low, high, default) in spec.items():
-        value = given.get(name, default)
-        if kind is str:
-            if value not in high:
-                raise BadRequest(
-                    f"params.{name} must be one of {', '.join(high)}", code="invalid_params"
-                )
-        elif kind is int:
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise BadRequest(
-                    f"params.{name} must be an integer in [{low}, {high}]", code="invalid_params"
-                )
-        else:
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or not low <= value <= high
-            ):
-                raise BadRequest(
-                    f"params.{name} must be a number in [{low}, {high}]", code="invalid_params"
-                )
-            value = float(value)
-        out[name] = value
-    return out
+    """The method's parameters (``registry.contracts.METHOD_SPECS``), defaults filled in."""
+    try:
+        return dict(METHOD_SPECS[method].check_params(params))
+    except ParamError as exc:
+        raise BadRequest(str(exc), code="invalid_params") from None
 
 
 def check_weights(weights: Sequence[float] | None, n: int) -> list[float] | None:
@@ -287,7 +253,7 @@ def resolve_request(
         raise ValidationFailed(
             "no active expert of this base fits the texts", code="no_experts_found"
         )
-    low = MIN_EXPERTS[method]
+    low = METHOD_SPECS[method].min_experts
     if not low <= len(resolved) <= MAX_EXPERTS:
         raise BadRequest(
             f"{method} needs {low} to {MAX_EXPERTS} experts; got {len(resolved)}",
@@ -300,6 +266,16 @@ def resolve_request(
     norm = check_weights(weights, len(resolved))
     if method == "average" and checked_params["merge"] == "weighted" and norm is None:
         raise BadRequest("a weighted average needs weights", code="invalid_weights")
+    if "base_weight" in checked_params:
+        if weights is None:
+            raise BadRequest(
+                "params.base_weight is the base path's weight next to the experts': "
+                "give weights too, or leave it out (the prior is then estimated)",
+                code="invalid_params",
+            )
+        # On the scale of the given weights, which are normalised to sum 1 here: the base
+        # keeps its ratio to them.
+        checked_params["base_weight"] = checked_params["base_weight"] / float(sum(weights))
     payload_texts = (
         kept_texts
         if kept_texts is not None
@@ -415,58 +391,63 @@ def composition_view(composition: Composition) -> dict[str, Any]:
 # -- results -------------------------------------------------------------------------------
 
 
-def _finite(value: Any, name: str, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValidationFailed(f"result {name} must be a finite number", code="invalid_result")
-    if value < minimum:
-        raise ValidationFailed(f"result {name} must be >= {minimum}", code="invalid_result")
-    return float(value)
+def _invalid_result(exc: ValidationError) -> ValidationFailed:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "result"
+    return ValidationFailed(f"result {where}: {first['msg']}", code="invalid_result")
 
 
-def _count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationFailed(
-            f"result {name} must be a non-negative integer", code="invalid_result"
-        )
-    return value
-
-
-def check_compose_result(job: Job, result: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest fields a worker reports: the weights it used and optional metrics."""
+def check_compose_result(job: Job, result: Mapping[str, Any]) -> ComposeResult:
+    """The worker's ``ComposeResult``, checked against the job: one weight per expert, and
+    a base path (``with_base``, ``base_weight``) only where the method has one and as the
+    request asked."""
+    try:
+        checked = ComposeResult.model_validate(result)
+    except ValidationError as exc:
+        raise _invalid_result(exc) from None
     n = len(job.payload["experts"])
-    weights = result.get("weights")
-    if weights is not None:
-        if not isinstance(weights, list) or len(weights) != n:
-            raise ValidationFailed(
-                f"result weights must be a list of {n} numbers", code="invalid_result"
-            )
-        weights = [_finite(w, "weights[]") for w in weights]
-    metrics = result.get("metrics")
-    if metrics is not None:
-        if not isinstance(metrics, dict):
-            raise ValidationFailed("result metrics must be an object", code="invalid_result")
-        metrics = {
-            str(k): _finite(v, f"metrics.{k}")
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-    details = result.get("details")
-    if details is not None and not isinstance(details, dict):
-        raise ValidationFailed("result details must be an object", code="invalid_result")
-    return {"weights": weights, "metrics": metrics, "details": details}
+    if checked.weights is not None and len(checked.weights) != n:
+        raise ValidationFailed(
+            f"result weights must be a list of {n} numbers", code="invalid_result"
+        )
+    asked = requested_with_base(job.payload["method"], job.payload.get("params") or {})
+    if checked.with_base is not None and checked.with_base != asked:
+        raise ValidationFailed(
+            f"result with_base is {str(checked.with_base).lower()}; the job asked for "
+            f"{str(asked).lower()}",
+            code="invalid_result",
+        )
+    if checked.base_weight is not None and (not asked or checked.weights is None):
+        raise ValidationFailed(
+            "result base_weight comes with the experts' weights of a composition with the "
+            "base as a path",
+            code="invalid_result",
+        )
+    return checked
+
+
+def requested_with_base(method: str, params: Mapping[str, Any]) -> bool:
+    """Whether a job of ``method`` with these params has the base as a path (the default
+    where the method has the parameter; never where it has not)."""
+    spec = METHOD_SPECS[method]
+    if not any(p.name == "with_base" for p in spec.params):
+        return False
+    return bool(params.get("with_base", spec.param("with_base").default))
 
 
 def build_manifest(
     *,
     composition: Composition,
-    checked: Mapping[str, Any],
+    checked: ComposeResult,
     output: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
+    """The agora.composition/1 manifest. An ensemble's says ``with_base`` (whether the
+    base is a path; manifests without the key predate it and were built without) and,
+    when the worker reported it, ``base_weight`` (the base's share of the prior)."""
     experts = composition.inputs["experts"]
-    weights = (
-        checked["weights"] if checked["weights"] is not None else composition.inputs["weights"]
-    )
-    return {
+    weights = checked.weights if checked.weights is not None else composition.inputs["weights"]
+    params = composition.inputs.get("params", {})
+    manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "id": composition.id,
         "method": composition.method,
@@ -475,17 +456,22 @@ def build_manifest(
             {**ref, "weight": None if weights is None else weights[i]}
             for i, ref in enumerate(experts)
         ],
-        "params": composition.inputs.get("params", {}),
+        "params": params,
         "output": dict(output) if output is not None else None,
-        "metrics": checked["metrics"],
+        "metrics": checked.metrics,
     }
+    if composition.method == "ensemble":
+        manifest["with_base"] = requested_with_base("ensemble", params)
+        if checked.base_weight is not None:
+            manifest["base_weight"] = checked.base_weight
+    return manifest
 
 
 def finish_composition(
     *,
     session: Session,
     job: Job,
-    checked: Mapping[str, Any],
+    checked: ComposeResult,
     output: Mapping[str, Any] | None,
     expert_id: str | None,
 ) -> Composition:
@@ -653,33 +639,22 @@ def check_text_sets(
     return out
 
 
-def check_evaluation_result(job: Job, result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    results = result.get("results")
+def check_evaluation_result(job: Job, result: Mapping[str, Any]) -> dict[str, TextSetScore]:
+    """The worker's ``EvaluationResult``: one score per text set of the job."""
     expected = set(job.payload["text_sets"])
-    if not isinstance(results, dict) or set(results) != expected:
+    results = result.get("results")
+    if not isinstance(results, Mapping) or set(results) != expected:
         raise ValidationFailed(
             f"result.results must have one entry per text set: {', '.join(sorted(expected))}",
             code="invalid_result",
         )
-    checked: dict[str, dict[str, Any]] = {}
-    for name, r in results.items():
-        if not isinstance(r, dict):
-            raise ValidationFailed(f"results[{name!r}] must be an object", code="invalid_result")
-        base = r.get("base_bits_per_byte")
-        checked[name] = {
-            "bits_per_byte": _finite(r.get("bits_per_byte"), f"{name}.bits_per_byte"),
-            "base_bits_per_byte": None
-            if base is None
-            else _finite(base, f"{name}.base_bits_per_byte"),
-            "tokens": _count(r.get("tokens"), f"{name}.tokens"),
-            "bytes": _count(r.get("bytes"), f"{name}.bytes"),
-        }
-    return checked
+    try:
+        return dict(EvaluationResult.model_validate(result).results)
+    except ValidationError as exc:
+        raise _invalid_result(exc) from None
 
 
-def record_evaluations(
-    *, session: Session, job: Job, checked: Mapping[str, Mapping[str, Any]]
-) -> None:
+def record_evaluations(*, session: Session, job: Job, checked: Mapping[str, TextSetScore]) -> None:
     subject = job.payload["subject"]
     expert_id = version = composition_id = None
     if subject["kind"] == "expert":
@@ -696,10 +671,10 @@ def record_evaluations(
                 version=version,
                 composition_id=composition_id,
                 text_set=name,
-                bits_per_byte=r["bits_per_byte"],
-                base_bits_per_byte=r["base_bits_per_byte"],
-                tokens=r["tokens"],
-                bytes=r["bytes"],
+                bits_per_byte=r.bits_per_byte,
+                base_bits_per_byte=r.base_bits_per_byte,
+                tokens=r.tokens,
+                bytes=r.bytes,
                 created_by=job.created_by,
                 created_at=now,
             )
@@ -728,6 +703,8 @@ def evaluation_view(e: Evaluation) -> dict[str, Any]:
         "text_set": e.text_set,
         "bits_per_byte": e.bits_per_byte,
         "base_bits_per_byte": e.base_bits_per_byte,
+        # Computed here from the two stored numbers, not taken from the worker.
+        "delta_vs_base": relative_change(e.bits_per_byte, e.base_bits_per_byte),
         "tokens": e.tokens,
         "bytes": e.bytes,
         "created_by": e.created_by,

@@ -83,7 +83,13 @@ def test_a_composition_requested_by_text_is_computed_by_a_worker_and_loaded(
             assert by_id[expert_id].digest == published.digests[domain]
     weights = [ref.weight for ref in manifest.experts]
     assert all(w is not None and w >= 0 for w in weights), weights
-    assert math.isclose(sum(w for w in weights if w is not None), 1.0, rel_tol=1e-4)
+    # The base is one more path by default: the experts' weights and its share sum to 1.
+    assert manifest.with_base is True
+    assert manifest.base_weight is not None
+    total = sum(w for w in weights if w is not None) + manifest.base_weight
+    assert math.isclose(total, 1.0, rel_tol=1e-4)
+    assert model.ensemble is not None
+    assert model.ensemble.n_paths == 3
 
     # The claim: the composition scores the user's text better than the base.
     assert composed["bytes"] == sum(len(t.encode("utf-8")) for t in texts)

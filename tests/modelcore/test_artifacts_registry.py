@@ -50,7 +50,8 @@ def test_base_bundle_is_accepted(base: tuple[Path, str, ModularLM]) -> None:
     directory, _revision, model = base
     cfg = validate_base_config((directory / "config.json").read_bytes())
     assert cfg.n_layers == model.config.n_layers
-    assert len(cfg.expert_schema.tensors) == 3 * model.config.n_layers
+    # w_in, w_out, router_row, router_bias per layer
+    assert len(cfg.expert_schema.tensors) == 4 * model.config.n_layers
     header = validate_base_weights(directory / "model.safetensors")
     assert {t.name for t in header.tensors} == set(model.consolidated_state_dict())
     validate_tokenizer((directory / "tokenizer.json").read_bytes())

@@ -261,10 +261,107 @@ def test_refusals_create_no_job(api: Api) -> None:
         400,
         "invalid_weights",
     )
+    # The base path's parameters: a bool, and a positive weight that needs the experts'.
+    for params, weights in [
+        ({"with_base": "yes"}, None),
+        ({"with_base": 1}, None),
+        ({"with_base": None}, None),
+        ({"base_weight": 0}, [1.0]),
+        ({"base_weight": -1.0}, [1.0]),
+        ({"base_weight": True}, [1.0]),
+        ({"base_weight": "1"}, [1.0]),
+        ({"with_base": False, "base_weight": 1.0}, [1.0]),
+        ({"base_weight": 1.0}, None),
+    ]:
+        body = {"method": "ensemble", "experts": [a], "params": params, "weights": weights}
+        problem(compose(api, body), 400, "invalid_params")
+    problem(
+        compose(api, {"method": "mixture", "experts": [a], "params": {"with_base": False}}),
+        400,
+        "invalid_params",
+    )
     assert api.client.post("/v1/compositions", json={}).status_code == 401
     runtime = api.app.state.runtime
     with runtime.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def complete(api: Api, job: dict[str, Any], result: dict[str, Any]) -> Any:
+    return worker_post(
+        api,
+        f"/v1/jobs/{job['id']}/complete",
+        {"fencing_token": job["fencing_token"], "result": result},
+    )
+
+
+def test_ensemble_has_the_base_as_a_path_by_default_and_its_manifest_says_so(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    b = submit_expert(api, seed=2, name="beta")
+    queued = compose(api, {"method": "ensemble", "experts": [a, b]}).json()
+    job = lease(api).json()["job"]
+    assert job["payload"]["params"] == {"prior_windows": 8, "with_base": True}
+    # A result that contradicts the request, or gives base_weight without the experts'
+    # weights, is refused and changes nothing.
+    problem(complete(api, job, {"weights": [0.5, 0.5], "with_base": False}), 422, "invalid_result")
+    problem(complete(api, job, {"base_weight": 0.5}), 422, "invalid_result")
+    problem(complete(api, job, {"weights": [0.5, 0.5], "base_weight": -0.1}), 422, "invalid_result")
+    pending = api.client.get(f"/v1/compositions/{queued['composition_id']}").json()
+    assert pending["status"] == "pending"
+    result = {"weights": [0.375, 0.125], "base_weight": 0.5, "with_base": True}
+    assert complete(api, job, result).status_code == 200
+    composition = api.client.get(f"/v1/compositions/{queued['composition_id']}").json()
+    manifest = composition["manifest"]
+    assert manifest["with_base"] is True
+    assert manifest["base_weight"] == 0.5
+    assert [e["weight"] for e in manifest["experts"]] == [0.375, 0.125]
+    assert composition["params"]["with_base"] is True
+
+
+def test_ensemble_without_base_and_with_a_base_weight(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    b = submit_expert(api, seed=2, name="beta")
+    params = {"with_base": False}
+    queued = compose(api, {"method": "ensemble", "experts": [a, b], "params": params}).json()
+    job = lease(api).json()["job"]
+    assert job["payload"]["params"]["with_base"] is False
+    problem(
+        complete(api, job, {"weights": [0.5, 0.25], "base_weight": 0.25}), 422, "invalid_result"
+    )
+    assert complete(api, job, {"weights": [0.5, 0.5], "with_base": False}).status_code == 200
+    manifest = api.client.get(f"/v1/compositions/{queued['composition_id']}").json()["manifest"]
+    assert manifest["with_base"] is False
+    assert "base_weight" not in manifest
+
+    # base_weight is on the scale of the weights: normalised with them (3 : 1 : 2).
+    body = {
+        "method": "ensemble",
+        "experts": [a, b],
+        "weights": [3, 1],
+        "params": {"base_weight": 2},
+    }
+    assert compose(api, body).status_code == 202
+    job = lease(api).json()["job"]
+    assert job["payload"]["weights"] == [0.75, 0.25]
+    assert job["payload"]["params"] == {"prior_windows": 8, "with_base": True, "base_weight": 0.5}
+
+
+def test_other_methods_have_no_base_path(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    queued = compose(api, {"method": "mixture", "experts": [a]}).json()
+    job = lease(api).json()["job"]
+    assert job["payload"]["params"] == {}
+    problem(complete(api, job, {"with_base": True}), 422, "invalid_result")
+    assert complete(api, job, {"with_base": False}).status_code == 200
+    manifest = api.client.get(f"/v1/compositions/{queued['composition_id']}").json()["manifest"]
+    assert "with_base" not in manifest
+
+
+def test_openapi_describes_the_base_path_parameters(api: Api) -> None:
+    schema = api.client.get("/openapi.json").json()["components"]["schemas"]["CompositionIn"]
+    described = schema["properties"]["params"]["description"]
+    assert "with_base (bool, default true)" in described
+    assert "base_weight (number > 0, optional)" in described
+    assert "prior_windows" in described
 
 
 def test_idempotency_key_returns_the_same_job(api: Api) -> None:
@@ -390,6 +487,10 @@ def test_evaluation_job_results_are_listed_per_expert(api: Api) -> None:
         422,
         "invalid_result",
     )
+    score = {"bits_per_byte": 1.0, "tokens": 3, "bytes": 9}
+    for wrong in ({"bits_per_byte": -1.0}, {"tokens": 2.5}, {"delta_vs_base": "worse"}):
+        bad = {"results": {"news": {**score, **wrong}, "code": score}}
+        problem(complete(api, job, bad), 422, "invalid_result")
     good = {
         "results": {
             "news": {"bits_per_byte": 1.25, "base_bits_per_byte": 1.5, "tokens": 3, "bytes": 9},
@@ -404,6 +505,9 @@ def test_evaluation_job_results_are_listed_per_expert(api: Api) -> None:
     assert done.status_code == 200, done.text
     items = api.client.get(f"/v1/experts/{a}/evaluations").json()["items"]
     assert {i["text_set"]: i["bits_per_byte"] for i in items} == {"news": 1.25, "code": 2.0}
+    # The change against the base, relative: (1.25 - 1.5) / 1.5, (2.0 - 2.5) / 2.5.
+    deltas = {i["text_set"]: i["delta_vs_base"] for i in items}
+    assert deltas == pytest.approx({"news": -1 / 6, "code": -0.2})
     problem(
         api.client.post(
             "/v1/evaluations",

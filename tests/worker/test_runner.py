@@ -145,9 +145,16 @@ def test_compositions_are_computed_and_load_through_the_sdk(world, tiny, texts) 
     composition = ensemble.wait(timeout=5)
     manifest = composition.manifest
     assert manifest is not None
+    # The base is a path by default, and the manifest says so with the base's share of
+    # the prior the worker estimated (the experts' and the base's sum to 1).
+    assert manifest.with_base is True
+    assert manifest.params["with_base"] is True
     weights = [e.weight for e in manifest.experts]
-    assert sum(weights) == pytest.approx(1.0)  # the prior the worker estimated
+    assert manifest.base_weight is not None
+    assert sum(weights) + manifest.base_weight == pytest.approx(1.0)
     model = alice.load_composed(composition)
+    assert model.ensemble is not None
+    assert model.ensemble.n_paths == 3
     got = model.bits_per_byte(texts)["bits_per_byte"]
     assert manifest.metrics["bits_per_byte"] == pytest.approx(got, rel=1e-5)
     assert manifest.metrics["bytes"] == sum(len(t.encode()) for t in texts)
@@ -160,6 +167,36 @@ def test_compositions_are_computed_and_load_through_the_sdk(world, tiny, texts) 
     assert list((world["worker"].cache.root / "bases").iterdir()) == [
         world["worker"].cache.root / "bases" / tiny["revision"]
     ]
+
+
+def test_ensemble_without_base_and_its_evaluation_against_the_base(world, tiny, texts) -> None:
+    alice, ids = world["alice"], [world["experts"][n].id for n in "ab"]
+    handle = alice.compose(
+        "ensemble", base_revision=tiny["revision"], experts=ids, texts=texts, with_base=False
+    )
+    assert _worker(world, max_jobs=1).run() == 1
+    composition = handle.wait(timeout=5)
+    manifest = composition.manifest
+    assert manifest is not None
+    assert (manifest.with_base, manifest.base_weight) == (False, None)
+    assert sum(e.weight or 0.0 for e in manifest.experts) == pytest.approx(1.0)
+    model = alice.load_composed(composition)
+    assert model.ensemble is not None
+    assert model.ensemble.n_paths == 2
+    assert manifest.metrics["bits_per_byte"] == pytest.approx(
+        model.bits_per_byte(texts)["bits_per_byte"], rel=1e-5
+    )
+    scores = alice.evaluate({"code": texts[:1]}, composition_id=composition.id)
+    assert _worker(world, max_jobs=1, kinds=["evaluate"]).run() == 1
+    score = scores.wait(timeout=5)["code"]
+    assert score.bits_per_byte == pytest.approx(
+        model.bits_per_byte(texts[:1])["bits_per_byte"], rel=1e-5
+    )
+    assert score.base_bits_per_byte is not None
+    want = (score.bits_per_byte - score.base_bits_per_byte) / score.base_bits_per_byte
+    assert score.delta_vs_base == pytest.approx(want)
+    (stored,) = alice.list_evaluations(composition_id=composition.id)
+    assert stored.delta_vs_base == pytest.approx(want)
 
 
 def test_average_uploads_a_new_expert_with_lineage(world, tiny, texts) -> None:
@@ -417,3 +454,8 @@ def test_distill_uploads_the_student_and_reports_progress(world, tiny, texts) ->
     assert composition.manifest.metrics["bits_per_byte"] == pytest.approx(
         model.bits_per_byte(texts)["bits_per_byte"], rel=1e-5
     )
+    # The teacher had the base as a path: the lineage's weights are the experts' shares.
+    assert job.result["details"]["with_base"] is True
+    assert composition.manifest.params["with_base"] is True
+    shares = [e.weight for e in composition.manifest.experts]
+    assert sum(shares) + job.result["base_weight"] == pytest.approx(1.0)

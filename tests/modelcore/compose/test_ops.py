@@ -38,6 +38,8 @@ def _expert(model, seed):
         with torch.no_grad():
             ffn.router.rows[b].mul_(0).add_(torch.randn(ffn.router.rows[b].shape, generator=g))
             ffn.w_out[b].mul_(30)
+            # a calibrated router bias (modelcore.lanes), different per expert and layer
+            ffn.router.bias_of_block(b).fill_(float(torch.randn((), generator=g)))
     tensors = extract_expert(model, idx)
     remove_modules(model, idx)
     return tensors
@@ -57,6 +59,12 @@ def test_each_ensemble_path_is_the_base_with_that_expert_inserted():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # the paths really differ (the test would pass vacuously otherwise)
         assert (model.lm_head(h[0]) - model.lm_head(h[1])).abs().max() > 1e-3
+        assert ens.n_paths == 4  # the base is a path by default, last
+        torch.testing.assert_close(
+            model.lm_head(h[3]), model(ids, aux="none").logits, rtol=1e-5, atol=1e-5
+        )
+        without = ExpertEnsemble(model, experts[:2], include_base=False)
+        assert without.n_paths == 2
         with_base = ExpertEnsemble(model, experts[:2], include_base=True)
         h = with_base.hidden(ids)
         assert h.shape[0] == 3
@@ -392,7 +400,9 @@ def test_distillation_resumed_from_a_checkpoint_matches_an_uninterrupted_run(tmp
     from modelcore.compose.distill import DistillSettings, distill
 
     model = _model()
-    teacher = ExpertEnsemble(model, [_expert(model, s) for s in (1, 2)])
+    # Without the base path: a teacher half made of the base starts the fresh student
+    # almost at its distribution (KL 0.003), and this test is about resuming.
+    teacher = ExpertEnsemble(model, [_expert(model, s) for s in (1, 2)], include_base=False)
     prior = torch.log(torch.tensor([0.5, 0.5]))
 
     def make():

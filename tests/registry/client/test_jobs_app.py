@@ -203,6 +203,57 @@ def test_compose_wait_with_progress_then_load_the_model(
         torch.testing.assert_close(offline.log_probs(ids), reference.log_probs(ids))
 
 
+def test_load_composed_follows_the_manifests_with_base(
+    world: dict[str, Any], model_files: dict[str, Any], tmp_path: Path
+) -> None:
+    """The default ensemble has the base as a path and loads with it, at the base weight
+    the worker reported; a manifest from before (no with_base) loads as it always did."""
+    from modelcore.artifacts import load_base
+    from modelcore.compose.composed import ComposedModel
+    from modelcore.experts import load_expert
+
+    alice, worker = world["alice"], world["worker"]
+    a, b = world["experts"]["a"], world["experts"]["b"]
+    handle = alice.compose("ensemble", experts=[a.id, b.id], texts=TEXTS[:1])
+    leased = worker.lease_job("w1")
+    assert leased is not None
+    assert leased.payload["params"]["with_base"] is True
+    result = {"weights": [0.25, 0.25], "base_weight": 0.5, "with_base": True}
+    worker.complete_job(leased.id, leased.fencing_token, result)
+    composition = handle.wait(poll=0.01)
+    assert composition.manifest is not None
+    assert (composition.manifest.with_base, composition.manifest.base_weight) == (True, 0.5)
+
+    experts = [load_expert(model_files["experts"][n])[0] for n in "ab"]
+
+    def reference(**kwargs: Any) -> Any:
+        return ComposedModel(load_base(model_files["base"]), "ensemble", experts, **kwargs)
+
+    model = alice.load_composed(composition)
+    assert model.ensemble is not None
+    assert model.ensemble.n_paths == 3
+    ids = token_batch(model)
+    with_base = reference(weights=[0.25, 0.25], with_base=True, base_weight=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_probs(ids), with_base.log_probs(ids))
+
+    out = tmp_path / "legacy"
+    alice.download_composition(composition, out)
+    legacy = json.loads((out / "manifest.json").read_text())
+    assert legacy["with_base"] is True
+    del legacy["with_base"], legacy["base_weight"]
+    for ref in legacy["experts"]:
+        ref["weight"] = 0.5
+    (out / "manifest.json").write_text(json.dumps(legacy))
+    old = load_composed_dir(out)
+    assert old.ensemble is not None
+    assert old.ensemble.n_paths == 2
+    without = reference(weights=[0.5, 0.5], with_base=False)
+    with torch.no_grad():
+        torch.testing.assert_close(old.log_probs(ids), without.log_probs(ids))
+        assert not torch.allclose(old.log_probs(ids), model.log_probs(ids))
+
+
 def test_average_uploads_the_new_expert_and_load_composed_uses_it(
     world: dict[str, Any], model_files: dict[str, Any]
 ) -> None:
@@ -506,6 +557,52 @@ def test_cli_compose_refusals(cli_world: CliWorld, tmp_path: Path) -> None:
     assert "(HTTP 422)" in unknown.stderr
 
 
+def test_cli_compose_with_and_without_the_base(
+    cli_world: CliWorld, model_files: dict[str, Any], tmp_path: Path
+) -> None:
+    a, b = cli_world.experts["a"], cli_world.experts["b"]
+    args = ["compose", "--experts", f"{a.id},{b.id}", "--method", "ensemble"]
+
+    def complete_with_base(worker: Agora, leased: LeasedJob) -> None:
+        result = {"weights": [0.25, 0.125], "base_weight": 0.625, "with_base": True}
+        worker.complete_job(leased.id, leased.fencing_token, result)
+
+    with one_job_worker(cli_world, tmp_path / "c3", complete_with_base) as payloads:
+        shown = cli([*args, "--out", str(tmp_path / "with")], cli_world.env)
+    assert shown.exit_code == 0, shown.output
+    assert payloads[0]["params"]["with_base"] is True
+    base_row = next(line for line in shown.stdout.splitlines() if "base (no expert)" in line)
+    assert "0.625" in base_row
+    assert json.loads((tmp_path / "with" / "manifest.json").read_text())["with_base"] is True
+
+    def complete_alone(worker: Agora, leased: LeasedJob) -> None:
+        result = {"weights": [0.5, 0.5], "with_base": False}
+        worker.complete_job(leased.id, leased.fencing_token, result)
+
+    with one_job_worker(cli_world, tmp_path / "c4", complete_alone) as payloads:
+        alone = cli([*args, "--without-base", "--out", str(tmp_path / "alone")], cli_world.env)
+    assert alone.exit_code == 0, alone.output
+    assert payloads[0]["params"]["with_base"] is False
+    assert "base (no expert)" not in alone.stdout
+    manifest = json.loads((tmp_path / "alone" / "manifest.json").read_text())
+    assert manifest["with_base"] is False
+    model = load_composed_dir(tmp_path / "alone")
+    assert model.ensemble is not None
+    assert model.ensemble.n_paths == 2
+
+    for method, flag in (("mixture", "--without-base"), ("average", "--with-base")):
+        wrong = cli(
+            ["compose", "--experts", a.id, "--method", method, flag, "--out", str(tmp_path / "x")],
+            cli_world.env,
+        )
+        assert wrong.exit_code == 2
+        assert flag in wrong.output
+        assert not (tmp_path / "x").exists()
+    helped = cli(["compose", "--help"], {"COLUMNS": "200"})
+    assert "--without-base" in helped.stdout
+    assert "ensemble: prior_windows, with_base, base_weight" in helped.stdout
+
+
 def test_docs_compose_snippet_runs_as_written_with_a_real_worker(
     cli_world: CliWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -567,6 +664,7 @@ def test_cli_evaluate_prints_bits_per_byte_per_text_set(
     row = next(line for line in result.stdout.splitlines() if "held_out" in line)
     assert "1.2500" in row
     assert "1.5000" in row
+    assert "-16.67%" in row  # (1.25 - 1.5) / 1.5: the change against the base
     assert "18" in row
     with Agora(cli_world.url, token=cli_world.alice, cache_dir=tmp_path / "c4") as alice:
         (stored,) = alice.list_evaluations(expert_id=a.id)

@@ -320,7 +320,8 @@ def test_compose_posts_the_request_and_defaults_to_the_only_base(tmp_path: Path)
         "texts": ["tide pools at dawn"],
         "k": 2,
         "weights": None,
-        "params": {"steps": 5},
+        # The teacher has the base as a path unless asked otherwise: the request says so.
+        "params": {"steps": 5, "with_base": True},
     }
 
     handle = agora.compose(
@@ -333,6 +334,41 @@ def test_compose_posts_the_request_and_defaults_to_the_only_base(tmp_path: Path)
         None,
         [0.3, 0.7],
     )
+    assert sent["params"] == {"with_base": True}
+
+
+def test_compose_sends_the_base_path_settings_of_an_ensemble(tmp_path: Path) -> None:
+    posted: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posted.append(body_of(request))
+        return httpx.Response(
+            202, json={"job_id": "job_01", "composition_id": "cmp_01", "status": "queued"}
+        )
+
+    agora, _ = make_client(handler, tmp_path)
+    experts = ["exp_a", "exp_b"]
+    agora.compose("ensemble", base_revision=REV, experts=experts, with_base=False)
+    agora.compose("ensemble", base_revision=REV, experts=experts, weights=[3, 1], base_weight=2.0)
+    # The REST spelling, through params, works the same.
+    agora.compose("ensemble", base_revision=REV, experts=experts, params={"with_base": False})
+    agora.compose("mixture", base_revision=REV, experts=experts)
+    assert [p["params"] for p in posted] == [
+        {"with_base": False},
+        {"with_base": True, "base_weight": 2.0},
+        {"with_base": False},
+        {},
+    ]
+    # Contradictions and settings of a method without a base path fail before any request.
+    for method, kwargs in [
+        ("ensemble", {"with_base": False, "params": {"with_base": True}}),
+        ("ensemble", {"base_weight": 1.0, "params": {"base_weight": 2.0}}),
+        ("mixture", {"with_base": False}),
+        ("average", {"base_weight": 1.0}),
+    ]:
+        with pytest.raises(ValueError):
+            agora.compose(method, base_revision=REV, experts=experts, **kwargs)
+    assert len(posted) == 4
 
 
 def test_compose_takes_the_sdks_expert_objects(tmp_path: Path) -> None:
@@ -736,3 +772,15 @@ def test_placing_over_a_link_to_the_same_entry_leaves_no_temp_file(
     cache.place(source, dest)
     assert [p.name for p in dest.parent.iterdir()] == ["model.safetensors"]
     assert dest.read_bytes() == b"weights"
+
+
+def test_the_sdk_docs_name_every_method_parameter() -> None:
+    """docs/sdk.md lists each method's parameters by hand: it must not fall behind the
+    one declaration the registry checks requests against."""
+    from registry.contracts import METHOD_SPECS
+
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "sdk.md").read_text()
+    listed = docs.split("Method parameters", 1)[1].split("Returns a", 1)[0]
+    for spec in METHOD_SPECS.values():
+        for param in spec.params:
+            assert f"`{param.name}`" in listed, (spec.name, param.name)
