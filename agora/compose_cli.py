@@ -5,6 +5,10 @@ superset of modelcore's plain one (agora/model_cli.py): the same options, the sa
 plus ``--method mixture|ensemble|average``; with the default method it evaluates the
 same mixture. It replaces that command when both are registered (this module is listed
 after agora.model_cli in agora/cli.py), so there is one ``agora eval``.
+
+``agora eval --method average`` and ``agora expert merge`` print the registry's caution
+about averages to stderr (``registry.contracts.AVERAGE_CAUTION``, the one text the API and
+the SDK show too): measured, a parameter average of independent experts harms.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from agora.model_cli import (
     ShowProgress,
     _corpus,
     _device,
+    _err,
     _load_base,
     _load_expert_for,
 )
+from registry.contracts import AVERAGE_CAUTION
 
 ExpertPaths = Annotated[
     list[Path] | None,
@@ -45,6 +51,11 @@ def _experts(paths: list[Path] | None, bundle: Any, *, at_least: int = 1) -> lis
     if len(chosen) < at_least:
         raise typer.BadParameter(f"give at least {at_least} expert file(s)", param_hint="--experts")
     return [_load_expert_for(p, bundle, "--experts") for p in chosen]
+
+
+def _warn_average() -> None:
+    """The caution the registry answers an ``average`` request with, on stderr."""
+    _err(f"warning: [{AVERAGE_CAUTION.code}] {AVERAGE_CAUTION.detail}")
 
 
 def _domain_texts(corpus: Any, domain: str, split: str) -> list[str]:
@@ -107,6 +118,8 @@ def _eval(
         raise typer.BadParameter("weights apply to ensemble and average", param_hint="--weights")
     if weights is not None:
         weights = _path_weights(weights, len(loaded), base_path)
+    if method == "average" and loaded:
+        _warn_average()
     corpus = _corpus(max_bytes_per_domain)
     try:
         texts = recipes.heldout_by_domain(corpus, domains or None)
@@ -209,7 +222,9 @@ def _merge(
     dtype: Annotated[str | None, typer.Option("--dtype", help="Default: the inputs'.")] = None,
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
 ) -> None:
-    """Average experts into one expert file (streamed tensor by tensor); print JSON."""
+    """Average experts into one expert file (streamed tensor by tensor); print JSON.
+
+    Measured, an average of independent experts harms (the caution goes to stderr)."""
     from modelcore.compose import merge as merging
     from modelcore.experts import load_expert
 
@@ -230,6 +245,7 @@ def _merge(
         weights = _posterior_weights(bundle, loaded, texts, min(128, bundle.config.max_seq_len))
         method = "weighted" if method == "uniform" else method
     del loaded  # the merge itself streams from the files
+    _warn_average()
     params = {"density": density} if method == "ties" else {}
     started = time.perf_counter()
     try:

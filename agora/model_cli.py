@@ -254,7 +254,7 @@ def _expert_train(
             help="Router bias calibrated so the expert fires on at most this share of "
             "general text's tokens per layer.",
         ),
-    ] = 0.3,
+    ] = 0.25,
     general_weight: Annotated[
         float,
         typer.Option(
@@ -263,7 +263,7 @@ def _expert_train(
             help="Weight of the LM loss on general text (the other corpus domains) that "
             "teaches the expert to stay out of their way.",
         ),
-    ] = 1.0,
+    ] = 1.5,
     general_batches: Annotated[
         int,
         typer.Option(
@@ -322,9 +322,8 @@ def _expert_train(
         routing_reg=routing_reg,
         max_general_share=max_general_share,
         general_batches=general_batches,
+        general_weight=general_weight,
     )
-    if general_batches > 0:
-        opts["general_weight"] = general_weight
     started = time.perf_counter()
     trained = train_expert(
         bundle.model,

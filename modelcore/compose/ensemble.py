@@ -72,6 +72,7 @@ class ExpertEnsemble(nn.Module):
         experts: Sequence[Mapping[str, torch.Tensor]],
         *,
         include_base: bool = True,
+        expert_bias: bool = False,
     ) -> None:
         super().__init__()
         if not experts:
@@ -85,6 +86,12 @@ class ExpertEnsemble(nn.Module):
         # domain to the base (docs/composition.md, "Do no harm").
         self.n_paths = len(experts) + int(include_base)
         self.include_base = include_base
+        # The router bias keeps an inserted module out of other text in a token-level
+        # mixture (modelcore.lanes). A path's text is chosen per sequence by the posterior,
+        # with the base as a path, so by default each path inserts the module as trained,
+        # without that bias: on domains the base never saw this is worth about twice the
+        # gain (docs/composition.md, "Do no harm").
+        self.expert_bias = expert_bias
         device = next(model.parameters()).device
         self.w_in: list[torch.Tensor] = []
         self.w_out: list[torch.Tensor] = []
@@ -115,8 +122,10 @@ class ExpertEnsemble(nn.Module):
                     new_in.append(tensors[pre + "w_in"])
                     new_out.append(tensors[pre + "w_out"])
                     new_rows.append(tensors[pre + "router_row"])
-                    # Expert files from before router biases existed have none: bias 0.
-                    new_bias.append(tensors.get(pre + "router_bias", torch.zeros(1)).reshape(1))
+                    # expert_bias False (the default): the module without its lane bias;
+                    # files from before router biases existed have none (bias 0).
+                    bias = tensors.get(pre + "router_bias") if expert_bias else None
+                    new_bias.append(torch.zeros(1) if bias is None else bias.reshape(1))
                 else:  # layer not covered: a placeholder the mask never routes to
                     new_in.append(torch.zeros_like(w_in_EDF[0]))
                     new_out.append(torch.zeros_like(w_out_EFD[0]))

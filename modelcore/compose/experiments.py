@@ -80,15 +80,28 @@ def train_base(setup: ComposeSetup, prep: ex.Prepared, seed: int):
 def train_domain_expert(
     setup: ComposeSetup, prep: ex.Prepared, base, domain: str, seed: int
 ) -> dict[str, torch.Tensor]:
+    """The CLI's expert defaults (routing regularization, general replay, the router bias
+    calibrated on general text: the base's three domains), at this setup's steps and lr."""
     model = copy.deepcopy(base)
+    s = setup.inner
+    opts = recipes.expert_options(
+        prep.tokenizer,
+        prep.corpus,
+        domain,
+        seq_len=s.seq_len,
+        batch_size=s.batch_size,
+        seed=seed,
+        routing_reg=setup.routing_reg,
+        general=[t for d in BASE_DOMAINS for t in prep.corpus.domains[d].train],
+    )
     trained = train_expert(
         model,
         batches(setup, prep, prep.corpus.domains[domain].train, seed + 1000),
         setup.expert_steps,
         setup.expert_lr,
-        routing_reg=setup.routing_reg,
         seed=seed,
         progress=False,
+        **opts,
     )
     return trained.tensors
 

@@ -143,8 +143,7 @@ def train_domain_expert(
         defaults.expert_lr,
         seed=seed,
         progress=False,
-        **opts,
-        **dict(setup.extra),
+        **{**opts, **setup.extra},
     )
     return trained.tensors
 

@@ -42,9 +42,12 @@ def run_seed(setup: cx.ComposeSetup, prep: ex.Prepared, seed: int) -> dict:
         )
         rows[method] = cx.bpb(res)
     both, rest = list(experts.values()), [experts["python_docs"]]
-    for name, chosen in (("ensemble + base", both), ("ensemble + base - licenses", rest)):
+    for name, chosen, with_base in (
+        ("ensemble (experts only)", both, False),
+        ("ensemble - licenses", rest, True),
+    ):
         res = evaluate_composition(
-            base, prep.tokenizer, texts, chosen, "ensemble", include_base=True, **kw
+            base, prep.tokenizer, texts, chosen, "ensemble", include_base=with_base, **kw
         )
         rows[name] = cx.bpb(res)
     ens = ExpertEnsemble(base, list(experts.values()))
@@ -126,6 +129,11 @@ def main() -> None:
         print("  " + " " * 26 + "".join(f"{d[:12]:>13}" for d in domains))
         for name, row in b.items():
             print(f"  {name:<26}" + "".join(f"{row[d]:>13.4f}" for d in domains))
+        print("  change against the base (every domain, inside and outside the composition):")
+        for name, row in b.items():
+            if name != "base":
+                cells = "".join(f"{100 * (row[d] / b['base'][d] - 1):>+12.2f}%" for d in domains)
+                print(f"  {name:<26}" + cells)
         print(f"  posterior on own expert by position: {r['posterior_on_own_expert_by_position']}")
         dd = r["distill"]
         print(

@@ -123,9 +123,13 @@ def heldout_by_domain(corpus: Corpus, names: Sequence[str] | None = None) -> dic
 EXPERT_ROUTING_REG = 0.01
 # Share of general text's tokens a new module may enter the top-k of, per layer, after the
 # router-bias calibration (modelcore.lanes).
-EXPERT_MAX_GENERAL_SHARE = 0.02
+EXPERT_MAX_GENERAL_SHARE = 0.25
 # (B, T+1) batches of general text the rows and the bias are calibrated on.
 EXPERT_GENERAL_BATCHES = 8
+# Weight of the LM loss on a general batch next to each domain batch (general replay).
+EXPERT_GENERAL_WEIGHT = 1.0
+# Steps between bias calibrations during training (0: only after the last step).
+EXPERT_RECALIBRATE_EVERY = 0
 
 
 def general_texts(corpus: Corpus, domain: str | None) -> list[str]:
@@ -148,22 +152,27 @@ def expert_options(
     routing_reg: float | None = None,
     max_general_share: float | None = None,
     general_batches: int | None = None,
+    general: Sequence[str] | None = None,
+    general_weight: float | None = None,
 ) -> dict:
     """Keyword arguments of ``train_expert`` for the CLI's defaults: routing
     regularization, and calibration on a fixed sample of general text (``None`` = the
-    default; ``general_batches=0`` turns the calibration off)."""
+    default; ``general_batches=0`` turns the calibration off). ``general``: the general
+    texts (default: ``general_texts(corpus, domain)``)."""
     n = EXPERT_GENERAL_BATCHES if general_batches is None else general_batches
     opts: dict = {"routing_reg": EXPERT_ROUTING_REG if routing_reg is None else routing_reg}
     if n > 0:
         stream = batches(
             tokenizer,
-            general_texts(corpus, domain),
+            list(general) if general is not None else general_texts(corpus, domain),
             seq_len=seq_len,
             batch_size=batch_size,
             seed=seed + 7919,  # not the expert's own stream
         )
         opts["general"] = stream
         opts["calibration_batches"] = n
+        opts["general_weight"] = EXPERT_GENERAL_WEIGHT if general_weight is None else general_weight
+        opts["recalibrate_every"] = EXPERT_RECALIBRATE_EVERY
         opts["max_general_share"] = (
             EXPERT_MAX_GENERAL_SHARE if max_general_share is None else max_general_share
         )

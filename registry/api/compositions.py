@@ -2,8 +2,10 @@
 
 ``POST /v1/compositions`` resolves the experts (named, or found by retrieval from sample
 texts), checks them, and queues a ``compose.<method>`` job; the answer is 202 with the
-job and composition ids. ``POST /v1/evaluations`` queues an ``evaluate`` job. Results are
-applied when the worker completes the job (registry/api/jobs.py).
+job and composition ids, and the method's ``warnings`` (``average_may_harm`` for
+``average``: registry.contracts.AVERAGE_CAUTION). ``POST /v1/evaluations`` queues an
+``evaluate`` job. Results are applied when the worker completes the job
+(registry/api/jobs.py).
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ class QueuedOut(BaseModel):
     composition_id: str | None = None
 
 
+class WarningOut(BaseModel):
+    code: str = Field(description="stable, snake_case: e.g. average_may_harm")
+    detail: str = Field(description="what was measured, and what to use instead")
+
+
+class CompositionQueuedOut(QueuedOut):
+    warnings: list[WarningOut] = Field(
+        description="cautions about the method, e.g. average_may_harm for average (the "
+        "parameter average of independent experts measurably harms); empty for most methods"
+    )
+
+
 class EvaluationIn(BaseModel):
     expert_id: str | None = None
     version: int | None = None
@@ -85,7 +99,7 @@ def _fingerprint(body: BaseModel) -> str:
     "/v1/compositions",
     status_code=202,
     summary="Request a composition; a worker computes it (202 with the job id)",
-    response_model=QueuedOut,
+    response_model=CompositionQueuedOut,
 )
 def create_composition(
     body: CompositionIn,
@@ -101,7 +115,11 @@ def create_composition(
 
     ``ensemble`` (and ``distill``'s teacher) has the unmodified base as one more path,
     the null expert the posterior falls back on, unless ``params.with_base`` is false;
-    ``params.base_weight`` is its prior weight next to ``weights``."""
+    ``params.base_weight`` is its prior weight next to ``weights``.
+
+    ``warnings`` holds the method's cautions: ``average_may_harm`` for ``average`` (a
+    parameter average of independently trained experts measurably harms; prefer
+    ``ensemble`` or ``distill``); an empty list otherwise."""
     settings = runtime.settings
     idem = IdempotentRequest(
         principal=principal,
@@ -153,8 +171,15 @@ def create_composition(
             job.composition_id = composition.id
             job.payload = comp.compose_payload(resolved, composition.id)
             s.flush()
+            # The warnings are part of the stored body: a replay answers them too.
             return StoredResponse(
-                202, {"job_id": job.id, "composition_id": composition.id, "status": job.status}
+                202,
+                {
+                    "job_id": job.id,
+                    "composition_id": composition.id,
+                    "status": job.status,
+                    "warnings": comp.method_warnings(resolved.method),
+                },
             )
 
         response = idem.commit_or_replay(session, write)
@@ -166,7 +191,8 @@ def create_composition(
     "/v1/compositions/{composition_id}", summary="A composition and, once ready, its manifest"
 )
 def get_composition(composition_id: str, session: SessionDep) -> dict[str, Any]:
-    """451 ``expert_disabled`` when an expert it uses (or produced) has been withdrawn."""
+    """451 ``expert_disabled`` when an expert it uses (or produced) has been withdrawn.
+    ``warnings``: the method's cautions, as the request's 202 gave them."""
     with session.begin():
         composition = comp.get_composition(session=session, composition_id=composition_id)
         comp.check_servable(session=session, composition=composition)

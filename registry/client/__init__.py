@@ -7,6 +7,7 @@ from registry.client.client import Agora, ProgressCallback
 from registry.client.errors import (
     AgoraError,
     BadRequest,
+    CompositionWarning,
     Conflict,
     DigestMismatch,
     Forbidden,
@@ -27,6 +28,7 @@ from registry.client.errors import (
 from registry.client.models import (
     BaseModelFiles,
     BaseModelRevision,
+    Caution,
     Composition,
     Evaluation,
     EvaluationScore,
@@ -51,7 +53,9 @@ __all__ = [
     "BadRequest",
     "BaseModelFiles",
     "BaseModelRevision",
+    "Caution",
     "Composition",
+    "CompositionWarning",
     "Conflict",
     "DigestMismatch",
     "Evaluation",

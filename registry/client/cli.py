@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,7 @@ from rich.progress import (
 from rich.table import Table
 
 from registry.client.client import DEFAULT_TEMPERATURE, DEFAULT_URL, Agora, ProgressCallback
-from registry.client.errors import AgoraError, JobFailed
+from registry.client.errors import AgoraError, CompositionWarning, JobFailed
 from registry.client.jobs import JobCallback
 from registry.client.models import Composition, Job
 from registry.contracts import METHOD_SPECS, METHODS, params_summary, relative_change
@@ -457,7 +458,8 @@ def _compose(
 ) -> None:
     """Compose experts into a model (computed by a worker), then download it into --out.
 
-    Prints the job and composition ids, the experts with their weights and the metrics.
+    Prints the job and composition ids, the experts with their weights and the metrics;
+    the registry's cautions about the method (average) go to stderr as "warning: ...".
 
     Load the directory offline with registry.client.composed.load_composed_dir(DIR).
     """
@@ -490,15 +492,23 @@ def _compose(
             )
         method_params["with_base"] = with_base
     with _client(registry, token) as agora:
-        handle = agora.compose(
-            method,
-            base_revision=base,
-            experts=expert_ids,
-            texts=passages,
-            k=k,
-            weights=weight_values,
-            params=method_params,
-        )
+        with warnings.catch_warnings():
+            # Printed below, once, from the handle; not again by the warnings module.
+            warnings.simplefilter("ignore", CompositionWarning)
+            handle = agora.compose(
+                method,
+                base_revision=base,
+                experts=expert_ids,
+                texts=passages,
+                k=k,
+                weights=weight_values,
+                params=method_params,
+            )
+        for caution in handle.warnings:
+            _err.print(
+                f"[bold yellow]warning:[/] {escape(f'[{caution.code}]')} {escape(caution.detail)}",
+                soft_wrap=True,
+            )
         _err.print(
             f"queued job {handle.job_id} for composition {handle.composition_id}",
             markup=False,

@@ -20,6 +20,7 @@ import os
 import random
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +47,7 @@ from registry.client.composed import (
 from registry.client.errors import (
     AgoraError,
     BadRequest,
+    CompositionWarning,
     Conflict,
     DigestMismatch,
     NotFound,
@@ -494,6 +496,10 @@ class Agora:
         ``base_revision`` defaults to the registry's only base model. Returns at once with
         a handle; ``handle.wait()`` blocks until a worker has computed it. The same
         ``idempotency_key`` always gives the same job.
+
+        The registry's cautions about the method are ``handle.warnings`` and are also
+        warned as ``CompositionWarning``: ``average_may_harm`` for ``average`` (measured, a
+        parameter average of independent experts harms; prefer ensemble or distill).
         """
         if experts is None and texts is None:
             raise ValueError("compose needs experts, texts, or both")
@@ -519,7 +525,11 @@ class Agora:
                 status=response.status_code,
                 code="bad_response",
             )
-        return CompositionHandle(self, accepted.job_id, accepted.composition_id)
+        for caution in accepted.warnings:
+            warnings.warn(CompositionWarning(caution.detail, code=caution.code), stacklevel=2)
+        return CompositionHandle(
+            self, accepted.job_id, accepted.composition_id, warnings=accepted.warnings
+        )
 
     def get_composition(self, composition_id: str) -> Composition:
         """The composition: ``status`` pending, ready (``manifest`` set) or failed."""
@@ -530,7 +540,9 @@ class Agora:
         composition = self.get_composition(composition_id)
         if composition.job_id is None:
             raise AgoraError(f"composition {composition_id} names no job", code="bad_response")
-        return CompositionHandle(self, composition.job_id, composition.id)
+        return CompositionHandle(
+            self, composition.job_id, composition.id, warnings=composition.warnings
+        )
 
     def get_job(self, job_id: str) -> Job:
         """A job (its submitter, moderators, admins and workers may read it)."""

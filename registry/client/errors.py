@@ -24,6 +24,10 @@ with httpx and pydantic only. ::
     └── JobFailed                   a job ended failed or dead (.job; .code job_failed/job_dead)
 
 Clients switch on ``code`` (stable, snake_case, set by the server) rather than on messages.
+
+A warning is not an error: ``CompositionWarning`` (a ``UserWarning``, with ``.code`` and
+``.detail``) is what ``Agora.compose`` warns with when the registry accepted a composition
+with a caution (``average_may_harm``); filter it with the ``warnings`` module as usual.
 """
 
 from __future__ import annotations
@@ -199,6 +203,16 @@ class JobFailed(AgoraError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.detail}"
+
+
+class CompositionWarning(UserWarning):
+    """The registry accepted a composition with a caution about its method: ``code``
+    (``average_may_harm``) and ``detail``, as in the handle's ``warnings``."""
+
+    def __init__(self, detail: str, *, code: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
 
 
 # Codes that have a class of their own, more specific than their status's.

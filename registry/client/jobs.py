@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from registry.client.errors import AgoraError, JobFailed
-from registry.client.models import Composition, EvaluationScore, Job
+from registry.client.models import Caution, Composition, EvaluationScore, Job
 
 if TYPE_CHECKING:
     from registry.client.client import Agora
@@ -102,11 +102,22 @@ class JobHandle(_Handle):
 
 class CompositionHandle(_Handle):
     """A requested composition: ``wait()`` returns the ready ``Composition`` (its manifest
-    names the base, the experts with their digests and weights, and any new expert)."""
+    names the base, the experts with their digests and weights, and any new expert).
 
-    def __init__(self, agora: Agora, job_id: str, composition_id: str) -> None:
+    ``warnings`` are the registry's cautions about the method (``average_may_harm`` for
+    ``average``); empty for most methods."""
+
+    def __init__(
+        self,
+        agora: Agora,
+        job_id: str,
+        composition_id: str,
+        *,
+        warnings: Sequence[Caution] = (),
+    ) -> None:
         super().__init__(agora, job_id)
         self.composition_id = composition_id
+        self.warnings: list[Caution] = list(warnings)
 
     def __repr__(self) -> str:
         status = self.job.status if self.job is not None else "?"

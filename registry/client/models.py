@@ -199,10 +199,19 @@ class Manifest(_Model):
     base_weight: float | None = None
 
 
+class Caution(_Model):
+    """A warning the registry answers a composition request with: ``code`` is stable
+    (``average_may_harm``), ``detail`` says what was measured and what to use instead."""
+
+    code: str
+    detail: str
+
+
 class Composition(_Model):
     """A requested composition; ``manifest`` is set once it is ``ready``.
 
-    ``expert_id`` names the new expert an ``average`` or ``distill`` composition produced.
+    ``expert_id`` names the new expert an ``average`` or ``distill`` composition produced;
+    ``warnings`` are its method's cautions (``average_may_harm`` for ``average``).
     """
 
     id: str
@@ -214,14 +223,17 @@ class Composition(_Model):
     expert_id: str | None = None
     created_by: str | None = None
     created_at: datetime | None = None
+    warnings: list[Caution] = Field(default_factory=list)
 
 
 class JobAccepted(_Model):
-    """The 202 answer to a composition or evaluation request."""
+    """The 202 answer to a composition or evaluation request; a composition's carries its
+    method's ``warnings`` (empty for most methods, and for evaluations)."""
 
     job_id: str
     status: str
     composition_id: str | None = None
+    warnings: list[Caution] = Field(default_factory=list)
 
 
 class EvaluationScore(_Model):

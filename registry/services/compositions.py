@@ -7,9 +7,11 @@ never reads the database). When the job succeeds its result is applied here: a m
 for ``mixture`` and ``ensemble``; for ``average`` and ``distill`` also a new expert,
 stored like any other, with a datasheet the registry writes (lineage, license).
 
-Method parameters, and the shapes of job results, are ``registry.contracts``'. An
-ensemble has the unmodified base as one more path unless ``params.with_base`` is false;
-its manifest records ``with_base`` and the base's share of the prior, ``base_weight``.
+Method parameters, their cautions (``average_may_harm``: the request's 202 and the
+composition's view carry it as ``warnings``), and the shapes of job results, are
+``registry.contracts``'. An ensemble has the unmodified base as one more path unless
+``params.with_base`` is false; its manifest records ``with_base`` and the base's share of
+the prior, ``base_weight``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from registry.contracts import (
     EvaluationResult,
     ParamError,
     TextSetScore,
+    method_cautions,
     relative_change,
 )
 from registry.db.models import (
@@ -370,6 +373,12 @@ def check_servable(*, session: Session, composition: Composition) -> None:
         )
 
 
+def method_warnings(method: str) -> list[dict[str, str]]:
+    """The ``warnings`` a request for ``method`` is answered with (``METHOD_SPECS``' caution;
+    [] for most methods). Derived from the method, never stored with the composition."""
+    return [c.as_dict() for c in method_cautions(method)]
+
+
 def composition_view(composition: Composition) -> dict[str, Any]:
     return {
         "id": composition.id,
@@ -380,6 +389,7 @@ def composition_view(composition: Composition) -> dict[str, Any]:
         "experts": composition.inputs.get("experts", []),
         "weights": composition.inputs.get("weights"),
         "params": composition.inputs.get("params", {}),
+        "warnings": method_warnings(composition.method),
         "manifest": composition.manifest,
         "expert_id": composition.expert_id,
         "created_by": composition.created_by,

@@ -12,6 +12,7 @@ import pytest
 from helpers.artifacts import make_datasheet
 from sqlalchemy import func, select, update
 
+from registry.contracts import AVERAGE_CAUTION
 from registry.db.models import Expert, ExpertParent, Job, JobResult
 from registry.settings import Settings
 
@@ -376,6 +377,48 @@ def test_idempotency_key_returns_the_same_job(api: Api) -> None:
         409,
         "idempotency_key_reused",
     )
+
+
+def test_average_is_answered_with_a_caution_and_ensemble_with_none(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    b = submit_expert(api, seed=2, name="beta")
+    caution = {"code": "average_may_harm", "detail": AVERAGE_CAUTION.detail}
+    averaged = compose(api, {"method": "average", "experts": [a, b]})
+    assert averaged.status_code == 202, averaged.text
+    assert averaged.json()["warnings"] == [caution]
+    assert "+3.7%" in caution["detail"]
+    assert "Prefer ensemble" in caution["detail"]
+    ensembled = compose(api, {"method": "ensemble", "experts": [a, b]})
+    assert ensembled.status_code == 202, ensembled.text
+    assert ensembled.json()["warnings"] == []
+    # The composition says so too, pending or ready: derived from its method.
+    seen = api.client.get(f"/v1/compositions/{averaged.json()['composition_id']}").json()
+    assert seen["warnings"] == [caution]
+    seen = api.client.get(f"/v1/compositions/{ensembled.json()['composition_id']}").json()
+    assert seen["warnings"] == []
+
+
+def test_a_replayed_average_request_repeats_its_caution(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    b = submit_expert(api, seed=2, name="beta")
+    body = {"method": "average", "experts": [a, b], "params": {"merge": "ties"}}
+    first = compose(api, body, **{"Idempotency-Key": "avg-1"})
+    second = compose(api, body, **{"Idempotency-Key": "avg-1"})
+    assert first.status_code == second.status_code == 202, second.text
+    assert second.json() == first.json()
+    assert [w["code"] for w in second.json()["warnings"]] == ["average_may_harm"]
+    assert lease(api).status_code == 200
+    assert lease(api).status_code == 204  # one job, however often it was asked for
+
+
+def test_openapi_documents_the_warnings_of_a_composition_request(api: Api) -> None:
+    spec = api.client.get("/openapi.json").json()
+    answer = spec["paths"]["/v1/compositions"]["post"]["responses"]["202"]
+    ref = answer["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    warnings = spec["components"]["schemas"][ref]["properties"]["warnings"]
+    assert "average_may_harm" in warnings["description"]
+    item = warnings["items"]["$ref"].rsplit("/", 1)[1]
+    assert set(spec["components"]["schemas"][item]["properties"]) == {"code", "detail"}
 
 
 def test_composition_by_texts_uses_retrieval(api: Api) -> None:

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers.artifacts import make_datasheet
 
-from registry.client import Agora
+from registry.client import Agora, CompositionWarning
 from worker import runner as runner_mod
 from worker.handlers import KINDS, JobCancelled, Outcome
 from worker.runner import Worker, expand_kinds
@@ -201,13 +201,14 @@ def test_ensemble_without_base_and_its_evaluation_against_the_base(world, tiny, 
 
 def test_average_uploads_a_new_expert_with_lineage(world, tiny, texts) -> None:
     alice, a, b = world["alice"], world["experts"]["a"], world["experts"]["b"]
-    handle = alice.compose(
-        "average",
-        base_revision=tiny["revision"],
-        experts=[a.id, b.id],
-        texts=texts,
-        params={"merge": "uniform"},
-    )
+    with pytest.warns(CompositionWarning, match="average_may_harm"):  # and is still served
+        handle = alice.compose(
+            "average",
+            base_revision=tiny["revision"],
+            experts=[a.id, b.id],
+            texts=texts,
+            params={"merge": "uniform"},
+        )
     assert _worker(world, max_jobs=1).run() == 1
     composition = handle.wait(timeout=5)
     assert composition.expert_id is not None

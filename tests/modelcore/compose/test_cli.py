@@ -148,13 +148,17 @@ def test_eval_ensemble_has_the_base_as_a_path_unless_without_base(cli, saved_bas
     assert len(alone["mean_weights"]["licenses"]) == 2
     assert sum(with_base["mean_weights"]["licenses"]) == pytest.approx(1.0, abs=1e-4)
     # python_stdlib is one of the base's own domains, no expert's: there the base path
-    # takes over and the ensemble is no worse than the base.
-    # (measured: base 3.088, with the base path 3.092, the experts alone 3.400).
+    # takes most of the posterior and the ensemble is no worse than the base. (Measured
+    # with the do-no-harm expert defaults: base 3.088, with the base path 3.091 and 0.77 of
+    # the posterior on it, the experts alone 3.124; before general replay and router
+    # biases, the experts alone were at 3.400.)
     base_bits = plain["domains"]["python_stdlib"]["bits_per_byte"]
     on, off = (d["domains"]["python_stdlib"]["bits_per_byte"] for d in (with_base, alone))
-    assert with_base["mean_weights"]["python_stdlib"][-1] > 0.9
-    assert on <= base_bits * 1.01
-    assert off > on + 0.1
+    weights = with_base["mean_weights"]["python_stdlib"]
+    assert weights[-1] == max(weights)
+    assert weights[-1] > 0.5
+    assert on <= base_bits * 1.005
+    assert off > on + 0.02
 
 
 def test_eval_weights_and_base_flags(cli, saved_base):

@@ -50,13 +50,22 @@ def test_each_ensemble_path_is_the_base_with_that_expert_inserted():
     experts = [_expert(model, s) for s in (1, 2, 3)]
     ids = torch.randint(0, 97, (2, 17))
     ens = ExpertEnsemble(model, experts)
+    lane = ExpertEnsemble(model, experts, expert_bias=True)
     with torch.no_grad():
         h = ens.hidden(ids)
+        h_lane = lane.hidden(ids)
         for j, e in enumerate(experts):
+            # By default a path inserts the module without its (mixture) lane bias ...
+            unbiased = {n: t.zero_() if n.endswith("router_bias") else t for n, t in
+                        ((n, t.clone()) for n, t in e.items())}  # fmt: skip
+            with mixture(model, [unbiased]):
+                want = model(ids, aux="none").logits
+            torch.testing.assert_close(model.lm_head(h[j]), want, rtol=1e-5, atol=1e-5)
+            # ... and with expert_bias=True exactly as a mixture of that expert inserts it.
             with mixture(model, [e]):
                 want = model(ids, aux="none").logits
-            got = model.lm_head(h[j])
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model.lm_head(h_lane[j]), want, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(model.lm_head(h[j]), want, atol=1e-4)
         # the paths really differ (the test would pass vacuously otherwise)
         assert (model.lm_head(h[0]) - model.lm_head(h[1])).abs().max() > 1e-3
         assert ens.n_paths == 4  # the base is a path by default, last

@@ -150,3 +150,48 @@ def test_eval_refuses_an_expert_of_another_base(cli, expert_file, tmp_path):
     result = cli("eval", "--base", str(other), "--experts", str(path), "--json", *SMALL)
     assert result.exit_code == 2
     assert "trained against base" in result.output
+
+
+def test_expert_train_keeps_the_expert_in_its_lane_by_default(cli, trained_base, tmp_path):
+    import inspect
+
+    from agora.model_cli import _expert_train
+    from modelcore.train import recipes
+
+    # The CLI's defaults are the recipes' (one source for the CLI, the report, the tests).
+    defaults = {n: p.default for n, p in inspect.signature(_expert_train).parameters.items()}
+    assert defaults["routing_reg"] == recipes.EXPERT_ROUTING_REG
+    assert defaults["max_general_share"] == recipes.EXPERT_MAX_GENERAL_SHARE
+    assert defaults["general_weight"] == recipes.EXPERT_GENERAL_WEIGHT
+    assert defaults["general_batches"] == recipes.EXPERT_GENERAL_BATCHES
+    base, _ = trained_base
+    out = tmp_path / "lic.safetensors"
+    result = cli("expert", "train", "--base", str(base), "--domain", "licenses", "--out",
+                 str(out), "--steps", "3", "--max-general-share", "0.1", *FAST, *SMALL)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["max_general_share"] == 0.1
+    assert summary["routing_reg"] == recipes.EXPERT_ROUTING_REG
+    # On the calibration sample of general text the module fires on <= 10% of the tokens.
+    assert summary["general_share"]
+    assert all(share <= 0.1 for share in summary["general_share"].values())
+    tensors, _ = load_expert(out)
+    biases = {n: float(t) for n, t in tensors.items() if n.endswith("router_bias")}
+    assert len(biases) == 2
+    assert {str(k): v for k, v in summary["router_bias"].items()} == {
+        n.split(".")[1]: v for n, v in biases.items()
+    }
+    # Turned off: no calibration, no bias.
+    off = tmp_path / "off.safetensors"
+    result = cli("expert", "train", "--base", str(base), "--domain", "licenses", "--out",
+                 str(off), "--steps", "2", "--general-batches", "0", *FAST, *SMALL)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["general_share"] == {}
+    tensors, _ = load_expert(off)
+    assert all(float(t) == 0.0 for n, t in tensors.items() if n.endswith("router_bias"))
+    bad_out = str(tmp_path / "bad.safetensors")
+    bad = cli("expert", "train", "--base", str(base), "--domain", "licenses", "--out",
+              bad_out, "--max-general-share", "1.5", *FAST, *SMALL)  # fmt: skip
+    assert bad.exit_code == 2
+    assert "--max-general-share" in bad.output
+    assert not (tmp_path / "bad.safetensors").exists()

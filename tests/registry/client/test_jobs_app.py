@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from registry.client import (
     Agora,
     Composition,
+    CompositionWarning,
     Job,
     JobFailed,
     LeasedJob,
@@ -34,6 +35,7 @@ from registry.client import (
     ValidationFailed,
 )
 from registry.client.composed import load_composed_dir
+from registry.contracts import AVERAGE_CAUTION
 
 torch = pytest.importorskip("torch")
 
@@ -259,7 +261,11 @@ def test_average_uploads_the_new_expert_and_load_composed_uses_it(
 ) -> None:
     alice, worker = world["alice"], world["worker"]
     a, b = world["experts"]["a"], world["experts"]["b"]
-    handle = alice.compose("average", experts=[a.id, b.id], params={"merge": "uniform"})
+    with pytest.warns(CompositionWarning, match="average_may_harm"):
+        handle = alice.compose("average", experts=[a.id, b.id], params={"merge": "uniform"})
+    assert [(w.code, w.detail) for w in handle.warnings] == [
+        (AVERAGE_CAUTION.code, AVERAGE_CAUTION.detail)
+    ]
     leased = worker.lease_job("w1")
     assert leased is not None
     assert leased.kind == "compose.average"
@@ -271,6 +277,7 @@ def test_average_uploads_the_new_expert_and_load_composed_uses_it(
         weights=merged,
     )
     composition = handle.wait(poll=0.01)
+    assert composition.warnings == handle.warnings
     assert composition.manifest is not None
     output = composition.manifest.output
     assert output is not None
@@ -570,6 +577,7 @@ def test_cli_compose_with_and_without_the_base(
     with one_job_worker(cli_world, tmp_path / "c3", complete_with_base) as payloads:
         shown = cli([*args, "--out", str(tmp_path / "with")], cli_world.env)
     assert shown.exit_code == 0, shown.output
+    assert "warning:" not in shown.stderr  # an ensemble comes with no caution
     assert payloads[0]["params"]["with_base"] is True
     base_row = next(line for line in shown.stdout.splitlines() if "base (no expert)" in line)
     assert "0.625" in base_row
@@ -601,6 +609,29 @@ def test_cli_compose_with_and_without_the_base(
     helped = cli(["compose", "--help"], {"COLUMNS": "200"})
     assert "--without-base" in helped.stdout
     assert "ensemble: prior_windows, with_base, base_weight" in helped.stdout
+
+
+def test_cli_compose_average_prints_the_caution_on_stderr(
+    cli_world: CliWorld, model_files: dict[str, Any], tmp_path: Path
+) -> None:
+    a, b = cli_world.experts["a"], cli_world.experts["b"]
+
+    def complete_average(worker: Agora, leased: LeasedJob) -> None:
+        result = {"weights": None, "details": {"merge": "uniform"}}
+        worker.complete_job(
+            leased.id, leased.fencing_token, result, weights=model_files["experts"]["c"]
+        )
+
+    out = tmp_path / "averaged"
+    args = ["compose", "--experts", f"{a.id},{b.id}", "--method", "average", "--out", str(out)]
+    with one_job_worker(cli_world, tmp_path / "c3", complete_average):
+        result = cli(args, cli_world.env)
+    assert result.exit_code == 0, result.output
+    assert f"warning: [average_may_harm] {AVERAGE_CAUTION.detail}" in result.stderr
+    # stdout is as for any composition: the summary lines, no warning among them.
+    assert "warning" not in result.stdout
+    assert result.stdout.splitlines()[1].endswith("(average, ready)")
+    assert "new expert" in result.stdout
 
 
 def test_docs_compose_snippet_runs_as_written_with_a_real_worker(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,9 @@ from registry.client import (
     Agora,
     AgoraError,
     BadRequest,
+    Caution,
     Composition,
+    CompositionWarning,
     Conflict,
     DigestMismatch,
     Job,
@@ -390,6 +393,37 @@ def test_compose_takes_the_sdks_expert_objects(tmp_path: Path) -> None:
     assert posted[0]["experts"] == ["ex_a@3", "ex_b@2", "ex_c", "ex_d@1"]
     with pytest.raises(TypeError):
         agora.compose("mixture", base_revision=REV, experts=[42])  # type: ignore[list-item]
+
+
+def test_compose_exposes_and_warns_the_registrys_cautions(tmp_path: Path) -> None:
+    caution = {"code": "average_may_harm", "detail": "measured: it harms; prefer ensemble"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(
+                200, json=composition("pending", method="average", warnings=[caution])
+            )
+        method = body_of(request)["method"]
+        accepted = {"job_id": "job_01", "composition_id": "cmp_01", "status": "queued"}
+        return httpx.Response(
+            202, json={**accepted, "warnings": [caution] if method == "average" else []}
+        )
+
+    agora, _ = make_client(handler, tmp_path)
+    with pytest.warns(CompositionWarning, match="average_may_harm: measured") as caught:
+        handle = agora.compose("average", base_revision=REV, experts=["exp_a", "exp_b"])
+    assert handle.warnings == [Caution(**caution)]
+    (warned,) = caught
+    assert isinstance(warned.message, CompositionWarning)
+    assert (warned.message.code, warned.message.detail) == (caution["code"], caution["detail"])
+    assert warned.filename == __file__  # stacklevel: it points at the caller's line
+    # A handle found again by id has them too (from the composition).
+    assert agora.composition("cmp_01").warnings == [Caution(**caution)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = agora.compose("ensemble", base_revision=REV, experts=["exp_a", "exp_b"])
+    assert quiet.warnings == []
 
 
 def test_compose_without_a_single_base_asks_for_one(tmp_path: Path) -> None:

@@ -78,7 +78,9 @@ def test_public_surface_is_all_and_importable() -> None:
         "BadRequest",
         "BaseModelFiles",
         "BaseModelRevision",
+        "Caution",
         "Composition",
+        "CompositionWarning",
         "Conflict",
         "DigestMismatch",
         "Evaluation",
@@ -118,7 +120,12 @@ def test_public_surface_is_all_and_importable() -> None:
     for name in expected - {"Agora", "ProgressCallback"}:
         obj = getattr(sdk, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
-            assert issubclass(obj, AgoraError), name
+            # Every error is an AgoraError; a warning is a UserWarning, never an error.
+            if issubclass(obj, Warning):
+                assert issubclass(obj, UserWarning), name
+                assert not issubclass(obj, AgoraError), name
+            else:
+                assert issubclass(obj, AgoraError), name
 
 
 def test_sdk_import_pulls_no_server_dependencies() -> None:
