@@ -263,7 +263,7 @@ def _expert_train(
             help="Weight of the LM loss on general text (the other corpus domains) that "
             "teaches the expert to stay out of their way.",
         ),
-    ] = 1.5,
+    ] = 1.0,
     general_batches: Annotated[
         int,
         typer.Option(

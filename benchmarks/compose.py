@@ -113,7 +113,8 @@ def bench_ensemble(device: torch.device) -> None:
     with torch.no_grad():
         for k in (2, 4, 8):
             t0 = time.perf_counter()
-            ens = ExpertEnsemble(model, experts[:k])
+            # k expert paths, compared with k separate passes (no base path here)
+            ens = ExpertEnsemble(model, experts[:k], include_base=False)
             stack = time.perf_counter() - t0
             t_sep = bench(lambda k=k: separate(k), device, warmup=1, reps=3)
             t_bat = bench(lambda ens=ens: ens.log_likelihoods(batch), device, warmup=1, reps=3)
