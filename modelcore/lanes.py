@@ -11,13 +11,13 @@ tokens where it fires.
 
 An inserted module carries a scalar router bias (``MLPRouter.biases``). Calibrating it
 on general text (text of the domains the base was trained on, not the expert's) sets it
-so that the share there is at most ``max_share``: the bias moves down by the
-``1 - max_share`` quantile of the margins when that quantile is positive, and is left as
-it is otherwise (never raised: the module was trained with the tokens it had). The
+so that the share there is at most ``max_share``: the bias moves down by the margin
+that ``floor(max_share * n)`` of the n margins exceed, when that margin is positive, and
+is left as it is otherwise (never raised: the module was trained with the tokens it had). The
 layers are calibrated in order, each on the inputs the calibrated earlier layers give.
-FlexOlmo (Shi et al. 2025, arXiv 2507.07024, section 3) carries such a per-expert bias
-next to a domain-informed router embedding; here it is the knob that bounds how much
-of other text an expert can touch (docs/composition.md, "Do no harm").
+Next to the domain-informed router row (FlexOlmo, Shi et al. 2025, arXiv 2507.07024,
+initialises router embeddings from the domain's data), the bias is the knob that bounds
+how much of other text an expert can touch (docs/composition.md, "Do no harm").
 """
 
 from __future__ import annotations

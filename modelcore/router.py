@@ -12,8 +12,8 @@ own ``Parameter``; an optimizer built over the new blocks never touches the old 
 (``biases``: one entry per inserted block, parallel to ``rows[1:]``). A base model's
 state dict therefore has no bias at all (its files are unchanged), and an inserted
 module's bias is what keeps it in its lane: set after training so that on general text
-the module enters the top-k of only a chosen share of tokens (FlexOlmo, Shi et al. 2025,
-section 3: a per-expert router bias; see docs/composition.md, "Do no harm").
+the module enters the top-k of only a chosen share of tokens (modelcore.lanes;
+docs/composition.md, "Do no harm").
 
 Routing uses a softmax over the *active* modules only (inactive ones get probability 0
 and are never selected) and renormalises the top-k probabilities into gates.
