@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from helpers.processes import AGORA, Processes, Published, Registry, Trained, start_worker
 
-from registry.client import Agora
+from registry.client import Agora, CompositionWarning
 
 pytestmark = pytest.mark.slow
 
@@ -159,12 +159,13 @@ def test_one_agora_serve_averages_experts_with_its_embedded_worker(
     published = publish(registry, domains=("licenses", "python_docs"))
     parents = [published.experts["licenses"], published.experts["python_docs"]]
     with Agora(registry.url, token=published.user_token, cache_dir=tmp_path / "sdk") as agora:
-        handle = agora.compose(
-            "average",
-            base_revision=published.revision,
-            experts=parents,
-            params={"merge": "uniform"},
-        )
+        with pytest.warns(CompositionWarning, match="average_may_harm"):
+            handle = agora.compose(
+                "average",
+                base_revision=published.revision,
+                experts=parents,
+                params={"merge": "uniform"},
+            )
         composition = handle.wait(timeout=300, poll=0.3)
         assert composition.expert_id is not None
         assert composition.manifest is not None
