@@ -232,6 +232,7 @@ def resolve_request(
     if not 1 <= k <= max_k:
         raise BadRequest(f"k must be between 1 and {max_k}", code="invalid_k")
     checked_params = check_params(method, params)
+    given_weights = weights is not None
     check_base(session=session, base_revision=base_revision)
     kept_texts = check_texts(texts, max_bytes=max_text_bytes) if texts is not None else None
     resolved: list[ResolvedExpert] = []
@@ -266,6 +267,21 @@ def resolve_request(
         raise BadRequest("mixture routes per token: it takes no weights", code="invalid_weights")
     if method == "mixture":
         weights = None
+    if method == "average":
+        # Weights given are weights used: with weights and no merge named, the average is
+        # weighted; a uniform average would ignore them, so asking for both is refused. A
+        # uniform average records no weights (retrieval's scores were not used).
+        merge_named = "merge" in (params or {})
+        if given_weights and not merge_named:
+            checked_params["merge"] = "weighted"
+        elif given_weights and checked_params["merge"] == "uniform":
+            raise BadRequest(
+                "a uniform average ignores weights: leave weights out, or use "
+                "params.merge = weighted (or ties)",
+                code="invalid_weights",
+            )
+        if checked_params["merge"] == "uniform":
+            weights = None
     norm = check_weights(weights, len(resolved))
     if method == "average" and checked_params["merge"] == "weighted" and norm is None:
         raise BadRequest("a weighted average needs weights", code="invalid_weights")

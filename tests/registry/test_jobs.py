@@ -398,6 +398,28 @@ def test_average_is_answered_with_a_caution_and_ensemble_with_none(api: Api) -> 
     assert seen["warnings"] == []
 
 
+def test_average_weights_given_are_weights_used(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    b = submit_expert(api, seed=2, name="beta")
+    # Weights and no merge named: a weighted average with exactly those weights.
+    queued = compose(api, {"method": "average", "experts": [a, b], "weights": [0.7, 0.3]})
+    assert queued.status_code == 202, queued.text
+    payload = lease(api).json()["job"]["payload"]
+    assert payload["params"]["merge"] == "weighted"
+    assert payload["weights"] == pytest.approx([0.7, 0.3])
+    # A uniform average would ignore them: refused, and no job is queued.
+    body = {"method": "average", "experts": [a, b], "weights": [0.7, 0.3]}
+    refused = compose(api, {**body, "params": {"merge": "uniform"}})
+    problem(refused, 400, "invalid_weights")
+    assert "merge" in refused.json()["detail"]
+    assert lease(api).status_code == 204
+    # A uniform average records no weights.
+    assert compose(api, {"method": "average", "experts": [a, b]}).status_code == 202
+    payload = lease(api).json()["job"]["payload"]
+    assert payload["params"]["merge"] == "uniform"
+    assert payload["weights"] is None
+
+
 def test_a_replayed_average_request_repeats_its_caution(api: Api) -> None:
     a = submit_expert(api, seed=1, name="alpha")
     b = submit_expert(api, seed=2, name="beta")
