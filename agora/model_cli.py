@@ -287,10 +287,19 @@ def _expert_train(
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
     device: Device = None,
     progress: ShowProgress = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+    ] = False,
 ) -> None:
     """Train one expert against a frozen base by insertion; print a JSON summary."""
     if dtype not in {"float32", "bfloat16", "float16"}:
         raise typer.BadParameter("must be float32, bfloat16 or float16", param_hint="--dtype")
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a directory, not an expert file", param_hint="--out")
+    if out.exists() and not overwrite:
+        raise typer.BadParameter(
+            f"{out} exists (pass --overwrite to replace it)", param_hint="--out"
+        )
     from modelcore.experts import save_expert
     from modelcore.train import recipes, train_expert
 

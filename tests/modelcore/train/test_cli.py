@@ -195,3 +195,18 @@ def test_expert_train_keeps_the_expert_in_its_lane_by_default(cli, trained_base,
     assert bad.exit_code == 2
     assert "--max-general-share" in bad.output
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_expert_train_refuses_to_overwrite_an_expert_unless_asked(cli, trained_base, tmp_path):
+    base, _ = trained_base
+    out = tmp_path / "kept.safetensors"
+    out.write_bytes(b"an expert a user trained for an hour")
+    args = ["expert", "train", "--base", str(base), "--domain", "licenses", "--out", str(out),
+            "--steps", "1", "--general-batches", "0", *FAST, *SMALL]  # fmt: skip
+    refused = cli(*args)
+    assert refused.exit_code == 2
+    assert "--overwrite" in refused.output
+    assert out.read_bytes() == b"an expert a user trained for an hour"
+    replaced = cli(*args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    load_expert(out)  # now the new expert
