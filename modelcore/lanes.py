@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["calibrate_router_bias", "routing_margins", "routing_share"]
+__all__ = ["calibrate_router_bias", "layer_inputs", "routing_margins", "routing_share"]
 
 
 def _pairs(model: Any, module_idx: Sequence[int]) -> list[tuple[int, int]]:
@@ -37,7 +37,7 @@ def _pairs(model: Any, module_idx: Sequence[int]) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def _layer_inputs(model: Any, layers: Sequence[int], batches: Sequence[torch.Tensor]) -> dict:
+def layer_inputs(model: Any, layers: Sequence[int], batches: Sequence[torch.Tensor]) -> dict:
     """The FFN inputs (ln_ffn outputs) of ``layers`` over ``batches`` ((B, T+1) ids),
     as the model computes them now (every module active)."""
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
@@ -79,7 +79,7 @@ def routing_margins(
 ) -> dict[int, torch.Tensor]:
     """Per covered layer, the inserted module's margin on every token of ``batches``."""
     pairs = _pairs(model, module_idx)
-    inputs = _layer_inputs(model, [i for i, _ in pairs], list(batches))
+    inputs = layer_inputs(model, [i for i, _ in pairs], list(batches))
     if not inputs:
         raise ValueError("no text to measure the routing on")
     return {i: _margins(model.ffn_layers[i], j, inputs[i]) for i, j in pairs}
@@ -120,7 +120,7 @@ def calibrate_router_bias(
         ffn = model.ffn_layers[i]
         block = ffn.block_of(j)
         bias = ffn.router.bias_of_block(block)
-        x_TD = _layer_inputs(model, [i], batches)[i]
+        x_TD = layer_inputs(model, [i], batches)[i]
         margin_T = _margins(ffn, j, x_TD)
         before = float((margin_T > 0).float().mean())
         # The smallest shift that leaves at most floor(max_share * n) margins positive:

@@ -51,7 +51,7 @@ def _router_features(
     model: nn.Module, layers: Sequence[int], batches: Sequence[torch.Tensor]
 ) -> dict[int, torch.Tensor]:
     """``tanh(W x + b)`` of every token of ``batches`` at each layer's router."""
-    inputs = lanes._layer_inputs(model, layers, batches)
+    inputs = lanes.layer_inputs(model, layers, batches)
     ffns = list(model.ffn_layers)  # type: ignore[arg-type]
     return {i: torch.tanh(ffns[i].router.proj(x)) for i, x in inputs.items()}
 
@@ -156,9 +156,11 @@ def train_expert(
 
     ``general`` ((B, T+1) batches of general text: the base's domains, not this one) and
     ``max_general_share``: the new rows start contrastive (domain minus general, see
-    ``calibrate_new_rows``) and the router bias is calibrated on ``general`` before and
-    after training so that the module fires on at most that share of general text's
-    tokens per layer (``lanes.calibrate_router_bias``; the result is in ``.lanes``).
+    ``calibrate_new_rows``), every step adds ``general_weight`` times the LM loss on a
+    general batch, and after training (and every ``recalibrate_every`` steps, if > 0) the
+    router bias is calibrated on the first ``calibration_batches`` general batches so that
+    the module fires on at most that share of general text's tokens per layer
+    (``lanes.calibrate_router_bias``; the result is in ``.lanes``).
     """
     if routing_reg < 0:
         raise ValueError(f"routing_reg must be >= 0, got {routing_reg}")
@@ -206,7 +208,7 @@ def train_expert(
             # The LM loss on general text: the base is frozen, so its gradient reaches only
             # the new module and row, which learn to stay out of general text's way.
             _, lm_general = forward_lm(model, next(replay).to(device))
-            return "general_lm", routing_reg * reg + general_weight * lm_general
+            return "routing_reg+general_lm", routing_reg * reg + general_weight * lm_general
 
         result = run_training(
             model,

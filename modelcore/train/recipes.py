@@ -128,8 +128,6 @@ EXPERT_MAX_GENERAL_SHARE = 0.25
 EXPERT_GENERAL_BATCHES = 8
 # Weight of the LM loss on a general batch next to each domain batch (general replay).
 EXPERT_GENERAL_WEIGHT = 1.0
-# Steps between bias calibrations during training (0: only after the last step).
-EXPERT_RECALIBRATE_EVERY = 0
 
 
 def general_texts(corpus: Corpus, domain: str | None) -> list[str]:
@@ -172,7 +170,6 @@ def expert_options(
         opts["general"] = stream
         opts["calibration_batches"] = n
         opts["general_weight"] = EXPERT_GENERAL_WEIGHT if general_weight is None else general_weight
-        opts["recalibrate_every"] = EXPERT_RECALIBRATE_EVERY
         opts["max_general_share"] = (
             EXPERT_MAX_GENERAL_SHARE if max_general_share is None else max_general_share
         )

@@ -53,8 +53,8 @@ def test_eval_methods_print_the_plain_eval_json(cli, saved_base):
             assert row["tokens"] == base_doc["domains"][name]["tokens"]
     lic = {m: d["domains"]["licenses"]["bits_per_byte"] for m, d in docs.items()}
     assert lic["ensemble"] < base_doc["domains"]["licenses"]["bits_per_byte"] - 0.1
-    # the licenses expert (the base, a path by default and last, takes a little)
-    assert docs["ensemble"]["mean_weights"]["licenses"][0] > 0.75
+    # the licenses expert (the base, a path by default and last, takes a little: 0.02)
+    assert docs["ensemble"]["mean_weights"]["licenses"][0] > 0.8
     bad = cli("eval", "--base", base, *exp, "--method", "soup", "--json", *SMALL)
     assert bad.exit_code == 2
     assert "--method" in bad.output
