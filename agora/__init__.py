@@ -1,1 +1,2 @@
-"""The `agora` command: the root that joins the CLIs of registry, worker and modelcore."""
+"""The `agora` command line: one module per command group under agora/commands/,
+assembled by agora/cli.py."""

@@ -1,76 +1,77 @@
-"""Root of the ``agora`` command line.
+"""The ``agora`` command: every command group assembled here, in one place.
 
-Each package contributes its commands through a ``register(root, groups)`` function in a
-CLI module that is cheap to import (torch, FastAPI and SQLAlchemy are imported inside the
-commands, so ``agora --help`` stays fast and the SDK-only install works). This module is the
-only place that sees all packages at once; the packages never import each other's CLIs.
+Each group lives in its own module under agora/commands/. ``agora --help`` sorts them
+into panels by where they compute: on a registry over HTTP, on local files, or running
+a registry. Importing this module (and ``agora --help``) needs only the core
+dependencies (typer, rich, httpx, pydantic): torch, FastAPI and SQLAlchemy are imported
+inside the commands that use them, which name the extra to install when it is missing.
 
-Groups shared by several packages (``expert`` has ``submit`` from the SDK and ``train``
-from modelcore) are created here and handed to every registrar.
+Old names kept for one release, hidden from the help, each printing a deprecation line:
+``agora eval`` (now ``agora local eval``), ``agora expert merge|distill|matrix`` (now
+``agora local ...``), and ``--base DIR`` of the local commands (now ``--base-dir DIR``).
 """
 
 from __future__ import annotations
 
-import importlib
-
 import typer
 
-# Modules that contribute commands. A module whose optional dependencies are not installed
-# (e.g. the SDK-only install has no torch) is skipped, and its commands are absent.
-CLI_MODULES = (
-    "registry.cli",
-    "registry.client.cli",
-    "worker.cli",
-    "agora.model_cli",
-    "agora.compose_cli",
+from agora.commands import (
+    admin,
+    base,
+    compose,
+    db,
+    evaluate,
+    expert,
+    job,
+    local,
+    search,
+    serve,
+    worker,
+)
+from agora.common import (
+    ARTIFACTS_PANEL,
+    LOCAL_PANEL,
+    REGISTRY_PANEL,
+    SERVER_PANEL,
+    deprecated_command,
 )
 
-GROUPS = {
-    "expert": "Train, submit, list and download experts.",
-    "base": "Create and train base model revisions.",
-    "db": "Database migrations.",
-    "admin": "Administration: tokens and maintenance.",
-}
+HELP = "Agora: a registry and compute service for a decentralized, modular language model."
+
+
+def _version() -> None:
+    """Print the installed Agora version."""
+    from importlib.metadata import version as dist_version
+
+    typer.echo(dist_version("agora"))
 
 
 def build_app() -> typer.Typer:
     root = typer.Typer(
-        name="agora",
-        help="Agora: a registry and compute service for a decentralized, modular language model.",
-        no_args_is_help=True,
-        pretty_exceptions_show_locals=False,
+        name="agora", help=HELP, no_args_is_help=True, pretty_exceptions_show_locals=False
     )
 
     @root.callback()
     def _root() -> None:
         """Agora: a registry and compute service for a decentralized, modular language model."""
 
-    @root.command("version")
-    def version() -> None:
-        """Print the installed Agora version."""
-        from importlib.metadata import version as dist_version
+    root.command("search", rich_help_panel=REGISTRY_PANEL)(search.search)
+    root.command("compose", rich_help_panel=REGISTRY_PANEL)(compose.compose)
+    root.command("evaluate", rich_help_panel=REGISTRY_PANEL)(evaluate.evaluate)
+    root.add_typer(job.group(), name="job", rich_help_panel=REGISTRY_PANEL)
 
-        typer.echo(dist_version("agora"))
+    root.add_typer(local.group(), name="local", rich_help_panel=LOCAL_PANEL)
 
-    groups = {
-        name: typer.Typer(name=name, help=text, no_args_is_help=True)
-        for name, text in GROUPS.items()
-    }
-    for module_name in CLI_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # Only a missing *optional dependency* is tolerated; a missing module of our own
-            # is a packaging bug and must surface.
-            if exc.name is not None and exc.name.split(".")[0] in {"agora", "registry", "worker"}:
-                if exc.name == module_name:
-                    continue
-                raise
-            continue
-        module.register(root, groups)
-    for name, group in groups.items():
-        if group.registered_commands or group.registered_groups:
-            root.add_typer(group, name=name)
+    root.add_typer(expert.group(), name="expert", rich_help_panel=ARTIFACTS_PANEL)
+    root.add_typer(base.group(), name="base", rich_help_panel=ARTIFACTS_PANEL)
+
+    root.command("serve", rich_help_panel=SERVER_PANEL)(serve.serve)
+    root.command("worker", rich_help_panel=SERVER_PANEL)(worker.worker)
+    root.add_typer(db.group(), name="db", rich_help_panel=SERVER_PANEL)
+    root.add_typer(admin.group(), name="admin", rich_help_panel=SERVER_PANEL)
+
+    root.command("version")(_version)
+    root.command("eval", hidden=True)(deprecated_command(local.eval_command, "eval", "local eval"))
     return root
 
 

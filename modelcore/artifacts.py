@@ -1,10 +1,11 @@
 """Base model bundles: ``config.json``, ``tokenizer.json``, ``model.safetensors``.
 
-``config.json`` is ``ModelConfig.to_dict()`` plus ``"expert_schema"`` (DESIGN.md section 3:
-the names and shapes an expert for this base must have, so the registry can check expert
-files without torch). The revision id is the sha256 of a canonical manifest of the three
-files' digests (``compute_revision``), so the same bytes always give the same revision and
-any change to any file gives a new one. Safetensors only: nothing is ever unpickled.
+``config.json`` is ``ModelConfig.to_dict()`` plus ``"expert_schema"``
+(docs/architecture.md, "Artifacts": the names and shapes an expert for this base must have,
+so the registry can check expert files without torch). The revision id is the sha256 of a
+canonical manifest of the three files' digests (``compute_revision``), so the same bytes
+always give the same revision and any change to any file gives a new one. Safetensors only:
+nothing is ever unpickled.
 """
 
 from __future__ import annotations

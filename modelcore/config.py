@@ -7,8 +7,9 @@ expert (``att_heads``) of ``head_dim`` each, E FFN modules (``ffn_experts``) of 
 
 Presets (``ModelConfig.from_name``):
 
-* ``tiny``: CPU tests; trains a few hundred steps in seconds on 2 cores.
-* ``small``: CPU demo; a few minutes of training on 2 cores.
+* ``tiny``: CPU tests; a few hundred training steps take seconds on a CPU.
+* ``small``: CPU demo; minutes of training on a CPU.
+  (Step times measured: docs/modelcore.md, "Tests and numbers".)
 * ``molm_4b_k2``: the shapes of ModuleFormer's MoLM-4B-K2 (Shen et al. 2023, Table 1;
   released as ``ibm/MoLM-350M-4B``): 24 blocks, 16 attention modules and 32 MLP modules
   per layer, 2 of each active per token (IBM/ModuleFormer README, "Model Architecture").

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,7 +39,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from modelcore.config import ModelConfig
 
@@ -322,7 +322,46 @@ def save_expert(
         "dtype": dtype,
     }
     cast = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(cast, tmp, metadata=metadata))
+    _atomic_write(Path(path), lambda tmp: write_canonical(tmp, cast, metadata=metadata))
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_canonical(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, str],
+) -> None:
+    """A safetensors file with a canonical header (sorted keys and metadata, no spaces).
+
+    ``safetensors.save_file`` orders the metadata differently from one process to the
+    next, so the same tensors could give different bytes (and digests); expert files are
+    content addressed, so the same tensors must always give the very same file (a job
+    re-run after a crash uploads what the first run did)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} is not one of float32, bfloat16, float16")
+        raw = (t.view(torch.int16) if t.element_size() == 2 else t).numpy().tobytes()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for raw in blobs:
+            f.write(raw)
 
 
 def load_expert(

@@ -69,10 +69,6 @@ class MoEFeedForward(nn.Module):
     def n_modules(self) -> int:
         return sum(block_sizes(self.w_in))
 
-    @property
-    def n_active(self) -> int:
-        return self._n_active
-
     def _refresh_active(self) -> None:
         # Bool view cached once per change, so forward does no conversion or host sync.
         self.active_E = self.active_mask_E > 0.5

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from registry.api import base_models, compositions, experts, health, jobs, moderation, search
+from registry.api.docs import install_docs
 from registry.api.problems import install_problem_handlers
 from registry.db.engine import ensure_migrated, make_engine, make_sessionmaker, upgrade
 from registry.metrics import Metrics, MetricsMiddleware
@@ -98,13 +99,15 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         version="1",
         description=API_DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs",
+        # /docs is served from the package (install_docs): no CDN, no ReDoc.
+        docs_url=None,
         redoc_url=None,
     )
     app.state.settings = settings
     app.state.runtime = None
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_problem_handlers(app)
+    install_docs(app)
     app.include_router(health.router)
     app.include_router(base_models.router)
     app.include_router(search.router)

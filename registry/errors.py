@@ -18,6 +18,11 @@
 Every error carries a machine-readable ``code`` (snake_case, stable: clients switch on it)
 and a human ``detail``. Bodies are RFC 9457 problem+json: ``type``, ``title``, ``status``,
 ``detail``, ``code`` and, where useful, ``errors`` (a list of field-level problems).
+
+A reference to something that does not exist is one mistake with one code, whether the
+reference is in the URL or in a request body: ``base_model_not_found``,
+``expert_not_found`` and ``version_not_found`` (404), raised only through the constructors
+at the end of this module, whose detail names where the valid values are listed.
 """
 
 from __future__ import annotations
@@ -127,3 +132,28 @@ class RangeNotSatisfiable(AgoraError):
         self.size = size
         # RFC 9110: a 416 tells the client the representation's length.
         self.headers = {"Content-Range": f"bytes */{size}"}
+
+
+# -- references to something that does not exist: one code each, wherever they appear ------
+
+
+def base_model_not_found(revision: str) -> NotFound:
+    return NotFound(
+        f"no base model revision {revision!r}; `agora base list` (GET /v1/base-models) "
+        "lists the stored revisions",
+        code="base_model_not_found",
+    )
+
+
+def expert_not_found(expert_id: str) -> NotFound:
+    return NotFound(
+        f"no expert {expert_id!r}; `agora expert list` (GET /v1/experts) lists the experts",
+        code="expert_not_found",
+    )
+
+
+def version_not_found(expert_id: str, version: int, latest: int) -> NotFound:
+    return NotFound(
+        f"expert {expert_id} has no version {version}; its versions are 1 to {latest}",
+        code="version_not_found",
+    )

@@ -1,6 +1,8 @@
 """What a worker computes for each job kind: payload + local files in, result (+ file) out.
 
-One function per kind (``HANDLERS``), each ``handler(payload, inputs, ctx) -> Outcome``:
+One function per kind (``HANDLERS``), each ``handler(payload, inputs, ctx) -> Outcome``,
+one per method spec of ``registry.protocol`` (``METHOD_SPECS``; a check at import holds
+the two tables together) and one for ``evaluate``:
 
 * ``compose.mixture``: the experts inserted into the base; ``metrics`` only.
 * ``compose.ensemble``: DEMix ensemble with the unmodified base as one more path, last
@@ -18,8 +20,10 @@ One function per kind (``HANDLERS``), each ``handler(payload, inputs, ctx) -> Ou
   manifest) and of the base on each named text set, with the relative change
   ``delta_vs_base``.
 
-Results are ``registry.contracts``' ``ComposeResult`` and ``EvaluationResult``, the shapes
-the registry validates.
+Payloads are parsed with the protocol's models (``ComposePayload``, ``EvaluatePayload``)
+and params with the method's spec (``MethodSpec.check_params``: the bounds and defaults
+the registry checked the request against); results are its ``ComposeResult`` and
+``EvaluationResult``, the shapes the registry validates.
 
 ``metrics`` of every compose job is base vs composition bits per byte on the payload
 texts (``ComposedModel.bits_per_byte``, ``modelcore.eval`` accounting), or None when
@@ -27,55 +31,57 @@ there are no texts.
 
 Errors: a payload that can never work (unknown kind or method, malformed refs, params of
 the wrong type, an expert file that does not fit the base) raises ``PermanentJobError``
-and the worker fails the job for good; anything else is treated as transient (retried by
-the registry with backoff). ``JobCancelled`` is raised from inside long loops when the
-context says to stop (lease lost, worker shutting down).
+naming the field, and the worker fails the job for good; anything else is treated as
+transient (retried by the registry with backoff). ``JobCancelled`` is raised from inside
+long loops when the context says to stop (lease lost, worker shutting down).
 
 Content addressing: outputs depend only on the payload (fixed seeds, canonical merge
-order), so a job re-run after a crash uploads the same bytes.
+order, ``modelcore.experts.save_expert``'s canonical file), so a job re-run after a crash
+uploads the same bytes.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from pydantic import BaseModel, ValidationError
 
 from modelcore.artifacts import BaseBundle, load_base
-from modelcore.compose.composed import (
-    ComposedModel,
-    manifest_inputs,
-    manifest_weights,
-    manifest_with_base,
-    normalise_prior,
-)
+from modelcore.compose.composed import ComposedModel, normalise_prior
 from modelcore.compose.distill import DistillSettings, describe, distill
 from modelcore.compose.ensemble import ExpertEnsemble, estimate_prior
 from modelcore.compose.merge import merge_files
 from modelcore.data.batches import eval_batches, token_batches, token_stream
 from modelcore.eval import evaluate
-from modelcore.experts import EXPERT_FORMAT, covered_layers, load_expert
-from registry.contracts import (
+from modelcore.experts import DTYPES, load_expert, save_expert
+from registry.protocol import (
+    AVERAGE,
+    BASE_WEIGHT,
+    DISTILL,
+    ENSEMBLE,
+    EVALUATE_KIND,
+    JOB_KINDS,
     METHOD_SPECS,
+    MIXTURE,
+    UNIFORM,
+    WEIGHTED,
+    ComposePayload,
     ComposeResult,
+    EvaluatePayload,
     EvaluationResult,
+    ExpertRef,
+    ExpertSubject,
+    MethodSpec,
     ParamError,
+    ParamValue,
     TextSetScore,
+    spec_for_kind,
 )
-
-COMPOSE_KINDS = ("compose.mixture", "compose.ensemble", "compose.average", "compose.distill")
-KINDS = (*COMPOSE_KINDS, "evaluate")
-# From the method specs the registry checks requests against (registry.contracts).
-MERGE_METHODS = METHOD_SPECS["average"].param("merge").choices
-DISTILL_DEFAULTS = METHOD_SPECS["distill"].defaults()
-PRIOR_WINDOWS = int(METHOD_SPECS["ensemble"].defaults()["prior_windows"])
 
 
 class PermanentJobError(Exception):
@@ -84,14 +90,6 @@ class PermanentJobError(Exception):
 
 class JobCancelled(Exception):
     """Stop working on the job now (its lease was lost, or the worker is releasing it)."""
-
-
-@dataclass(frozen=True)
-class ExpertRef:
-    id: str
-    version: int
-    digest: str
-    size: int | None = None
 
 
 @dataclass
@@ -163,82 +161,90 @@ Handler = Callable[[Mapping[str, Any], JobInputs, JobContext], Outcome]
 
 
 # -- payload parsing ----------------------------------------------------------------------
-def _ref(value: Any, where: str) -> ExpertRef:
-    if not isinstance(value, Mapping):
-        raise PermanentJobError(f"{where} must be an expert reference object")
-    expert_id, version, digest = value.get("id"), value.get("version"), value.get("digest")
-    if not isinstance(expert_id, str) or not expert_id:
-        raise PermanentJobError(f"{where}.id must be a non-empty string")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise PermanentJobError(f"{where}.version must be a positive integer")
-    if not isinstance(digest, str) or not digest.startswith("sha256:") or len(digest) != 71:
-        raise PermanentJobError(f"{where}.digest must be 'sha256:<64 hex>'")
-    size = value.get("size")
-    return ExpertRef(expert_id, version, digest, size if isinstance(size, int) else None)
+Payload = TypeVar("Payload", bound=BaseModel)
 
 
-def _base_revision(payload: Mapping[str, Any]) -> str:
-    rev = payload.get("base_revision")
-    if not isinstance(rev, str) or len(rev) != 64:
-        raise PermanentJobError("payload.base_revision must be a 64-hex revision")
-    return rev
+def _field(loc: Sequence[int | str]) -> str:
+    return "payload" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
 
 
-def _compose_refs(payload: Mapping[str, Any]) -> list[ExpertRef]:
-    experts = payload.get("experts")
-    if not isinstance(experts, list) or not experts:
-        raise PermanentJobError("payload.experts must be a non-empty list")
-    return [_ref(e, f"payload.experts[{i}]") for i, e in enumerate(experts)]
+def _problems(exc: ValidationError) -> str:
+    """Every error of a payload, each naming its field: ``payload.experts[0].digest: ...``."""
+    out = []
+    for error in exc.errors(include_url=False):
+        loc = list(error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc.append(str(error.get("ctx", {}).get("discriminator", "kind")).strip("'"))
+        elif loc[:1] == ["subject"] and len(loc) > 1:
+            del loc[1]  # the subject's kind, which pydantic puts in the path
+        if not loc:  # a check across fields: its message starts with the field's name
+            out.append(f"payload.{message}")
+        else:
+            out.append(f"{_field(loc)}: {message}")
+    return "; ".join(out)
 
 
-def _texts(value: Any, where: str) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise PermanentJobError(f"{where} must be a list of strings")
-    return [t for t in value if t]
-
-
-def _weights(payload: Mapping[str, Any], n: int) -> list[float] | None:
-    weights = payload.get("weights")
-    if weights is None:
-        return None
-    if not isinstance(weights, list) or len(weights) != n:
-        raise PermanentJobError(f"payload.weights must be a list of {n} numbers or null")
+def _parse(model: type[Payload], payload: Any) -> Payload:
+    if not isinstance(payload, Mapping):
+        raise PermanentJobError("the job payload must be an object")
     try:
-        values = [float(w) for w in weights]
-        normalise_prior(values, n)
-    except (TypeError, ValueError) as exc:
-        raise PermanentJobError(f"payload.weights: {exc}") from None
-    return values
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise PermanentJobError(_problems(exc)) from None
 
 
-def _params(payload: Mapping[str, Any]) -> Mapping[str, Any]:
-    params = payload.get("params") or {}
-    if not isinstance(params, Mapping):
-        raise PermanentJobError("payload.params must be an object")
-    return params
+@dataclass(frozen=True)
+class ComposeJob:
+    """A ``compose.*`` payload parsed: its method's spec, and params checked against it
+    (defaults filled in). ``with_base``/``base_weight``: the base as one more path, for a
+    method that has one (``MethodSpec.has_base_path``)."""
+
+    spec: MethodSpec
+    payload: ComposePayload
+    params: dict[str, ParamValue]
+    with_base: bool
+    base_weight: float | None
+
+    @property
+    def refs(self) -> list[ExpertRef]:
+        return list(self.payload.experts)
+
+    @property
+    def texts(self) -> list[str]:
+        return [t for t in self.payload.texts if t]
+
+    @property
+    def weights(self) -> list[float] | None:
+        return None if self.payload.weights is None else list(self.payload.weights)
 
 
-def _base_path(
-    payload: Mapping[str, Any], method: str, weights: Sequence[float] | None
-) -> tuple[bool, float | None]:
-    """``(with_base, base_weight)`` of an ensemble or distill payload's params, checked
-    as the registry checks them (the registry fills ``with_base`` in; absent = true)."""
-    params = _params(payload)
-    spec = METHOD_SPECS[method]
+def parse_compose(kind: str, payload: Any) -> ComposeJob:
+    """A ``compose.<method>`` job's payload, checked; ``PermanentJobError`` naming the
+    field that does not fit."""
+    spec = spec_for_kind(kind)
+    if spec is None:
+        raise PermanentJobError(f"unknown job kind {kind!r}; this worker runs {list(KINDS)}")
+    parsed = _parse(ComposePayload, payload)
+    if parsed.method != spec.name:
+        raise PermanentJobError(
+            f"payload.method {parsed.method!r} does not match job kind {kind!r}"
+        )
     try:
-        with_base = spec.param("with_base").check(params.get("with_base", True))
-        base_weight = spec.param("base_weight").check(params.get("base_weight"))
+        params = spec.check_params(parsed.params)
     except ParamError as exc:
         raise PermanentJobError(str(exc)) from None
-    assert isinstance(with_base, bool)
-    assert base_weight is None or isinstance(base_weight, float)
-    if base_weight is not None and not with_base:
-        raise PermanentJobError("params.base_weight needs params.with_base")
-    if base_weight is not None and weights is None:
-        raise PermanentJobError("params.base_weight needs payload.weights (the experts')")
-    return with_base, base_weight
+    with_base = spec.with_base(params)
+    base_weight = params.get(BASE_WEIGHT.name) if spec.has_base_path else None
+    if base_weight is not None and parsed.weights is None:
+        raise PermanentJobError(f"params.{BASE_WEIGHT.name} needs payload.weights (the experts')")
+    return ComposeJob(
+        spec=spec,
+        payload=parsed,
+        params=params,
+        with_base=with_base,
+        base_weight=None if base_weight is None else float(base_weight),
+    )
 
 
 def _shares(
@@ -258,91 +264,15 @@ def _result(**fields: Any) -> dict[str, Any]:
     return ComposeResult(**fields).model_dump(mode="json", exclude_none=True)
 
 
-def _evaluate_subject(
-    payload: Mapping[str, Any],
-) -> tuple[str, list[ExpertRef], Mapping[str, Any] | None]:
-    """(method, refs the subject needs files for, manifest or None)."""
-    subject = payload.get("subject")
-    if not isinstance(subject, Mapping):
-        raise PermanentJobError("payload.subject must be an object")
-    if subject.get("kind") == "expert":
-        return "mixture", [_ref(subject.get("expert"), "payload.subject.expert")], None
-    if subject.get("kind") == "composition":
-        manifest = subject.get("manifest")
-        if not isinstance(manifest, Mapping):
-            raise PermanentJobError("payload.subject.manifest must be an object")
-        try:
-            method, refs = manifest_inputs(manifest)
-        except ValueError as exc:
-            raise PermanentJobError(f"payload.subject.manifest: {exc}") from None
-        if manifest.get("base_revision") not in (None, payload.get("base_revision")):
-            raise PermanentJobError("the composition's base is not the payload's base_revision")
-        return method, [_ref(r, "payload.subject.manifest expert") for r in refs], manifest
-    raise PermanentJobError("payload.subject.kind must be 'expert' or 'composition'")
-
-
 def required_inputs(kind: str, payload: Mapping[str, Any]) -> tuple[str, list[ExpertRef]]:
     """The base revision and the expert versions a job needs downloaded."""
     if kind not in KINDS:
         raise PermanentJobError(f"unknown job kind {kind!r}; this worker runs {list(KINDS)}")
-    if not isinstance(payload, Mapping):
-        raise PermanentJobError("the job payload must be an object")
-    revision = _base_revision(payload)
-    if kind == "evaluate":
-        return revision, _evaluate_subject(payload)[1]
-    method = payload.get("method")
-    if method is not None and f"compose.{method}" != kind:
-        raise PermanentJobError(f"payload.method {method!r} does not match job kind {kind!r}")
-    return revision, _compose_refs(payload)
-
-
-# -- output files -------------------------------------------------------------------------
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def write_expert_file(
-    path: Path, tensors: Mapping[str, torch.Tensor], *, base_revision: str
-) -> None:
-    """An agora.expert/1 file with a canonical header (sorted keys, fixed metadata order).
-
-    ``safetensors.save_file`` orders the metadata differently from one call to the next,
-    so the same tensors could give different bytes (and digests); outputs must be content
-    addressed, so a re-run of a job uploads the very same file.
-    """
-    names = sorted(tensors)
-    dtypes = {tensors[n].dtype for n in names}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _ST_DTYPES:
-        raise ValueError("expert tensors must share one of float32, bfloat16, float16")
-    dtype = next(iter(dtypes))
-    metadata = {
-        "base_revision": base_revision,
-        "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float16"),
-        "format": EXPERT_FORMAT,
-        "layers": json.dumps(covered_layers(tensors)),
-        "n_modules": "1",
-    }
-    header: dict[str, Any] = {"__metadata__": metadata}
-    blobs = []
-    offset = 0
-    for name in names:
-        t = tensors[name].detach().to("cpu").contiguous()
-        raw = (t.view(torch.int16) if t.element_size() == 2 else t).numpy().tobytes()
-        header[name] = {
-            "dtype": _ST_DTYPES[dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for raw in blobs:
-            f.write(raw)
-    os.replace(tmp, path)
+    if kind == EVALUATE_KIND:
+        evaluation = _parse(EvaluatePayload, payload)
+        return evaluation.base_revision, evaluation.refs()
+    job = parse_compose(kind, payload)
+    return job.payload.base_revision, job.refs
 
 
 # -- shared steps -------------------------------------------------------------------------
@@ -397,114 +327,119 @@ def _prior_batches(bundle: BaseBundle, texts: Sequence[str]) -> list[torch.Tenso
     ]
 
 
-def _int_param(params: Mapping[str, Any], key: str, default: int, low: int) -> int:
-    value = params.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise PermanentJobError(f"params.{key} must be an integer >= {low}")
-    return value
-
-
-def _float_param(params: Mapping[str, Any], key: str, default: float) -> float:
-    value = params.get(key, default)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise PermanentJobError(f"params.{key} must be a number")
-    return float(value)
+def _path_prior(
+    job: ComposeJob,
+    bundle: BaseBundle,
+    paths: ExpertEnsemble | Callable[[], ExpertEnsemble],
+    ctx: JobContext,
+    **estimate: Any,
+) -> tuple[torch.Tensor, str]:
+    """The log prior over an ensemble's paths (the experts, and the base with
+    ``with_base``) and where it came from: the payload's weights (``given``), else
+    estimated on the texts over ``paths`` (built only then) (``estimated``), else
+    ``uniform``."""
+    n_paths = len(job.refs) + int(job.with_base)
+    if job.weights is not None:
+        prior = normalise_prior(
+            job.weights, n_paths, with_base=job.with_base, base_weight=job.base_weight
+        )
+        return prior, "given"
+    if not job.texts:
+        return normalise_prior(None, n_paths, with_base=job.with_base), UNIFORM
+    ctx.check()
+    ensemble = paths if isinstance(paths, ExpertEnsemble) else paths()
+    return estimate_prior(ensemble, _prior_batches(bundle, job.texts), **estimate), "estimated"
 
 
 def _setup(
-    payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext
-) -> tuple[BaseBundle, list[ExpertRef], list[dict[str, torch.Tensor]], list[str]]:
-    revision = _base_revision(payload)
-    refs = _compose_refs(payload)
-    texts = _texts(payload.get("texts"), "payload.texts")
-    bundle = ctx.bases.get(inputs.base_dir, revision)
-    return bundle, refs, _load_experts(refs, inputs, bundle, ctx), texts
+    job: ComposeJob, inputs: JobInputs, ctx: JobContext
+) -> tuple[BaseBundle, list[dict[str, torch.Tensor]]]:
+    bundle = ctx.bases.get(inputs.base_dir, job.payload.base_revision)
+    return bundle, _load_experts(job.refs, inputs, bundle, ctx)  # each checked against the base
+
+
+def _ensemble_model(
+    bundle: BaseBundle,
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    base_weight: float | None,
+    *,
+    with_base: bool,
+) -> ComposedModel:
+    return ComposedModel(
+        bundle,
+        ENSEMBLE.name,
+        experts,
+        weights=weights,
+        with_base=with_base,
+        base_weight=base_weight,
+    )
 
 
 # -- handlers -----------------------------------------------------------------------------
-def compose_mixture(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
-    bundle, refs, experts, texts = _setup(payload, inputs, ctx)
-    ctx.progress(0, 1, "mixture")
-    metrics = _metrics(bundle, lambda: ComposedModel(bundle, "mixture", experts), texts, ctx)
-    ctx.progress(1, 1, "mixture")
-    return Outcome(_result(metrics=metrics, details={"experts": len(refs)}))
+def compose_mixture(job: ComposeJob, inputs: JobInputs, ctx: JobContext) -> Outcome:
+    bundle, experts = _setup(job, inputs, ctx)
+    ctx.progress(0, 1, job.spec.name)
+    metrics = _metrics(
+        bundle, lambda: ComposedModel(bundle, job.spec.name, experts), job.texts, ctx
+    )
+    ctx.progress(1, 1, job.spec.name)
+    return Outcome(_result(metrics=metrics, details={"experts": len(job.refs)}))
 
 
-def compose_ensemble(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
-    bundle, refs, experts, texts = _setup(payload, inputs, ctx)
-    n = len(refs)
-    weights = _weights(payload, n)
-    with_base, base_weight = _base_path(payload, "ensemble", weights)
-    prior_windows = _int_param(_params(payload), "prior_windows", PRIOR_WINDOWS, 1)
+def compose_ensemble(job: ComposeJob, inputs: JobInputs, ctx: JobContext) -> Outcome:
+    bundle, experts = _setup(job, inputs, ctx)
+    n = len(job.refs)
+    prior_windows = int(job.params["prior_windows"])
     ctx.progress(0, 2, "prior")
-    with ComposedModel(
-        bundle, "ensemble", experts, weights=weights, with_base=with_base, base_weight=base_weight
-    ) as composed:
-        assert composed.ensemble is not None
-        assert composed.log_prior is not None
-        if weights is not None:
-            source = "given"
-            log_prior = composed.log_prior
-        elif texts:
-            ctx.check()
-            log_prior = estimate_prior(
-                composed.ensemble, _prior_batches(bundle, texts), n_sequences=prior_windows
-            )
-            source = "estimated"
-        else:
-            log_prior = composed.log_prior  # uniform over the paths
-            source = "uniform"
-        expert_shares, base_share = _shares(log_prior, n, with_base)
-        composed.log_prior = normalise_prior(
-            expert_shares, composed.ensemble.n_paths, with_base=with_base, base_weight=base_share
-        ).to(composed.device)
-        ctx.progress(1, 2, "bits per byte")
-        metrics = None
-        if texts:
-            ctx.check()
-            base = _base_bits(bundle, texts)
-            ctx.check()
-            comp = composed.bits_per_byte(texts)
-            metrics = {
-                "base_bits_per_byte": base["bits_per_byte"],
-                "bits_per_byte": comp["bits_per_byte"],
-                "bytes": comp["bytes"],
-            }
+    log_prior, source = _path_prior(
+        job,
+        bundle,
+        lambda: ExpertEnsemble(bundle.model, experts, include_base=job.with_base),
+        ctx,
+        n_sequences=prior_windows,
+    )
+    expert_shares, base_share = _shares(log_prior, n, job.with_base)
+    ctx.progress(1, 2, "bits per byte")
+    metrics = _metrics(
+        bundle,
+        lambda: _ensemble_model(
+            bundle, experts, expert_shares, base_share, with_base=job.with_base
+        ),
+        job.texts,
+        ctx,
+    )
     ctx.progress(2, 2, "done")
     details = {
         "prior": source,
         "prior_windows": prior_windows,
         "experts": n,
-        "with_base": with_base,
+        "with_base": job.with_base,
     }
     return Outcome(
         _result(
             weights=expert_shares,
             base_weight=base_share,
-            with_base=with_base,
+            with_base=job.with_base,
             metrics=metrics,
             details=details,
         )
     )
 
 
-def compose_average(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
-    revision = _base_revision(payload)
-    refs = _compose_refs(payload)
-    texts = _texts(payload.get("texts"), "payload.texts")
-    params = _params(payload)
-    merge = params.get("merge", "uniform")
-    if merge not in MERGE_METHODS:
-        raise PermanentJobError(f"params.merge must be one of {list(MERGE_METHODS)}")
-    bundle = ctx.bases.get(inputs.base_dir, revision)
-    experts = _load_experts(refs, inputs, bundle, ctx)  # checks every file against the base
-    weights = _weights(payload, len(refs))
+def compose_average(job: ComposeJob, inputs: JobInputs, ctx: JobContext) -> Outcome:
+    bundle, experts = _setup(job, inputs, ctx)
+    texts = job.texts
+    merge = str(job.params["merge"])
+    weights = job.weights
     source = "given"
-    if merge == "uniform":
-        weights, source = None, "uniform"
-    elif merge == "weighted" and weights is None:
+    if merge == UNIFORM:
+        weights, source = None, UNIFORM
+    elif merge == WEIGHTED and weights is None:
         if not texts:
-            raise PermanentJobError("weighted averaging needs weights or texts to estimate them")
+            raise PermanentJobError(
+                f"a {WEIGHTED} {job.spec.name} needs weights or texts to estimate them"
+            )
         # DEMix's posterior prior on the target text as the merge weights.
         ctx.check()
         # Over the experts only: the base is what every expert is added to, not a
@@ -516,17 +451,15 @@ def compose_average(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
         del ensemble
     extra: dict[str, Any] = {}
     if merge == "ties":
-        extra["density"] = _float_param(params, "density", 0.2)
-        if not 0 < extra["density"] <= 1:
-            raise PermanentJobError("params.density must be in (0, 1]")
+        extra["density"] = float(job.params["density"])
     ctx.progress(0, 2, "merge")
     ctx.check()
-    out = ctx.work_dir / "average.safetensors"
-    paths = [inputs.expert_files[r.digest] for r in refs]
+    out = ctx.work_dir / f"{job.spec.name}.safetensors"
+    paths = [inputs.expert_files[r.digest] for r in job.refs]
     meta = merge_files(paths, out, merge, weights=weights, **extra)
     ctx.progress(1, 2, "bits per byte")
     merged, _ = load_expert(out, config=bundle.config)
-    metrics = _metrics(bundle, lambda: ComposedModel(bundle, "average", [merged]), texts, ctx)
+    metrics = _metrics(bundle, lambda: ComposedModel(bundle, job.spec.name, [merged]), texts, ctx)
     ctx.progress(2, 2, "done")
     total = sum(weights) if weights is not None else 1.0
     result_weights = None if weights is None else [w / total for w in weights]
@@ -534,62 +467,48 @@ def compose_average(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
     return Outcome(_result(weights=result_weights, metrics=metrics, details=details), out)
 
 
-def compose_distill(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
-    bundle, refs, experts, texts = _setup(payload, inputs, ctx)
-    params = _params(payload)
-    steps = _int_param(params, "steps", int(DISTILL_DEFAULTS["steps"]), 1)
-    seq_len = _int_param(params, "seq_len", int(DISTILL_DEFAULTS["seq_len"]), 2)
-    batch_size = _int_param(params, "batch_size", int(DISTILL_DEFAULTS["batch_size"]), 1)
-    seed = _int_param(params, "seed", int(DISTILL_DEFAULTS["seed"]), 0)
-    lr = _float_param(params, "lr", float(DISTILL_DEFAULTS["lr"]))
-    if lr <= 0:
-        raise PermanentJobError("params.lr must be positive")
+def compose_distill(job: ComposeJob, inputs: JobInputs, ctx: JobContext) -> Outcome:
+    texts = job.texts
     if not texts:
-        raise PermanentJobError("distillation needs texts (the payload has none)")
+        raise PermanentJobError(f"{job.spec.name} needs texts (the payload has none)")
+    bundle, experts = _setup(job, inputs, ctx)
+    steps = int(job.params["steps"])
+    seq_len = int(job.params["seq_len"])
+    batch_size = int(job.params["batch_size"])
+    seed = int(job.params["seed"])
+    lr = float(job.params["lr"])
     tok = bundle.tokenizer
     n_tokens = int(token_stream(tok, texts).numel())
     if n_tokens < 3:
-        raise PermanentJobError("the texts are too short to distill on")
+        raise PermanentJobError(f"the texts are too short to {job.spec.name} on")
     # Short texts: windows shrink to fit (the stream must hold one window of seq_len + 1).
     used_len = min(seq_len, n_tokens - 1, int(bundle.model.config.max_seq_len))
-    n = len(refs)
-    weights = _weights(payload, n)
-    with_base, base_weight = _base_path(payload, "distill", weights)
+    n = len(job.refs)
     # The teacher is the ensemble a compose.ensemble job would build: the base one path.
-    teacher = ExpertEnsemble(bundle.model, experts, include_base=with_base)
+    teacher = ExpertEnsemble(bundle.model, experts, include_base=job.with_base)
     ctx.check()
-    if weights is None:
-        log_prior = estimate_prior(teacher, _prior_batches(bundle, texts))
-    else:
-        log_prior = normalise_prior(
-            weights, teacher.n_paths, with_base=with_base, base_weight=base_weight
-        )
-    expert_shares, base_share = _shares(log_prior, n, with_base)
+    log_prior, _ = _path_prior(job, bundle, teacher, ctx)
+    expert_shares, base_share = _shares(log_prior, n, job.with_base)
 
     def make_batches() -> Any:
         return token_batches(tok, texts, seq_len=used_len, batch_size=batch_size, seed=seed)
 
     def on_step(step: int, kl: float) -> None:
-        ctx.progress(step + 1, steps, "distill")
+        ctx.progress(step + 1, steps, job.spec.name)
         ctx.check()
 
     settings = DistillSettings(student="expert", steps=steps, lr=lr, seed=seed)
-    ctx.progress(0, steps, "distill")
+    ctx.progress(0, steps, job.spec.name)
     result = distill(bundle.model, teacher, make_batches, log_prior, settings, on_step=on_step)
     del teacher
     tensors = result.expert_tensors()
-    out = ctx.work_dir / "distill.safetensors"
-    write_expert_file(out, tensors, base_revision=bundle.revision)
+    out = ctx.work_dir / f"{job.spec.name}.safetensors"
+    save_expert(out, tensors, base_revision=bundle.revision, dtype=_dtype_name(tensors))
     load_expert(out, config=bundle.config)  # what the registry will check, checked here first
-    metrics = _metrics(bundle, lambda: ComposedModel(bundle, "distill", [tensors]), texts, ctx)
+    metrics = _metrics(bundle, lambda: ComposedModel(bundle, job.spec.name, [tensors]), texts, ctx)
     ctx.check()
-    with ComposedModel(
-        bundle,
-        "ensemble",
-        experts,
-        weights=expert_shares,
-        with_base=with_base,
-        base_weight=base_share,
+    with _ensemble_model(
+        bundle, experts, expert_shares, base_share, with_base=job.with_base
     ) as teacher_model:
         teacher_bits = teacher_model.bits_per_byte(texts)["bits_per_byte"]
     details = {
@@ -597,13 +516,13 @@ def compose_distill(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
         "seq_len": used_len,
         "teacher_bits_per_byte": teacher_bits,
         "teacher_prior": expert_shares + ([] if base_share is None else [base_share]),
-        "with_base": with_base,
+        "with_base": job.with_base,
     }
     return Outcome(
         _result(
             weights=expert_shares,
             base_weight=base_share,
-            with_base=with_base,
+            with_base=job.with_base,
             metrics=metrics,
             details=details,
         ),
@@ -611,29 +530,31 @@ def compose_distill(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobConte
     )
 
 
+def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The expert file dtype of tensors that share one (``modelcore.experts.DTYPES``)."""
+    names = {name for name, dtype in DTYPES.items() for t in tensors.values() if t.dtype == dtype}
+    if len(names) != 1 or len({t.dtype for t in tensors.values()}) != 1:
+        raise ValueError(f"expert tensors must share one of {', '.join(DTYPES)}")
+    return names.pop()
+
+
 def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
-    revision = _base_revision(payload)
-    method, refs, manifest = _evaluate_subject(payload)
-    text_sets = payload.get("text_sets")
-    if not isinstance(text_sets, Mapping) or not text_sets:
-        raise PermanentJobError("payload.text_sets must be a non-empty object")
-    sets = {}
-    for name, texts in text_sets.items():
-        cleaned = _texts(texts, f"payload.text_sets.{name}")
-        if not cleaned:
-            raise PermanentJobError(f"text set {name!r} has no text")
-        sets[str(name)] = cleaned
-    bundle = ctx.bases.get(inputs.base_dir, revision)
-    experts = _load_experts(refs, inputs, bundle, ctx)
-    weights = manifest_weights(manifest) if manifest is not None and method == "ensemble" else None
-    # An ensemble is built as its manifest says: a manifest without with_base predates the
-    # base as a path and was computed without it.
+    job = _parse(EvaluatePayload, payload)
+    sets = {name: [t for t in texts if t] for name, texts in job.text_sets.items()}
+    bundle = ctx.bases.get(inputs.base_dir, job.base_revision)
+    experts = _load_experts(job.refs(), inputs, bundle, ctx)
+    subject = job.subject
+    # An expert alone is the base with it inserted; a composition is built as its
+    # manifest says: one served as an ensemble with its weights and base path (a manifest
+    # without with_base predates the base as a path and was computed without it).
+    method, manifest = MIXTURE.name, None
+    weights: list[float] | None = None
     with_base, base_weight = False, None
-    if manifest is not None and method == "ensemble":
-        try:
-            with_base, base_weight = manifest_with_base(manifest)
-        except ValueError as exc:
-            raise PermanentJobError(f"payload.subject.manifest: {exc}") from None
+    if not isinstance(subject, ExpertSubject):
+        method, manifest = subject.manifest.method, subject.manifest.as_json()
+        if subject.manifest.spec.serves_ensemble:
+            weights = subject.manifest.weights()
+            with_base, base_weight = subject.manifest.base_path()
     total = 2 * len(sets)
     base: dict[str, dict[str, Any]] = {}
     for i, (name, texts) in enumerate(sets.items()):
@@ -669,13 +590,41 @@ def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext)
     return Outcome(EvaluationResult(results=results).model_dump(mode="json"))
 
 
-HANDLERS: dict[str, Handler] = {
-    "compose.mixture": compose_mixture,
-    "compose.ensemble": compose_ensemble,
-    "compose.average": compose_average,
-    "compose.distill": compose_distill,
-    "evaluate": evaluate_job,
+# -- the kinds ----------------------------------------------------------------------------
+ComposeHandler = Callable[[ComposeJob, JobInputs, JobContext], Outcome]
+
+# One handler per method spec (docs/method-recipe.md: adding a method).
+COMPOSE_HANDLERS: dict[str, ComposeHandler] = {
+    MIXTURE.name: compose_mixture,
+    ENSEMBLE.name: compose_ensemble,
+    AVERAGE.name: compose_average,
+    DISTILL.name: compose_distill,
 }
+if set(COMPOSE_HANDLERS) != set(METHOD_SPECS):
+    raise RuntimeError(
+        "worker.handlers needs one handler per method spec: "
+        f"specs {sorted(METHOD_SPECS)}, handlers {sorted(COMPOSE_HANDLERS)}"
+    )
+
+
+def _compose(spec: MethodSpec, handler: ComposeHandler) -> Handler:
+    def run(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:
+        return handler(parse_compose(spec.job_kind, payload), inputs, ctx)
+
+    run.__name__ = run.__qualname__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+HANDLERS: dict[str, Handler] = {
+    **{
+        spec.job_kind: _compose(spec, COMPOSE_HANDLERS[spec.name]) for spec in METHOD_SPECS.values()
+    },
+    EVALUATE_KIND: evaluate_job,
+}
+KINDS: tuple[str, ...] = tuple(HANDLERS)
+if KINDS != JOB_KINDS:
+    raise RuntimeError(f"worker kinds {KINDS} are not the protocol's {JOB_KINDS}")
 
 
 def run_job(kind: str, payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext) -> Outcome:

@@ -1,6 +1,6 @@
 """The worker loop: lease a job, keep its lease alive, fetch inputs, compute, report.
 
-Guarantees (DESIGN.md section 5, "Jobs"), and who provides them:
+Guarantees (docs/architecture.md, the job protocol; docs/jobs.md), and who provides them:
 
 * **Leases.** ``lease_job`` gives this worker the job for ``lease_seconds``; a background
   thread heartbeats every ``lease_seconds / 3`` with the latest progress. If the registry
@@ -58,11 +58,10 @@ from registry.client import (
     ValidationFailed,
 )
 from registry.client.cache import parse_digest
+from registry.protocol import COMPOSE_KINDS, COMPOSE_PREFIX, ExpertRef
 from worker.handlers import (
-    COMPOSE_KINDS,
     KINDS,
     BaseCache,
-    ExpertRef,
     JobCancelled,
     JobContext,
     JobInputs,
@@ -85,19 +84,20 @@ def default_name() -> str:
 
 def expand_kinds(values: Sequence[str] | None) -> list[str] | None:
     """``["compose,evaluate"]`` / ``["compose.mixture", "evaluate"]`` -> exact kinds; None
-    or empty = every kind. ``compose`` stands for all four compose kinds."""
+    or empty = every kind. ``compose`` stands for every compose kind (one per method)."""
     if not values:
         return None
+    every_compose = COMPOSE_PREFIX.rstrip(".")
     out: list[str] = []
     for value in values:
         for item in (v.strip() for v in value.split(",")):
             if not item:
                 continue
-            expanded = list(COMPOSE_KINDS) if item == "compose" else [item]
+            expanded = list(COMPOSE_KINDS) if item == every_compose else [item]
             for kind in expanded:
                 if kind not in KINDS:
                     raise ValueError(
-                        f"unknown job kind {kind!r}; known: compose, {', '.join(KINDS)}"
+                        f"unknown job kind {kind!r}; known: {every_compose}, {', '.join(KINDS)}"
                     )
                 if kind not in out:
                     out.append(kind)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,16 +277,6 @@ def distill(
                 },
             )
     return result
-
-
-def prior_on(
-    teacher: ExpertEnsemble,
-    batches: Sequence[torch.Tensor] | Iterator[torch.Tensor],
-    n_sequences: int = 16,
-) -> torch.Tensor:
-    from modelcore.compose.ensemble import estimate_prior
-
-    return estimate_prior(teacher, batches, n_sequences=n_sequences)
 
 
 def describe(result: DistillResult) -> Mapping[str, Any]:

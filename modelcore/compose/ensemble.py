@@ -32,7 +32,6 @@ distribution (a distillation teacher) by accumulating path by path into one outp
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -40,11 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelcore import native
-from modelcore.compose._parallel import default_workers, run_blocks
-from modelcore.compose._threads import single_thread
 from modelcore.experts import check_expert
 from modelcore.kernels import plan_routing
 from modelcore.router import topk_keeping_base
+from modelcore.threads import default_workers, run_blocks, single_thread
 
 # Bytes of exp'd logits per block in ``log_mix`` (rows x paths x vocab x 4; with 4 paths
 # and a 32k vocab, 2 rows): well inside a server core's L2 next to the output rows, so the
@@ -321,7 +319,7 @@ def log_mix(
     one write of the output. Given any other iterable (paths computed one at a time, as
     ``ExpertEnsemble.mixture_log_probs`` does), each path is added into one (N, V)
     accumulator as it comes. On the CPU, row blocks run on a few threads
-    (``_parallel.run_blocks``), each row in one call to the fused C kernel of
+    (``modelcore.threads.run_blocks``), each row in one call to the fused C kernel of
     ``modelcore.native`` when it is available and the logits are contiguous float32 (else
     with torch ops on cache-sized blocks). ``w_j softmax(x_j) <= 1``, so the sum cannot overflow; a
     token whose mixed probability is below the smallest normal float32 (1e-38, i.e.
@@ -490,7 +488,3 @@ def _log_mix_blocks(
             continue
         _mix_group([chunk_NV], w_PN[p, :, None], out, accumulate=p > 0, finish=p == last, tiny=tiny)
     return out, p
-
-
-def uniform_log_weights(n_paths: int) -> torch.Tensor:
-    return torch.full((n_paths,), -math.log(n_paths))

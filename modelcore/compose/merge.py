@@ -8,7 +8,7 @@ the merged tensor. ``merge_tensors`` applies a method to in-memory state dicts;
 ``merge_files`` streams from the experts' safetensors files. Uniform and weighted combine
 row blocks of ~1 MiB per input, each read through a mapping of just that block's bytes
 (no copy; ``pread`` into buffers where there is no mmap), while the block is in cache,
-on a few threads (``_parallel.run_blocks``), each block written with ``pwrite`` at its
+on a few threads (``modelcore.threads.run_blocks``), each block written with ``pwrite`` at its
 offset behind a header computed up front. TIES reads one whole tensor per input, as its
 trim needs. Neither the inputs nor the merged expert are ever whole in memory.
 
@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelcore.compose._parallel import default_workers, run_blocks
-from modelcore.compose._threads import single_thread
 from modelcore.experts import DTYPES, EXPERT_FORMAT, _atomic_write
+from modelcore.threads import default_workers, run_blocks, single_thread
 
 MergeFn = Callable[..., torch.Tensor]
 
@@ -157,7 +156,7 @@ def _ties(
         keep = max(1, math.ceil(density * tau.numel()))
         if keep < tau.numel():
             # The keep-th largest magnitude by selection in linear time (numpy's
-            # introselect: 3x faster than torch's kthvalue on 2M float64 values, and the
+            # introselect beat torch's kthvalue, docs/composition.md, "Averaging"; the
             # same value, selection being exact). Values tied with it are kept too.
             magnitude = tau.abs()
             kth = magnitude.numel() - keep

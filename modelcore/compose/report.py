@@ -6,8 +6,8 @@
 The first: the DEMix-setting claims (same setup as tests/modelcore/compose/test_learning.py).
 ``--harm``: the harm table (``modelcore.compose.harm``): every method's change against
 the base on every domain, inside and outside its composition, seen and unseen domains,
-with the CLI's defaults (what tests/modelcore/compose/test_harm.py asserts). A few
-minutes per seed on 2 CPU cores.
+with the CLI's defaults (what tests/modelcore/compose/test_harm.py asserts). Minutes per
+seed on a CPU.
 """
 
 from __future__ import annotations

@@ -156,8 +156,9 @@ def discover_domains(
         raise ValueError(f"n_clusters must be in [1, {len(texts)}] (the number of texts)")
     if len(texts) < 2:
         raise ValueError("discovery needs at least 2 texts")
-    # One BLAS thread below 5k texts: on a loaded 2-core machine, OpenBLAS's spinning
-    # threads made the SVD of 216 synthetic passages take 1.8 s instead of 0.15 s.
+    # One BLAS thread below 5k texts: on a loaded machine, OpenBLAS's spinning threads
+    # made the SVD of a few hundred passages many times slower (docs/data.md, "Domain
+    # discovery (c-BTM)").
     with threadpool_limits(limits=1 if len(texts) < 5000 else None):
         return _discover(
             texts,

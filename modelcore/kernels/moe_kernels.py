@@ -57,7 +57,7 @@ def grouped_mm_kernel(
     together, so the programs resident at one time share a few row blocks of X and one
     band of W in L2. Row-block-fastest order re-read all of X from HBM for every column
     block: at Mixtral's T=4096 that is 64 MB x 112 columns, most of the layer's time on
-    an H100 (0.55x dense cuBLAS measured before this order).
+    a GPU (docs/kernels.md, "GPU numbers", the first run before this order).
     """
     pid = tl.program_id(0)
     n_pid_n = tl.cdiv(Dout, BLOCK_N)
@@ -75,7 +75,8 @@ def grouped_mm_kernel(
     starts = tl.load(OFFSETS + e_idx - 1, mask=in_range & (e_idx > 0), other=0)
     n_blocks = (ends - starts + BLOCK_M - 1) // BLOCK_M
     # Inclusive prefix sum over E as a masked (E, E) reduction: E <= a few hundred, and it
-    # avoids tl.cumsum, whose interpreter implementation costs ~7 ms per call on the CPU.
+    # avoids tl.cumsum, whose interpreter implementation is slow on the CPU test path
+    # (docs/kernels.md, "Figures behind the code").
     block_ends = tl.sum(tl.where(e_idx[None, :] <= e_idx[:, None], n_blocks[None, :], 0), axis=1)
     expert = tl.sum((block_ends <= pid_m).to(tl.int32))
     if expert >= n_experts:

@@ -31,13 +31,12 @@ give the same numbers (tested).
 
 from __future__ import annotations
 
-import os
-import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from modelcore.threads import run_blocks
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,8 @@ def plan_routing(expert_idx_TK: torch.Tensor, n_experts: int) -> RoutingPlan:
     # The inclusive cumsum of the per-expert counts is, for each expert, where its block
     # ends in the sorted ids: one searchsorted. torch.bincount + cumsum gives the same
     # numbers but synchronises with the host on CUDA (it reads max() to size its output),
-    # which cost ~0.5 ms of exposed launch overhead per MoE layer call on an H100.
+    # which exposed the launch overhead of every MoE layer call (docs/kernels.md, "Figures
+    # behind the code").
     experts_E = torch.arange(n_experts, device=flat_A.device, dtype=sorted_expert_A.dtype)
     offsets_E = torch.searchsorted(sorted_expert_A, experts_E, right=True)
     return RoutingPlan(sorted_expert_A, sorted_assign_A, offsets_E, k, n_experts)
@@ -119,9 +119,10 @@ def _grouped_autograd(
     return torch.empty_like(y_sorted_AH).index_copy(0, plan.sorted_assign_A, y_sorted_AH)
 
 
-# Below this many multiply-adds (A * D * H, ~7e7: ~1 ms of one core) the inference
-# schedule runs in the calling thread. The hand-off to the workers costs 20-100 us per
-# call, and the tiny preset's FFN at 2048 tokens (4096 x 64 x 64 = 1.7e7) gains nothing.
+# Below this many multiply-adds (A * D * H) the inference schedule runs in the calling
+# thread: the hand-off to the worker threads has a fixed cost per call that a call this
+# small does not earn back (docs/kernels.md, "Figures behind the code"), and the tiny
+# preset's FFN at 2048 tokens (4096 x 64 x 64 = 1.7e7) gains nothing.
 _PARALLEL_MIN_MACS = 1 << 26
 
 
@@ -138,15 +139,15 @@ def _grouped_inference(
     gathered into a small reused buffer right before its ``torch.mm`` (so they are still in
     cache when the GEMM reads them) and its result scattered from another small buffer
     straight into the returned tensor. No (A, D) or (A, H) intermediate is allocated:
-    a fresh 32-64 MiB tensor costs its page faults on every call (~20 ms each at the
-    benchmark shape on this 2-core machine, more than the gather itself).
+    a fresh 32-64 MiB tensor costs its page faults on every call, more than the gather
+    itself (docs/kernels.md, "CPU reference speed").
 
     Blocks are independent, so on the CPU, when the call is large enough and torch has
     more than one intra-op thread, the blocks are spread over that many worker threads
     that each run single-threaded GEMMs (expert parallelism, as a grouped GEMM kernel
-    spreads tiles over cores). On 2 threads, MKL splitting each (~256 x 1024) @
-    (1024 x 2048) block over both cores ran at 0.71-0.83x of one dense product; one
-    block per core at 0.87-0.89x (benchmarks/moe_cpu.py).
+    spreads tiles over cores): MKL splitting each small block over all cores ran slower
+    than one block per core (docs/kernels.md, "CPU reference speed";
+    benchmarks/moe_cpu.py). The threads are ``modelcore.threads``'.
     """
     A, H = plan.sorted_assign_A.numel(), w_EDH.shape[-1]
     k = plan.k
@@ -175,107 +176,43 @@ def _grouped_inference(
     blocks = sorted(((n, e) for e, n in enumerate(counts) if n), reverse=True)
     widest = blocks[0][0] if blocks else 0
 
-    # Grad mode is per thread: a pool thread has it on even when the caller runs under
+    # Grad mode is per thread: a worker thread has it on even when the caller runs under
     # no_grad, and mm(out=) refuses inputs that require grad when it is on. This path is
     # only taken when no gradient is needed.
-    @torch.no_grad()
-    def drain(todo: queue.SimpleQueue[tuple[int, int]]) -> None:
+    def buffers() -> tuple[torch.Tensor | None, torch.Tensor | None]:
         buf_in = None if grouped_in else x.new_empty(widest, x.shape[1])
         buf_out = None if grouped_out else x.new_empty(widest, H)
-        while True:
-            try:
-                n, e = todo.get_nowait()
-            except queue.Empty:
-                return
-            rows = slice(starts[e], starts[e] + n)
-            if grouped_in:
-                x_blk = x[rows]
-            else:
-                assert buf_in is not None
-                x_blk = torch.index_select(x, 0, tok_A[rows], out=buf_in[:n])
-            if grouped_out:
-                torch.mm(x_blk, w_EDH[e], out=y_AH[rows])
-                continue
-            assert buf_out is not None
-            y_blk = torch.mm(x_blk, w_EDH[e], out=buf_out[:n])
-            if gate_A is not None:
-                y_blk.mul_(gate_A[rows])
-            if add_in_place:
-                with combine_lock:
-                    y_AH.index_add_(0, tok_A[rows], y_blk)
-            else:
-                y_AH.index_copy_(0, assign_A[rows], y_blk)
+        return buf_in, buf_out
 
-    todo: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-    for blk in blocks:
-        todo.put(blk)
+    @torch.no_grad()
+    def work(i: int, bufs: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+        buf_in, buf_out = bufs
+        n, e = blocks[i]
+        rows = slice(starts[e], starts[e] + n)
+        if grouped_in:
+            x_blk = x[rows]
+        else:
+            assert buf_in is not None
+            x_blk = torch.index_select(x, 0, tok_A[rows], out=buf_in[:n])
+        if grouped_out:
+            torch.mm(x_blk, w_EDH[e], out=y_AH[rows])
+            return
+        assert buf_out is not None
+        y_blk = torch.mm(x_blk, w_EDH[e], out=buf_out[:n])
+        if gate_A is not None:
+            y_blk.mul_(gate_A[rows])
+        if add_in_place:
+            with combine_lock:
+                y_AH.index_add_(0, tok_A[rows], y_blk)
+        else:
+            y_AH.index_copy_(0, assign_A[rows], y_blk)
+
+    # The caller keeps its intra-op threads (it only waits): the blocks go to one worker
+    # thread per intra-op thread, each running single-threaded GEMMs.
     n_threads = torch.get_num_threads()
     big = A * x.shape[-1] * H >= _PARALLEL_MIN_MACS
-    if x.device.type == "cpu" and n_threads > 1 and len(blocks) > 1 and big:
-        _pool(n_threads).run([lambda: drain(todo)] * n_threads)
-    else:
-        drain(todo)
+    parallel = x.device.type == "cpu" and n_threads > 1 and len(blocks) > 1 and big
+    run_blocks(len(blocks), work, buffers, n_threads if parallel else 1, caller_works=False)
     if gate_A is None or add_in_place:
         return y_AH
     return y_AH.view(-1, k, H).sum(dim=1)
-
-
-class _WorkerThreads:
-    """``n`` daemon threads that run submitted callables, each thread limited to one
-    intra-op thread (so ``n`` of them use the ``n`` cores torch was given, no more).
-
-    ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL thread counts but
-    also the process-wide default that new threads start from; the constructor puts that
-    default back once every worker has pinned itself."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.pid = os.getpid()
-        self._tasks: queue.SimpleQueue[
-            tuple[Callable[[], None], queue.SimpleQueue[BaseException | None]]
-        ] = queue.SimpleQueue()
-        ready = threading.Barrier(n + 1)
-        caller_threads = torch.get_num_threads()
-        for i in range(n):
-            threading.Thread(
-                target=self._serve, args=(ready,), name=f"moe-ref-{i}", daemon=True
-            ).start()
-        ready.wait()
-        torch.set_num_threads(caller_threads)
-
-    def _serve(self, ready: threading.Barrier) -> None:
-        torch.get_num_threads()  # torch's per-thread lazy init first, or it would undo the next
-        torch.set_num_threads(1)
-        ready.wait()
-        while True:
-            fn, done = self._tasks.get()
-            try:
-                fn()
-            except BaseException as exc:  # handed to the caller, re-raised there
-                done.put(exc)
-            else:
-                done.put(None)
-
-    def run(self, fns: list[Callable[[], None]]) -> None:
-        """Run ``fns`` on the workers; return when all are done, raising the first error."""
-        done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        for fn in fns:
-            self._tasks.put((fn, done))
-        errors = [done.get() for _ in fns]
-        for exc in errors:
-            if exc is not None:
-                raise exc
-
-
-_pools: dict[int, _WorkerThreads] = {}
-_pools_lock = threading.Lock()
-
-
-def _pool(n: int) -> _WorkerThreads:
-    """The worker threads for ``n`` intra-op threads, made on first use (and again in a
-    forked child, which inherits the dict but not the threads)."""
-    with _pools_lock:
-        pool = _pools.get(n)
-        if pool is None or pool.pid != os.getpid():
-            pool = _pools[n] = _WorkerThreads(n)
-        return pool

@@ -6,10 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from registry.api.common import IdempotentRequest, store_upload
+from registry.api.common import store_upload
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.downloads import blob_response
 from registry.api.schemas import BaseModelListOut, BaseModelOut
@@ -17,9 +16,8 @@ from registry.api.uploads import ParsedForm, parse_multipart
 from registry.runtime import Runtime
 from registry.services import base_models as svc
 from registry.services.blobs import get_blob
-from registry.services.idempotency import StoredResponse
+from registry.services.idempotency import IdempotentRequest, StoredResponse
 from registry.services.tokens import Principal
-from registry.validation import validate_base_config, validate_base_weights, validate_tokenizer
 
 router = APIRouter(prefix="/v1/base-models", tags=["base models"])
 
@@ -47,61 +45,20 @@ _MEDIA = {"config": "application/json", "tokenizer": "application/json"}
 
 
 def _store(
-    runtime: Runtime, principal: Principal, form: ParsedForm, idem: IdempotentRequest
+    runtime: Runtime,
+    session: Session,
+    principal: Principal,
+    form: ParsedForm,
+    idem: IdempotentRequest,
 ) -> StoredResponse:
-    with runtime.sessions() as session:
-        stored = idem.replay(session)
-        if stored is not None:
-            return stored
-        files = form.files
-        config = dict(validate_base_config(files["config"].read_bytes()).raw)
-        validate_tokenizer(files["tokenizer"].read_bytes())
-        validate_base_weights(files["weights"].path)
-        revision = svc.revision_id({field: files[field].sha256 for field in svc.BASE_FILES})
-
-        def existing_view(s: Session) -> StoredResponse | None:
-            base = svc.find_base_model(session=s, revision=revision)
-            if base is None:
-                return None
-            return StoredResponse(200, svc.base_model_view(session=s, base=base))
-
-        with session.begin():
-            # Re-posting identical files is a no-op answered 200, not a conflict.
-            found = existing_view(session)
-        if found is not None:
-            already: StoredResponse = found
-            return idem.commit_or_replay(session, lambda _s: already)
-
-        # Blobs first, then the row: a crash in between leaves only unreferenced blobs.
-        keys = {
-            field: runtime.store.commit(files[field].path, files[field].sha256)
-            for field in svc.BASE_FILES
-        }
-        name = form.fields.get("name", "").strip() or str(
-            config.get("name") or f"base-{revision[:12]}"
-        )
-
-        def write(s: Session) -> StoredResponse:
-            base = svc.create_base_model(
-                session=s,
-                revision=revision,
-                name=name[:200],
-                config=config,
-                files={f: (files[f].sha256, files[f].size, keys[f]) for f in svc.BASE_FILES},
-                created_by=principal.name,
-            )
-            return StoredResponse(201, svc.base_model_view(session=s, base=base))
-
-        try:
-            return idem.commit_or_replay(session, write)
-        except IntegrityError:
-            # Two admins posting the same revision at once: the loser answers like a re-post.
-            session.rollback()
-            with session.begin():
-                found = existing_view(session)
-            if found is None:
-                raise
-            return found
+    return svc.upload_base_model(
+        session=session,
+        store=runtime.store,
+        principal=principal,
+        files=form.files,
+        name=form.fields.get("name", "").strip(),
+        idem=idem,
+    )
 
 
 @router.post(
@@ -115,6 +72,7 @@ def _store(
 async def create_base_model(
     request: Request,
     runtime: RuntimeDep,
+    session: SessionDep,
     principal: Annotated[Principal, Depends(require_roles("admin"))],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
@@ -134,6 +92,7 @@ async def create_base_model(
     return await store_upload(
         request=request,
         runtime=runtime,
+        session=session,
         principal=principal,
         form=form,
         idempotency_key=idempotency_key,

@@ -3,9 +3,9 @@
 ``POST /v1/compositions`` resolves the experts (named, or found by retrieval from sample
 texts), checks them, and queues a ``compose.<method>`` job; the answer is 202 with the
 job and composition ids, and the method's ``warnings`` (``average_may_harm`` for
-``average``: registry.contracts.AVERAGE_CAUTION). ``POST /v1/evaluations`` queues an
-``evaluate`` job. Results are applied when the worker completes the job
-(registry/api/jobs.py).
+``average``: registry.protocol.AVERAGE_CAUTION). ``POST /v1/evaluations`` queues an
+``evaluate`` job. Both are write sequences of registry/services/requests.py; results are
+applied when the worker completes the job (registry/services/completion.py).
 """
 
 from __future__ import annotations
@@ -17,17 +17,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session
 
-from registry.api.common import IdempotentRequest, json_response
+from registry.api.common import idempotent_request, json_response
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
-from registry.contracts import METHODS, params_reference
-from registry.errors import BadRequest, Conflict
+from registry.protocol import (
+    COMPOSE_PREFIX,
+    EVALUATE_KIND,
+    METHODS,
+    EvaluationRequest,
+    params_reference,
+)
 from registry.retrieval.service import DEFAULT_TEMPERATURE
 from registry.services import compositions as comp
 from registry.services import experts as expert_svc
-from registry.services import jobs as jobs_svc
-from registry.services.idempotency import StoredResponse
+from registry.services.requests import request_composition, request_evaluation
 from registry.services.tokens import Principal
 
 router = APIRouter(tags=["compositions"])
@@ -83,13 +86,6 @@ class CompositionQueuedOut(QueuedOut):
     )
 
 
-class EvaluationIn(BaseModel):
-    expert_id: str | None = None
-    version: int | None = None
-    composition_id: str | None = None
-    text_sets: dict[str, list[str]] = Field(description="name -> texts to score")
-
-
 def _fingerprint(body: BaseModel) -> str:
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -102,14 +98,16 @@ def _fingerprint(body: BaseModel) -> str:
     response_model=CompositionQueuedOut,
 )
 def create_composition(
+    *,
     body: CompositionIn,
     request: Request,
     runtime: RuntimeDep,
+    session: SessionDep,
     principal: Requester,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    """Refusals: ``unknown_expert`` / ``unknown_expert_version`` / ``base_mismatch`` /
-    ``no_experts_found`` (422), ``expert_disabled`` (451), ``base_model_not_found`` (404),
+    """Refusals: ``base_mismatch`` / ``no_experts_found`` (422), ``expert_disabled`` (451),
+    ``base_model_not_found`` / ``expert_not_found`` / ``version_not_found`` (404),
     ``invalid_method`` / ``invalid_params`` / ``invalid_k`` / ``invalid_weights`` /
     ``too_few_experts`` / ``missing_experts`` (400), ``texts_too_large`` (413).
 
@@ -120,70 +118,22 @@ def create_composition(
     ``warnings`` holds the method's cautions: ``average_may_harm`` for ``average`` (a
     parameter average of independently trained experts measurably harms; prefer
     ``ensemble`` or ``distill``); an empty list otherwise."""
-    settings = runtime.settings
-    idem = IdempotentRequest(
+    idem = idempotent_request(request, principal, idempotency_key, _fingerprint(body))
+    response = request_composition(
+        session=session,
+        runtime=runtime,
         principal=principal,
-        key=idempotency_key,
-        method="POST",
-        path=request.url.path,
-        fingerprint=_fingerprint(body),
+        method=body.method,
+        base_revision=body.base_revision,
+        experts=body.experts,
+        texts=body.texts,
+        k=body.k,
+        weights=body.weights,
+        params=body.params,
+        temperature=body.temperature,
+        idem=idem,
     )
-    with runtime.sessions() as session:
-        stored = idem.replay(session)
-        if stored is not None:
-            return json_response(stored)
-        retrieved = None
-        if body.experts is None and body.texts is not None:
-            comp.check_method(body.method)  # before the search it would be wasted on
-            hits = runtime.retrieval.search(
-                texts=body.texts,
-                base_revision=body.base_revision,
-                k=body.k,
-                temperature=body.temperature,
-            )
-            retrieved = [(h.entry.id, h.entry.version, h.weight) for h in hits]
-
-        def write(s: Session) -> StoredResponse:
-            resolved = comp.resolve_request(
-                session=s,
-                method=body.method,
-                base_revision=body.base_revision,
-                experts=body.experts,
-                texts=body.texts,
-                k=body.k,
-                weights=body.weights,
-                params=body.params,
-                retrieved=retrieved,
-                max_text_bytes=settings.search_max_text_bytes,
-                max_k=settings.search_max_k,
-            )
-            job = jobs_svc.create_job(
-                session=s,
-                kind=f"compose.{resolved.method}",
-                payload={},
-                created_by=principal.name,
-                max_attempts=runtime.settings.job_max_attempts,
-                idempotency_key=idem.key,
-            )
-            composition = comp.record_composition(
-                session=s, request=resolved, created_by=principal.name, job_id=job.id
-            )
-            job.composition_id = composition.id
-            job.payload = comp.compose_payload(resolved, composition.id)
-            s.flush()
-            # The warnings are part of the stored body: a replay answers them too.
-            return StoredResponse(
-                202,
-                {
-                    "job_id": job.id,
-                    "composition_id": composition.id,
-                    "status": job.status,
-                    "warnings": comp.method_warnings(resolved.method),
-                },
-            )
-
-        response = idem.commit_or_replay(session, write)
-    runtime.metrics.record_job(kind=f"compose.{body.method}", event="queued")
+    runtime.metrics.record_job(kind=f"{COMPOSE_PREFIX}{body.method}", event="queued")
     return json_response(response)
 
 
@@ -229,66 +179,20 @@ def expert_evaluations(expert_id: str, session: SessionDep) -> dict[str, Any]:
     response_model=QueuedOut,
 )
 def create_evaluation(
-    body: EvaluationIn,
+    *,
+    body: EvaluationRequest,
     request: Request,
     runtime: RuntimeDep,
+    session: SessionDep,
     principal: Requester,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
-    idem = IdempotentRequest(
-        principal=principal,
-        key=idempotency_key,
-        method="POST",
-        path=request.url.path,
-        fingerprint=_fingerprint(body),
+    """Refusals: ``invalid_subject`` (400), ``expert_not_found`` / ``version_not_found`` /
+    ``composition_not_found`` (404), ``composition_not_ready`` (409), ``expert_disabled``
+    (451)."""
+    idem = idempotent_request(request, principal, idempotency_key, _fingerprint(body))
+    response = request_evaluation(
+        session=session, runtime=runtime, principal=principal, request=body, idem=idem
     )
-    if (body.expert_id is None) == (body.composition_id is None):
-        raise BadRequest("give expert_id or composition_id, not both", code="invalid_subject")
-    text_sets = comp.check_text_sets(
-        body.text_sets, max_bytes=runtime.settings.max_job_payload_bytes
-    )
-    with runtime.sessions() as session:
-        stored = idem.replay(session)
-        if stored is not None:
-            return json_response(stored)
-
-        def write(s: Session) -> StoredResponse:
-            subject: dict[str, Any]
-            if body.expert_id is not None:
-                resolved = comp.resolve_expert(
-                    session=s, expert_id=body.expert_id, version=body.version, base_revision=None
-                )
-                subject = {"kind": "expert", "expert": resolved.ref()}
-                base_revision = resolved.version.base_revision
-            else:
-                assert body.composition_id is not None
-                composition = comp.get_composition(session=s, composition_id=body.composition_id)
-                comp.check_servable(session=s, composition=composition)
-                if composition.status != "ready" or composition.manifest is None:
-                    raise Conflict(
-                        f"composition {composition.id} is {composition.status}, not ready",
-                        code="composition_not_ready",
-                    )
-                subject = {
-                    "kind": "composition",
-                    "composition_id": composition.id,
-                    "manifest": composition.manifest,
-                }
-                base_revision = composition.base_revision
-            job = jobs_svc.create_job(
-                session=s,
-                kind="evaluate",
-                payload={
-                    "subject": subject,
-                    "base_revision": base_revision,
-                    "text_sets": text_sets,
-                },
-                created_by=principal.name,
-                max_attempts=runtime.settings.job_max_attempts,
-                idempotency_key=idem.key,
-            )
-            return StoredResponse(202, {"job_id": job.id, "status": job.status})
-
-        response = idem.commit_or_replay(session, write)
-    runtime.metrics.record_job(kind="evaluate", event="queued")
+    runtime.metrics.record_job(kind=EVALUATE_KIND, event="queued")
     return json_response(response)

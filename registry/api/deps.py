@@ -1,4 +1,22 @@
-"""FastAPI dependencies: the runtime, a session per request, and bearer-token auth."""
+"""FastAPI dependencies: the runtime, a session per request, and bearer-token auth.
+
+Sessions and transactions, one pattern for every route:
+
+* A request has one database session, ``SessionDep`` (the bearer-token check shares it).
+  Nothing else in ``registry.api`` opens a session.
+* A route that reads wraps its service reads and the view it builds in one
+  ``with session.begin():`` block: the transaction (and its pooled connection) ends
+  before the response is sent, even a streamed download.
+* A route that writes hands the session to one service function, which owns the
+  transaction boundaries: a write sequence validates, commits blobs outside any
+  transaction, then records its rows (with the Idempotency-Key's outcome) in one
+  transaction (``registry.services``: ``experts.submit_expert``,
+  ``base_models.upload_base_model``, ``moderation.moderate``, ``requests``, ``leases``,
+  ``completion``). Routes never begin a transaction for a write, nor commit.
+
+The functions those sequences are made of (``experts.record_version``, ``jobs.lease``...)
+take the caller's session and never commit.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +52,7 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def optional_principal(request: Request, runtime: RuntimeDep) -> Principal | None:
+def optional_principal(request: Request, session: SessionDep) -> Principal | None:
     """The caller's identity, None without a token; a bad token is always a 401 (a client
     that sent credentials wants to know they failed, not to be served anonymously)."""
     header = request.headers.get("authorization")
@@ -45,7 +63,7 @@ def optional_principal(request: Request, runtime: RuntimeDep) -> Principal | Non
         raise Unauthenticated(
             "Authorization must be `Bearer <token>`", code="invalid_authorization"
         )
-    with runtime.sessions() as session:
+    with session.begin():
         principal = authenticate(session=session, secret=secret.strip())
     if principal is None:
         raise Unauthenticated("unknown or revoked token", code="invalid_token")

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session
 
-from registry.api.common import IdempotentRequest, store_upload
+from registry.api.common import store_upload
 from registry.api.deps import OptionalPrincipal, RuntimeDep, SessionDep, require_roles
 from registry.api.downloads import blob_response
 from registry.api.schemas import ExpertDetailOut, ExpertPageOut, SubmittedOut, VersionListOut
@@ -18,7 +18,7 @@ from registry.errors import Forbidden, Unauthenticated, UnavailableForLegalReaso
 from registry.runtime import Runtime
 from registry.services import experts as svc
 from registry.services.blobs import get_blob
-from registry.services.idempotency import StoredResponse
+from registry.services.idempotency import IdempotentRequest, StoredResponse
 from registry.services.tokens import Principal
 
 router = APIRouter(prefix="/v1/experts", tags=["experts"])
@@ -56,66 +56,22 @@ _SUBMIT_DOC: dict[str, Any] = {
 
 
 def _submit(
-    runtime: Runtime, principal: Principal, form: ParsedForm, idem: IdempotentRequest
+    runtime: Runtime,
+    session: Session,
+    principal: Principal,
+    form: ParsedForm,
+    idem: IdempotentRequest,
 ) -> StoredResponse:
-    weights = form.files["weights"]
-    datasheet = form.files["datasheet"]
-    base_revision = form.fields.get("base_revision", "").strip()
-    expert_id = form.fields.get("expert_id", "").strip() or None
-    with runtime.sessions() as session:
-        stored = idem.replay(session)
-        if stored is not None:
-            return stored
-        with session.begin():
-            base = svc.find_stored_base(session=session, revision=base_revision)
-            if expert_id is not None:
-                # Refuse someone else's expert before any byte is committed to storage.
-                svc.check_owner(
-                    expert=svc.get_expert(session=session, expert_id=expert_id),
-                    principal=principal,
-                )
-        validated = svc.validate_submission(
-            base=base,
-            base_revision=base_revision,
-            weights_path=weights.path,
-            datasheet=datasheet.read_bytes(),
-            max_expert_bytes=runtime.settings.max_expert_bytes,
-            max_datasheet_bytes=runtime.settings.max_datasheet_bytes,
-        )
-        # Embedded before the transaction (seconds for a large datasheet on MiniLM), stored in
-        # it: an accepted version always has its retrieval vectors.
-        vectors = runtime.retrieval.vectors_for_samples(validated.samples)
-        # The blob is committed before the row: a failure in between leaves an orphan blob
-        # for the garbage collector, never a row that names missing bytes.
-        key = runtime.store.commit(weights.path, weights.sha256)
-
-        def write(s: Session) -> StoredResponse:
-            expert, version = svc.record_version(
-                session=s,
-                principal=principal,
-                expert_id=expert_id,
-                validated=validated,
-                digest=weights.sha256,
-                size=weights.size,
-                storage_key=key,
-            )
-            runtime.retrieval.record_vectors(
-                session=s, expert_id=expert.id, version=version.version, vectors=vectors
-            )
-            return StoredResponse(
-                201,
-                {
-                    "id": expert.id,
-                    "version": version.version,
-                    "digest": f"sha256:{version.digest}",
-                    "status": expert.status,
-                },
-            )
-
-        response = idem.commit_or_replay(session, write)
-    # Committed: this replica's index takes the new version in place, before answering.
-    runtime.retrieval.sync()
-    return response
+    return svc.submit_expert(
+        session=session,
+        runtime=runtime,
+        principal=principal,
+        weights=form.files["weights"],
+        datasheet=form.files["datasheet"],
+        base_revision=form.fields.get("base_revision", "").strip(),
+        expert_id=form.fields.get("expert_id", "").strip() or None,
+        idem=idem,
+    )
 
 
 @router.post(
@@ -124,13 +80,25 @@ def _submit(
     summary="Submit an expert, or a new version of one's own expert",
     openapi_extra=_SUBMIT_DOC,
     response_model=SubmittedOut,
+    responses={
+        200: {
+            "description": "the caller already stored these weights with this datasheet "
+            "(no expert_id): the stored version, nothing new is created",
+            "model": SubmittedOut,
+        }
+    },
 )
 async def submit_expert(
     request: Request,
     runtime: RuntimeDep,
+    session: SessionDep,
     principal: Annotated[Principal, Depends(require_roles("contributor", "admin"))],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JSONResponse:
+    """201 with the new expert (or version); 200 with the stored version when the caller
+    submits, as a new expert, weights and a datasheet it already stored. Refusals:
+    ``base_model_not_found`` / ``expert_not_found`` (404), ``not_owner`` (403), and the
+    validation codes of docs/registry.md (422, 413)."""
     s = runtime.settings
     form = await parse_multipart(
         request,
@@ -144,6 +112,7 @@ async def submit_expert(
     return await store_upload(
         request=request,
         runtime=runtime,
+        session=session,
         principal=principal,
         form=form,
         idempotency_key=idempotency_key,

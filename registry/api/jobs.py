@@ -2,8 +2,9 @@
 
 Workers hold no database credentials: everything they need is in the job's payload, and
 everything they produce comes back through ``complete`` (a JSON result, plus the new
-expert's weights for ``compose.average`` / ``compose.distill``), fenced by the token
-their lease gave them.
+expert's weights when the job's method produces one: ``registry.protocol.produces_expert``),
+fenced by the token their lease gave them. Each route parses, authorizes and calls one
+service function (registry/services/leases.py, registry/services/completion.py).
 """
 
 from __future__ import annotations
@@ -18,19 +19,13 @@ from pydantic import BaseModel, Field
 
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.uploads import ParsedForm, parse_multipart
-from registry.contracts import ComposeResult, TextSetScore
 from registry.db.models import Job
-from registry.errors import (
-    BadRequest,
-    Forbidden,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-    ValidationFailed,
-)
+from registry.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
+from registry.protocol import JOB_KINDS, produces_expert
 from registry.runtime import Runtime
-from registry.services import compositions as comp
-from registry.services import experts as expert_svc
 from registry.services import jobs as svc
+from registry.services.completion import complete_job
+from registry.services.leases import fail_job, heartbeat_job, lease_job
 from registry.services.tokens import Principal
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -39,16 +34,6 @@ WorkerPrincipal = Annotated[Principal, Depends(require_roles("worker", "admin"))
 AnyPrincipal = Annotated[
     Principal, Depends(require_roles("contributor", "moderator", "admin", "worker"))
 ]
-
-
-def policy(runtime: Runtime) -> svc.JobPolicy:
-    s = runtime.settings
-    return svc.JobPolicy(
-        lease_seconds=s.job_lease_seconds,
-        max_attempts=s.job_max_attempts,
-        backoff_base_seconds=s.job_backoff_base_seconds,
-        backoff_max_seconds=s.job_backoff_max_seconds,
-    )
 
 
 class LeaseIn(BaseModel):
@@ -84,51 +69,48 @@ def _is_staff(principal: Principal) -> bool:
     summary="Lease the oldest runnable job (workers); 204 when there is none",
     responses={204: {"description": "nothing to do now"}},
 )
-def lease(body: LeaseIn, runtime: RuntimeDep, principal: WorkerPrincipal) -> Response:
-    worker = svc.check_worker_name(body.worker)
-    kinds = svc.check_kinds(body.kinds)
-    seconds = svc.check_lease_seconds(body.lease_seconds, runtime.settings.job_lease_seconds)
-    with runtime.sessions() as session, session.begin():
-        job = svc.lease(session=session, worker=worker, kinds=kinds, lease_seconds=seconds)
-        if job is None:
-            return Response(status_code=204)
-        view = svc.job_view(job, with_token=True)
+def lease(
+    body: LeaseIn, runtime: RuntimeDep, session: SessionDep, principal: WorkerPrincipal
+) -> Response:
+    view = lease_job(
+        session=session,
+        settings=runtime.settings,
+        worker=body.worker,
+        kinds=body.kinds,
+        lease_seconds=body.lease_seconds,
+    )
+    if view is None:
+        return Response(status_code=204)
     runtime.metrics.record_job(kind=view["kind"], event="leased")
     return JSONResponse({"job": view})
 
 
 @router.post("/{job_id}/heartbeat", summary="Extend a lease (409 lease_lost if it is gone)")
 def heartbeat(
-    job_id: str, body: HeartbeatIn, runtime: RuntimeDep, principal: WorkerPrincipal
+    job_id: str, body: HeartbeatIn, session: SessionDep, principal: WorkerPrincipal
 ) -> dict[str, Any]:
-    progress = body.progress
-    if progress is not None and len(json.dumps(progress)) > 4096:
-        raise PayloadTooLarge("progress is limited to 4 KiB of JSON", code="progress_too_large")
-    with runtime.sessions() as session, session.begin():
-        job = svc.heartbeat(
-            session=session, job_id=job_id, fencing_token=body.fencing_token, progress=progress
-        )
-        return {
-            "status": job.status,
-            "lease_expires_at": job.lease_expires_at.isoformat() if job.lease_expires_at else None,
-        }
+    return heartbeat_job(
+        session=session, job_id=job_id, fencing_token=body.fencing_token, progress=body.progress
+    )
 
 
 @router.post("/{job_id}/fail", summary="Report a failure, or release the job (shutdown)")
 def fail(
-    job_id: str, body: FailIn, runtime: RuntimeDep, principal: WorkerPrincipal
+    job_id: str,
+    body: FailIn,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    principal: WorkerPrincipal,
 ) -> dict[str, Any]:
-    with runtime.sessions() as session, session.begin():
-        job = svc.fail(
-            session=session,
-            job_id=job_id,
-            fencing_token=body.fencing_token,
-            error=body.error,
-            retryable=body.retryable,
-            release=body.release,
-            policy=policy(runtime),
-        )
-        view = svc.job_view(job, with_token=True)
+    view = fail_job(
+        session=session,
+        settings=runtime.settings,
+        job_id=job_id,
+        fencing_token=body.fencing_token,
+        error=body.error,
+        retryable=body.retryable,
+        release=body.release,
+    )
     event = "released" if body.release else ("retried" if view["status"] == "queued" else "failed")
     runtime.metrics.record_job(
         kind=view["kind"], event=event if view["status"] != "dead" else "dead"
@@ -136,11 +118,12 @@ def fail(
     return view
 
 
+_EXPERT_KINDS = [kind for kind in JOB_KINDS if produces_expert(kind)]
 _RESULT_DOC = (
     "compose.*: {weights (one per expert), base_weight and with_base (ensemble, distill: "
     "the base as one more path; weights + base_weight sum to 1), metrics, details}; "
     "evaluate: {results: {text set: {bits_per_byte, base_bits_per_byte, delta_vs_base, "
-    "tokens, bytes}}} (registry/contracts.py: ComposeResult, EvaluationResult)"
+    "tokens, bytes}}} (registry.protocol: ComposeResult, EvaluationResult)"
 )
 _COMPLETE_DOC: dict[str, Any] = {
     "requestBody": {
@@ -169,7 +152,7 @@ _COMPLETE_DOC: dict[str, Any] = {
                         "weights": {
                             "type": "string",
                             "format": "binary",
-                            "description": "the new expert (compose.average, compose.distill)",
+                            "description": f"the new expert ({', '.join(_EXPERT_KINDS)})",
                         },
                     },
                 }
@@ -203,132 +186,10 @@ def _token(raw: Any) -> int:
         raise BadRequest("fencing_token must be an integer", code="invalid_fencing_token") from exc
 
 
-def _complete(
-    runtime: Runtime,
-    job_id: str,
-    token: int,
-    result: dict[str, Any],
-    form: ParsedForm | None,
-) -> dict[str, Any]:
-    weights = form.files.get("weights") if form is not None else None
-    with runtime.sessions() as session:
-        with session.begin():
-            job = svc.completion_target(session=session, job_id=job_id, fencing_token=token)
-            if job is None:  # this completion already happened: replay it
-                return svc.job_view(svc.get_job(session=session, job_id=job_id), with_token=True)
-            kind = job.kind
-            produces_expert = kind in ("compose.average", "compose.distill")
-            if produces_expert and weights is None:
-                raise ValidationFailed(
-                    f"{kind} completes with the new expert's weights (multipart file 'weights')",
-                    code="missing_output",
-                )
-            if not produces_expert and weights is not None:
-                raise BadRequest(f"{kind} produces no weights", code="unexpected_output")
-            checked_eval: dict[str, TextSetScore] = {}
-            checked = ComposeResult()
-            if kind == "evaluate":
-                checked_eval = comp.check_evaluation_result(job, result)
-            else:
-                checked = comp.check_compose_result(job, result)
-            staged = None
-            if produces_expert:
-                assert weights is not None
-                parents = comp.parents_of(session=session, job=job)
-                base = expert_svc.find_stored_base(
-                    session=session, revision=job.payload["base_revision"]
-                )
-                sheet = comp.derived_datasheet(
-                    job=job,
-                    parents=parents,
-                    weights=checked.weights or job.payload.get("weights"),
-                    created_by=job.created_by,
-                )
-                staged = (parents, base, sheet)
-        output: dict[str, Any] | None = None
-        vectors = None
-        validated = None
-        key = ""
-        if staged is not None:
-            assert weights is not None
-            parents, base, sheet = staged
-            validated = expert_svc.validate_submission(
-                base=base,
-                base_revision=base.revision,
-                weights_path=weights.path,
-                datasheet=sheet,
-                max_expert_bytes=runtime.settings.max_expert_bytes,
-                max_datasheet_bytes=runtime.settings.max_datasheet_bytes,
-            )
-            vectors = runtime.retrieval.vectors_for_samples(validated.samples)
-            # Blob before rows: a failure in between leaves an orphan for the collector.
-            key = runtime.store.commit(weights.path, weights.sha256)
-        with session.begin():
-            job = svc.completion_target(session=session, job_id=job_id, fencing_token=token)
-            if job is None:
-                return svc.job_view(svc.get_job(session=session, job_id=job_id), with_token=True)
-            expert_id = None
-            if kind == "evaluate":
-                comp.record_evaluations(session=session, job=job, checked=checked_eval)
-            else:
-                if validated is not None and weights is not None and vectors is not None:
-                    parents = comp.parents_of(session=session, job=job)
-                    owner = Principal(token_id=0, name=job.created_by, role="contributor")
-                    expert, version = expert_svc.record_version(
-                        session=session,
-                        principal=owner,
-                        expert_id=None,
-                        validated=validated,
-                        digest=weights.sha256,
-                        size=weights.size,
-                        storage_key=key,
-                    )
-                    comp.record_lineage(
-                        session=session,
-                        expert_id=expert.id,
-                        version=version.version,
-                        parents=parents,
-                        weights=checked.weights or job.payload.get("weights"),
-                    )
-                    runtime.retrieval.record_vectors(
-                        session=session,
-                        expert_id=expert.id,
-                        version=version.version,
-                        vectors=vectors,
-                    )
-                    expert_id = expert.id
-                    output = {
-                        "id": expert.id,
-                        "version": version.version,
-                        "digest": f"sha256:{version.digest}",
-                        "size": version.size,
-                    }
-                composition = comp.finish_composition(
-                    session=session, job=job, checked=checked, output=output, expert_id=expert_id
-                )
-                result = {**result, "composition_id": composition.id}
-                if expert_id is not None:
-                    result["expert_id"] = expert_id
-            svc.succeed(
-                session=session,
-                job=job,
-                result=result,
-                output_digest=weights.sha256 if weights is not None and staged else None,
-            )
-            view = svc.job_view(job, with_token=True)
-    if output is not None:
-        runtime.retrieval.sync()
-    return view
-
-
-@router.post(
-    "/{job_id}/complete",
-    summary="Complete a leased job with its result (and output weights), fenced",
-    openapi_extra=_COMPLETE_DOC,
-)
-async def complete(
-    job_id: str, request: Request, runtime: RuntimeDep, principal: WorkerPrincipal
-) -> JSONResponse:
+async def _read_completion(
+    request: Request, runtime: Runtime
+) -> tuple[ParsedForm | None, Any, Any]:
+    """The completion's form (multipart: with the weights staged), token and result, raw."""
     limit = runtime.settings.max_job_result_bytes
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     form: ParsedForm | None = None
@@ -360,10 +221,37 @@ async def complete(
             "complete takes application/json, or multipart/form-data with a weights file",
             code="unsupported_media_type",
         )
+    return form, raw_token, raw_result
+
+
+@router.post(
+    "/{job_id}/complete",
+    summary="Complete a leased job with its result (and output weights), fenced",
+    openapi_extra=_COMPLETE_DOC,
+)
+async def complete(
+    job_id: str,
+    request: Request,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    principal: WorkerPrincipal,
+) -> JSONResponse:
+    limit = runtime.settings.max_job_result_bytes
+    form, raw_token, raw_result = await _read_completion(request, runtime)
     try:
         token = _token(raw_token)
         result = _parse_result(raw_result, limit)
-        view = await run_in_threadpool(_complete, runtime, job_id, token, result, form)
+        weights = form.files.get("weights") if form is not None else None
+        view = await run_in_threadpool(
+            lambda: complete_job(
+                session=session,
+                runtime=runtime,
+                job_id=job_id,
+                fencing_token=token,
+                result=result,
+                weights=weights,
+            )
+        )
     finally:
         if form is not None:
             form.discard()

@@ -13,12 +13,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from registry.api.common import IdempotentRequest, json_response
-from registry.api.deps import RuntimeDep, require_roles
+from registry.api.common import idempotent_request, json_response
+from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.runtime import Runtime
 from registry.services import moderation as svc
 from registry.services.experts import get_expert
-from registry.services.idempotency import StoredResponse
 from registry.services.tokens import Principal
 
 router = APIRouter(prefix="/v1/experts", tags=["moderation"])
@@ -46,36 +45,11 @@ class ModerationListOut(BaseModel):
     items: list[ModerationOut]
 
 
-def _apply(
-    *,
-    runtime: Runtime,
-    principal: Principal,
-    expert_id: str,
-    action: str,
-    reason: str | None,
-    idem: IdempotentRequest,
-) -> StoredResponse:
-    with runtime.sessions() as session:
-        stored = idem.replay(session)
-        if stored is not None:
-            return stored
-
-        def write(s: Session) -> StoredResponse:
-            expert, row = svc.set_status(
-                session=s, expert_id=expert_id, action=action, reason=reason, principal=principal
-            )
-            return StoredResponse(200, {**svc.action_view(row), "status": expert.status})
-
-        response = idem.commit_or_replay(session, write)
-    # Committed: the expert leaves (or rejoins) this replica's search index before we answer.
-    runtime.retrieval.sync()
-    return response
-
-
 async def _moderate(
     *,
     request: Request,
     runtime: Runtime,
+    session: Session,
     principal: Principal,
     expert_id: str,
     action: str,
@@ -87,16 +61,11 @@ async def _moderate(
     fingerprint = hashlib.sha256(
         json.dumps({"expert_id": expert_id, "reason": reason}, sort_keys=True).encode()
     ).hexdigest()
-    idem = IdempotentRequest(
-        principal=principal,
-        key=idempotency_key,
-        method="POST",
-        path=request.url.path,
-        fingerprint=fingerprint,
-    )
+    idem = idempotent_request(request, principal, idempotency_key, fingerprint)
     response = await run_in_threadpool(
-        lambda: _apply(
-            runtime=runtime,
+        lambda: svc.moderate(
+            session=session,
+            retrieval=runtime.retrieval,
             principal=principal,
             expert_id=expert_id,
             action=action,
@@ -117,6 +86,7 @@ async def disable_expert(
     expert_id: str,
     request: Request,
     runtime: RuntimeDep,
+    session: SessionDep,
     principal: Moderator,
     body: Annotated[ReasonIn | None, Body()] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -124,6 +94,7 @@ async def disable_expert(
     return await _moderate(
         request=request,
         runtime=runtime,
+        session=session,
         principal=principal,
         expert_id=expert_id,
         action="disable",
@@ -142,6 +113,7 @@ async def enable_expert(
     expert_id: str,
     request: Request,
     runtime: RuntimeDep,
+    session: SessionDep,
     principal: Moderator,
     body: Annotated[ReasonIn | None, Body()] = None,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
@@ -149,6 +121,7 @@ async def enable_expert(
     return await _moderate(
         request=request,
         runtime=runtime,
+        session=session,
         principal=principal,
         expert_id=expert_id,
         action="enable",
@@ -162,8 +135,8 @@ async def enable_expert(
     summary="The moderation actions taken on an expert (moderator/admin)",
     response_model=ModerationListOut,
 )
-def list_actions(expert_id: str, runtime: RuntimeDep, principal: Moderator) -> dict[str, Any]:
-    with runtime.sessions() as session, session.begin():
+def list_actions(expert_id: str, session: SessionDep, principal: Moderator) -> dict[str, Any]:
+    with session.begin():
         expert = get_expert(session=session, expert_id=expert_id)
         rows = svc.list_actions(session=session, expert_id=expert.id)
         return {

@@ -7,8 +7,9 @@ computed, never the client's.
 
 Hashing and writing run in a worker thread, double-buffered: while one batch of about
 ``FLUSH_BYTES`` is hashed and written (sha256 and ``write`` release the GIL), the event
-loop receives and parses the next. On a 2-core machine the single-threaded version was
-bounded by "receive + parse + hash" on one core; memory stays at two batches in flight.
+loop receives and parses the next. The single-threaded version was bounded by "receive +
+parse + hash" on one core (docs/sdk.md, "Transfer benchmark"); memory stays at two
+batches in flight.
 """
 
 from __future__ import annotations
@@ -18,29 +19,17 @@ import hashlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from registry.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from registry.services.staged import UploadedFile
 from registry.storage import Staging, StagingFile
 
 # 2 MiB batches: ~30 uvicorn-sized chunks per thread hop, and at most two batches (4 MiB)
 # of request body held at once, whatever the upload's size.
 FLUSH_BYTES = 2 << 20
-
-
-@dataclass(frozen=True)
-class UploadedFile:
-    field: str
-    filename: str | None
-    path: Path
-    size: int
-    sha256: str
-
-    def read_bytes(self) -> bytes:
-        return self.path.read_bytes()
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """Agora's Python SDK: ``from registry.client import Agora``.
 
-It depends on httpx and pydantic only, so it installs without the server.
+``Agora`` is small resources (``agora.experts``, ``agora.compositions``, ...) over one
+transport (``registry/client/client.py`` lists them). The SDK imports httpx, pydantic, the
+standard library and the shared contracts (``registry.protocol``) only, so it installs
+without the server or the model; running a composition locally reaches modelcore through
+one optional import (``registry/client/composed.py``).
 """
 
 from registry.client.client import Agora, ProgressCallback

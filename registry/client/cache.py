@@ -142,8 +142,8 @@ class HashingWriter:
     """Appends chunks to a file and feeds them to a hasher on a background thread.
 
     Receiving (socket reads, HTTP parsing) stays on the caller's thread while writing and
-    hashing, which both release the GIL, run beside it: on a 256 MiB download they were
-    45% of the client's time when done inline. Chunks travel in batches of about 1 MiB, at
+    hashing, which both release the GIL, run beside it (what that gains is measured in
+    docs/sdk.md, "Transfer benchmark"). Chunks travel in batches of about 1 MiB, at
     most ``max_batches`` queued, so memory stays bounded whatever the file size.
     ``close`` waits until every chunk handed over is on disk and hashed.
     """

@@ -1,9 +1,10 @@
-"""The one place the SDK hands files to ``modelcore``: ``Agora.load_composed`` and
-``load_composed_dir`` build the composed model here once its inputs are local and verified.
+"""A composition's files on this machine, verified, and the one door to ``modelcore``.
 
-``modelcore`` (and torch) are imported inside the functions, never at module level, so the
-SDK installs and imports with httpx and pydantic only; only these calls need the ``model``
-extra (``pip install 'agora[model]'``).
+The SDK downloads and verifies; building the model is ``modelcore``'s
+(``modelcore/compose/local.py``). ``model_loader`` is the only place the SDK reaches it:
+an explicit optional import, so the SDK installs and imports with httpx and pydantic
+only and just ``Agora.load_composed`` and ``load_composed_dir`` need the ``model`` extra
+(``pip install 'agora[model]'``). docs/architecture.md draws these import directions.
 
 A composition downloaded for offline use (``Agora.download_composition(c, DIR)``,
 ``agora compose --out DIR``) is laid out as::
@@ -15,32 +16,35 @@ A composition downloaded for offline use (``Agora.download_composition(c, DIR)``
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from registry.client.cache import parse_digest, sha256_file
 from registry.client.errors import AgoraError, DigestMismatch
 
 if TYPE_CHECKING:
-    # Re-exported for client.py's annotations (the `as` form is mypy's explicit
-    # re-export); never imported at run time.
-    from modelcore.compose.composed import ComposedModel as ComposedModel  # noqa: PLC0414
     from registry.client.models import Composition
 
 __all__ = [
+    "ComposedModel",
     "LocalComposition",
     "ModelDependenciesMissing",
-    "build_composed_model",
     "expert_filename",
     "load_composed_dir",
-    "require_model_dependencies",
+    "model_loader",
 ]
 
 INSTALL_HINT = "pip install 'agora[model]'"
+MODEL_MODULE = "modelcore.compose.local"
+
+ComposedModel: TypeAlias = Any
+"""``modelcore.compose.composed.ComposedModel``: it scores (``bits_per_byte``,
+``log_probs``) and generates (``generate``). The SDK never imports modelcore to name it."""
 
 
 class ModelDependenciesMissing(AgoraError):
@@ -48,6 +52,19 @@ class ModelDependenciesMissing(AgoraError):
     install lacks."""
 
     default_code = "model_dependencies_missing"
+
+
+class ModelLoader(Protocol):
+    """What the SDK calls in ``modelcore.compose.local``."""
+
+    def build_composed_model(
+        self,
+        manifest: Mapping[str, Any],
+        base_dir: str | os.PathLike[str],
+        expert_files: Mapping[str, str | os.PathLike[str]],
+        *,
+        device: str = "cpu",
+    ) -> ComposedModel: ...
 
 
 @dataclass(frozen=True)
@@ -68,34 +85,18 @@ def expert_filename(expert_id: str, version: int) -> str:
     return f"{expert_id}-v{version}.safetensors"
 
 
-def build_composed_model(
-    manifest: Mapping[str, Any],
-    base_dir: str | os.PathLike[str],
-    expert_files: Mapping[str, str | os.PathLike[str]],
-    *,
-    device: str = "cpu",
-) -> ComposedModel:
-    """``ComposedModel.from_manifest`` on local, verified files.
-
-    ``expert_files`` maps each ``sha256:<hex>`` digest the manifest names to its file.
-    """
-    composed_model = require_model_dependencies()
-    files = {digest: Path(path) for digest, path in expert_files.items()}
-    return composed_model.from_manifest(manifest, Path(base_dir), files, device=device)
-
-
-def require_model_dependencies() -> type[ComposedModel]:
-    """``modelcore``'s ComposedModel class; ``ModelDependenciesMissing`` (naming the extra
-    to install) when modelcore or torch is absent. Cheap to call before a long download."""
+def model_loader() -> ModelLoader:
+    """``modelcore.compose.local``; ``ModelDependenciesMissing`` (naming the extra to
+    install) when modelcore or torch is absent. Cheap to call before a long download."""
     try:
-        from modelcore.compose.composed import ComposedModel
+        module = importlib.import_module(MODEL_MODULE)
     except ModuleNotFoundError as exc:
         missing = exc.name or "modelcore"
         raise ModelDependenciesMissing(
             "running a composition locally needs the model dependencies "
             f"({missing} is not installed): {INSTALL_HINT}"
         ) from exc
-    return ComposedModel
+    return cast(ModelLoader, module)
 
 
 def load_composed_dir(
@@ -135,4 +136,4 @@ def load_composed_dir(
         if verify and sha256_file(path).hexdigest() != hexdigest:
             raise DigestMismatch(f"{path} does not hash to {digest} as its manifest says")
         files[digest] = path
-    return build_composed_model(manifest, root / "base", files, device=device)
+    return model_loader().build_composed_model(manifest, root / "base", files, device=device)

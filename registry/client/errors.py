@@ -33,6 +33,8 @@ with a caution (``average_may_harm``); filter it with the ``warnings`` module as
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from typing import Any, ClassVar
 
 import httpx
@@ -213,6 +215,19 @@ class CompositionWarning(UserWarning):
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+
+
+def warn_at_caller(warning: Warning) -> None:
+    """Warn ``warning`` at the first frame outside the SDK: the user's line, whether they
+    called ``Agora.compose`` or ``agora.compositions.create``."""
+    frame = sys._getframe(1)
+    level = 2  # stacklevel 2 is the frame that called this function
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        "registry.client."
+    ):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(warning, stacklevel=level)
 
 
 # Codes that have a class of their own, more specific than their status's.

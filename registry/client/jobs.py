@@ -2,6 +2,7 @@
 
 ``Agora.compose`` returns a ``CompositionHandle`` and ``Agora.evaluate`` an
 ``EvaluationHandle``; both wait for the job the registry queued and a worker computes.
+A handle polls through the ``Jobs`` resource and sleeps on its transport's clock.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from registry.client.errors import AgoraError, JobFailed
 from registry.client.models import Caution, Composition, EvaluationScore, Job
 
 if TYPE_CHECKING:
-    from registry.client.client import Agora
+    from registry.client.resources.compositions import Compositions
+    from registry.client.resources.jobs import Jobs
 
 JobCallback = Callable[[Job], None]
 """Called with the job as last polled (status, attempts, ``progress``)."""
@@ -28,8 +30,8 @@ MAX_POLL_S = 5.0
 class _Handle:
     """A submitted job: ``refresh()`` polls it once, ``wait_job()`` until it ends."""
 
-    def __init__(self, agora: Agora, job_id: str) -> None:
-        self._agora = agora
+    def __init__(self, jobs: Jobs, job_id: str) -> None:
+        self._jobs = jobs
         self.job_id = job_id
         self.job: Job | None = None
 
@@ -39,7 +41,7 @@ class _Handle:
 
     def refresh(self) -> Job:
         """The job as the registry sees it now."""
-        self.job = self._agora.get_job(self.job_id)
+        self.job = self._jobs.get(self.job_id)
         return self.job
 
     def wait_job(
@@ -56,7 +58,7 @@ class _Handle:
         """
         if poll <= 0:
             raise ValueError("poll must be positive")
-        clock, sleep = self._agora._clock, self._agora._sleep
+        clock, sleep = self._jobs.transport.clock, self._jobs.transport.sleep
         deadline = None if timeout is None else clock() + timeout
         delay = poll
         last: str | None = None
@@ -109,13 +111,15 @@ class CompositionHandle(_Handle):
 
     def __init__(
         self,
-        agora: Agora,
+        jobs: Jobs,
+        compositions: Compositions,
         job_id: str,
         composition_id: str,
         *,
         warnings: Sequence[Caution] = (),
     ) -> None:
-        super().__init__(agora, job_id)
+        super().__init__(jobs, job_id)
+        self._compositions = compositions
         self.composition_id = composition_id
         self.warnings: list[Caution] = list(warnings)
 
@@ -127,7 +131,7 @@ class CompositionHandle(_Handle):
         )
 
     def composition(self) -> Composition:
-        return self._agora.get_composition(self.composition_id)
+        return self._compositions.get(self.composition_id)
 
     def wait(
         self,
@@ -139,7 +143,7 @@ class CompositionHandle(_Handle):
 
         ``JobFailed`` if the job failed or died, ``TimeoutError`` after ``timeout`` seconds.
         """
-        clock = self._agora._clock
+        clock = self._jobs.transport.clock
         start = clock()
         job = self.wait_job(timeout=timeout, poll=poll, progress=progress)
         composition = self.composition()
@@ -158,7 +162,7 @@ class CompositionHandle(_Handle):
                     f"composition {self.composition_id} is still {composition.status} "
                     f"after {timeout:g} s although job {self.job_id} succeeded"
                 )
-            self._agora._sleep(delay)
+            self._jobs.transport.sleep(delay)
             delay = min(delay * POLL_BACKOFF, max(poll, MAX_POLL_S))
             composition = self.composition()
         if composition.manifest is None:

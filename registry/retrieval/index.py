@@ -14,9 +14,9 @@ for real (``remove_ids``).
 All methods are thread-safe through a readers-writer lock: searches run concurrently (FAISS
 indexes may be searched from many threads at once) and an update waits for them and holds
 new ones back (FAISS must not be searched while it is modified). A plain mutex serialised
-every search: on the loaded 2-core machine a search thread preempted while holding it
-stalled the others, and 8 API clients got no more requests/s than one
-(benchmarks/retrieval.py).
+every search: on a loaded machine a search thread preempted while holding it stalled the
+others, and 8 API clients got no more requests/s than one (docs/retrieval.md,
+"Benchmarks"; benchmarks/retrieval.py).
 
 Ids are the ``expert_vectors`` primary keys; an expert owns several ids (its mean and mode
 centroids), and its score is the best of them.
@@ -35,8 +35,8 @@ from numpy.typing import NDArray
 
 from registry.retrieval.embedders import Vectors
 
-# Graph degree and search breadth: M=32/efSearch=64 reached recall@10 0.97+ under 0.5 ms at
-# 1e5 vectors of d=384 on the 2-core dev machine (benchmarks/retrieval.py).
+# Graph degree and search breadth: M=32/efSearch=64 met the recall@10 and latency goals at
+# 1e5 vectors of d=384 (docs/retrieval.md, "Benchmarks"; benchmarks/retrieval.py).
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 64
@@ -85,9 +85,10 @@ class ReadWriteLock:
 
 def _omp_threads(n: int) -> None:
     """OpenMP's thread count is per calling thread (each request thread starts at the core
-    count). For one query, a flat search split over both cores of a loaded 2-core machine
-    took 4-50 ms at 1e4 vectors against 0.7 ms on one thread: the team's spin-waits fight
-    other processes. Concurrent requests give the parallelism instead."""
+    count). For one query, a flat search split over the cores of a loaded machine was many
+    times slower than on one thread: the team's spin-waits fight other processes
+    (docs/retrieval.md, "Figures behind the code"). Concurrent requests give the
+    parallelism instead."""
     faiss.omp_set_num_threads(n)
 
 

@@ -3,8 +3,8 @@
 The only registry module that may import sentence-transformers (and through it torch): the
 import-linter contract names this module as the single exception. The model is loaded on
 the first ``embed`` call, from the package's own directory with the hub switched off, so a
-server that never embeds never pays the ~5 s of importing torch and transformers, and
-nothing is ever fetched from the network.
+server that never embeds never pays for importing torch and transformers (seconds;
+docs/retrieval.md, "Figures behind the code"), and nothing is ever fetched from the network.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.db.models import BaseModel
-from registry.errors import AgoraError, BadRequest, NotFound, PayloadTooLarge
+from registry.errors import AgoraError, BadRequest, PayloadTooLarge, base_model_not_found
 from registry.retrieval import store
 from registry.retrieval.embedders import Embedder, Vectors, normalise_rows
 from registry.retrieval.index import ExpertIndex
@@ -291,7 +291,7 @@ class Retrieval:
         with self.sessions() as session, session.begin():
             known = session.get(BaseModel, base_revision) is not None if base_revision else False
         if not known:
-            raise NotFound(f"no base model revision {base_revision!r}", code="base_model_not_found")
+            raise base_model_not_found(base_revision)
         # Base revisions are immutable and never deleted: a positive answer stays true.
         self._known_bases.add(base_revision)
 

@@ -2,14 +2,16 @@
 
 A request names experts (or sample texts, and retrieval picks the experts); the registry
 resolves every reference to an immutable version and digest, checks that each is active
-and fits the base, and queues a job whose payload holds everything a worker needs (it
-never reads the database). When the job succeeds its result is applied here: a manifest
-for ``mixture`` and ``ensemble``; for ``average`` and ``distill`` also a new expert,
+and fits the base, and queues a job whose payload (``ComposePayload``,
+``EvaluatePayload``) holds everything a worker needs (it never reads the database). When
+the job succeeds its result is applied here: a manifest (``Manifest``); for a method that
+produces an expert (``MethodSpec.produces_expert``: average, distill) also a new expert,
 stored like any other, with a datasheet the registry writes (lineage, license).
 
-Method parameters, their cautions (``average_may_harm``: the request's 202 and the
-composition's view carry it as ``warnings``), and the shapes of job results, are
-``registry.contracts``'. An ensemble has the unmodified base as one more path unless
+Methods, their parameters and cautions (``average_may_harm``: the request's 202 and the
+composition's view carry it as ``warnings``), the payloads, the manifest and the shapes of
+job results are ``registry.protocol``'s; nothing here names a method. A composition
+served as an ensemble has the unmodified base as one more path unless
 ``params.with_base`` is false; its manifest records ``with_base`` and the base's share of
 the prior, ``base_weight``.
 """
@@ -27,18 +29,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.contracts import (
-    METHOD_SPECS,
-    METHODS,
-    ComposeResult,
-    EvaluationResult,
-    ParamError,
-    TextSetScore,
-    method_cautions,
-    relative_change,
-)
 from registry.db.models import (
-    BaseModel,
     Composition,
     CompositionExpert,
     Evaluation,
@@ -54,12 +45,34 @@ from registry.errors import (
     PayloadTooLarge,
     UnavailableForLegalReasons,
     ValidationFailed,
+    expert_not_found,
+    version_not_found,
 )
+from registry.protocol import (
+    MANIFEST_FORMAT,
+    METHOD_SPECS,
+    METHODS,
+    UNIFORM,
+    WEIGHTED,
+    ComposePayload,
+    ComposeResult,
+    CompositionSubject,
+    EvaluatePayload,
+    EvaluationResult,
+    ExpertRef,
+    ExpertSubject,
+    Manifest,
+    ManifestExpert,
+    ParamError,
+    TextSetScore,
+    method_cautions,
+    relative_change,
+)
+from registry.services.base_models import get_base_model
 from registry.services.ids import new_id
 from registry.validation import parse_datasheet
 from registry.validation.datasheet import Datasheet
 
-MANIFEST_FORMAT = "agora.composition/1"
 MAX_EXPERTS = 16
 _REF = re.compile(r"^(ex_[0-9A-Za-z]{1,64})(?:@([1-9][0-9]{0,8}))?$")
 # A derived expert's datasheet quotes its parents' samples up to this many bytes (the
@@ -76,13 +89,16 @@ class ResolvedExpert:
     expert: Expert
     version: ExpertVersion
 
+    def expert_ref(self) -> ExpertRef:
+        return ExpertRef(
+            id=self.expert.id,
+            version=self.version.version,
+            digest=f"sha256:{self.version.digest}",
+            size=self.version.size,
+        )
+
     def ref(self) -> dict[str, Any]:
-        return {
-            "id": self.expert.id,
-            "version": self.version.version,
-            "digest": f"sha256:{self.version.digest}",
-            "size": self.version.size,
-        }
+        return self.expert_ref().model_dump(mode="json")
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -98,10 +114,10 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 def resolve_expert(
     *, session: Session, expert_id: str, version: int | None, base_revision: str | None
 ) -> ResolvedExpert:
-    """An active expert version fit for ``base_revision`` (422 unknown, 451 disabled)."""
+    """An active expert version fit for ``base_revision`` (404 unknown, 451 disabled)."""
     expert = session.get(Expert, expert_id)
     if expert is None:
-        raise ValidationFailed(f"no expert {expert_id!r}", code="unknown_expert")
+        raise expert_not_found(expert_id)
     if expert.status != "active":
         raise UnavailableForLegalReasons(
             f"expert {expert_id} is {expert.status}; it cannot be composed or evaluated",
@@ -110,9 +126,7 @@ def resolve_expert(
     number = expert.latest_version if version is None else version
     row = session.get(ExpertVersion, (expert.id, number))
     if row is None:
-        raise ValidationFailed(
-            f"expert {expert_id} has no version {number}", code="unknown_expert_version"
-        )
+        raise version_not_found(expert_id, number, expert.latest_version)
     if base_revision is not None and row.base_revision != base_revision:
         raise ValidationFailed(
             f"expert {expert_id} v{number} is for base {row.base_revision[:12]}, "
@@ -120,13 +134,6 @@ def resolve_expert(
             code="base_mismatch",
         )
     return ResolvedExpert(expert=expert, version=row)
-
-
-def check_base(*, session: Session, base_revision: str) -> BaseModel:
-    base = session.get(BaseModel, base_revision) if base_revision else None
-    if base is None:
-        raise NotFound(f"no base model revision {base_revision!r}", code="base_model_not_found")
-    return base
 
 
 def check_texts(texts: Sequence[str], *, max_bytes: int, field: str = "texts") -> list[str]:
@@ -145,7 +152,7 @@ def check_texts(texts: Sequence[str], *, max_bytes: int, field: str = "texts") -
 
 
 def check_params(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The method's parameters (``registry.contracts.METHOD_SPECS``), defaults filled in."""
+    """The method's parameters (``registry.protocol.METHOD_SPECS``), defaults filled in."""
     try:
         return dict(METHOD_SPECS[method].check_params(params))
     except ParamError as exc:
@@ -229,11 +236,12 @@ def resolve_request(
     """Check a composition request. ``retrieved`` holds (expert id, version, c-BTM
     weight) from the caller's search when the request gave texts and no experts."""
     check_method(method)
+    spec = METHOD_SPECS[method]
     if not 1 <= k <= max_k:
         raise BadRequest(f"k must be between 1 and {max_k}", code="invalid_k")
     checked_params = check_params(method, params)
     given_weights = weights is not None
-    check_base(session=session, base_revision=base_revision)
+    get_base_model(session=session, revision=base_revision)
     kept_texts = check_texts(texts, max_bytes=max_text_bytes) if texts is not None else None
     resolved: list[ResolvedExpert] = []
     if experts is not None:
@@ -249,7 +257,7 @@ def resolve_request(
             resolve_expert(session=session, expert_id=eid, version=v, base_revision=base_revision)
             for eid, v, _ in retrieved
         ]
-        if weights is None and method in ("ensemble", "average"):
+        if weights is None and spec.retrieval_weights:
             weights = [w for _, _, w in retrieved]
     else:
         raise BadRequest("give experts, or texts to find them by", code="missing_experts")
@@ -257,34 +265,37 @@ def resolve_request(
         raise ValidationFailed(
             "no active expert of this base fits the texts", code="no_experts_found"
         )
-    low = METHOD_SPECS[method].min_experts
+    low = spec.min_experts
     if not low <= len(resolved) <= MAX_EXPERTS:
         raise BadRequest(
             f"{method} needs {low} to {MAX_EXPERTS} experts; got {len(resolved)}",
             code="too_few_experts" if len(resolved) < low else "too_many_experts",
         )
-    if method == "mixture" and weights is not None and experts is not None:
-        raise BadRequest("mixture routes per token: it takes no weights", code="invalid_weights")
-    if method == "mixture":
+    if not spec.takes_weights and weights is not None and experts is not None:
+        raise BadRequest(f"{method} routes per token: it takes no weights", code="invalid_weights")
+    if not spec.takes_weights:
         weights = None
-    if method == "average":
-        # Weights given are weights used: with weights and no merge named, the average is
-        # weighted; a uniform average would ignore them, so asking for both is refused. A
-        # uniform average records no weights (retrieval's scores were not used).
-        merge_named = "merge" in (params or {})
-        if given_weights and not merge_named:
-            checked_params["merge"] = "weighted"
-        elif given_weights and checked_params["merge"] == "uniform":
+    weighting = spec.weighting
+    if weighting is not None:
+        # Weights given are weights used: with weights and no weighting named, the
+        # method weighs them; a uniform one would ignore them, so asking for both is
+        # refused. A uniform one records no weights (retrieval's scores were not used).
+        named = weighting in (params or {})
+        if given_weights and not named:
+            checked_params[weighting] = WEIGHTED
+        elif given_weights and checked_params[weighting] == UNIFORM:
+            others = [c for c in spec.param(weighting).choices if c not in (UNIFORM, WEIGHTED)]
             raise BadRequest(
-                "a uniform average ignores weights: leave weights out, or use "
-                "params.merge = weighted (or ties)",
+                f"a {UNIFORM} {method} ignores weights: leave weights out, or use "
+                f"params.{weighting} = {WEIGHTED}"
+                + (f" (or {', '.join(others)})" if others else ""),
                 code="invalid_weights",
             )
-        if checked_params["merge"] == "uniform":
+        if checked_params[weighting] == UNIFORM:
             weights = None
     norm = check_weights(weights, len(resolved))
-    if method == "average" and checked_params["merge"] == "weighted" and norm is None:
-        raise BadRequest("a weighted average needs weights", code="invalid_weights")
+    if weighting is not None and checked_params[weighting] == WEIGHTED and norm is None:
+        raise BadRequest(f"a {WEIGHTED} {method} needs weights", code="invalid_weights")
     if "base_weight" in checked_params:
         if weights is None:
             raise BadRequest(
@@ -348,15 +359,44 @@ def record_composition(
 
 
 def compose_payload(request: CompositionRequest, composition_id: str) -> dict[str, Any]:
-    return {
-        "composition_id": composition_id,
-        "method": request.method,
-        "base_revision": request.base_revision,
-        "experts": [r.ref() for r in request.experts],
-        "weights": request.weights,
-        "texts": request.texts,
-        "params": request.params,
-    }
+    """The ``compose.<method>`` job's payload, as stored (``ComposePayload``)."""
+    return ComposePayload(
+        composition_id=composition_id,
+        method=request.method,
+        base_revision=request.base_revision,
+        experts=[r.expert_ref() for r in request.experts],
+        weights=request.weights,
+        texts=request.texts,
+        params=request.params,
+    ).model_dump(mode="json")
+
+
+def evaluate_payload(
+    *,
+    text_sets: Mapping[str, Sequence[str]],
+    expert: ResolvedExpert | None = None,
+    composition: Composition | None = None,
+) -> dict[str, Any]:
+    """The ``evaluate`` job's payload, as stored (``EvaluatePayload``): one subject, an
+    expert version or a ready composition (its manifest), on the base it was made for."""
+    subject: ExpertSubject | CompositionSubject
+    if expert is not None and composition is None:
+        subject = ExpertSubject(kind="expert", expert=expert.expert_ref())
+        base_revision = expert.version.base_revision
+    elif composition is not None and expert is None and composition.manifest is not None:
+        subject = CompositionSubject(
+            kind="composition",
+            composition_id=composition.id,
+            manifest=Manifest.model_validate(composition.manifest),
+        )
+        base_revision = composition.base_revision
+    else:
+        raise ValueError("an evaluation has one subject: an expert, or a ready composition")
+    return EvaluatePayload(
+        base_revision=base_revision,
+        subject=subject,
+        text_sets={name: list(texts) for name, texts in text_sets.items()},
+    ).model_dump(mode="json")
 
 
 def get_composition(*, session: Session, composition_id: str) -> Composition:
@@ -436,7 +476,7 @@ def check_compose_result(job: Job, result: Mapping[str, Any]) -> ComposeResult:
         raise ValidationFailed(
             f"result weights must be a list of {n} numbers", code="invalid_result"
         )
-    asked = requested_with_base(job.payload["method"], job.payload.get("params") or {})
+    asked = METHOD_SPECS[job.payload["method"]].with_base(job.payload.get("params") or {})
     if checked.with_base is not None and checked.with_base != asked:
         raise ValidationFailed(
             f"result with_base is {str(checked.with_base).lower()}; the job asked for "
@@ -452,45 +492,37 @@ def check_compose_result(job: Job, result: Mapping[str, Any]) -> ComposeResult:
     return checked
 
 
-def requested_with_base(method: str, params: Mapping[str, Any]) -> bool:
-    """Whether a job of ``method`` with these params has the base as a path (the default
-    where the method has the parameter; never where it has not)."""
-    spec = METHOD_SPECS[method]
-    if not any(p.name == "with_base" for p in spec.params):
-        return False
-    return bool(params.get("with_base", spec.param("with_base").default))
-
-
 def build_manifest(
     *,
     composition: Composition,
     checked: ComposeResult,
     output: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    """The agora.composition/1 manifest. An ensemble's says ``with_base`` (whether the
-    base is a path; manifests without the key predate it and were built without) and,
-    when the worker reported it, ``base_weight`` (the base's share of the prior)."""
+    """The agora.composition/1 manifest (``Manifest``). One served as an ensemble says
+    ``with_base`` (whether the base is a path; manifests without the key predate it and
+    were built without) and, when the worker reported it, ``base_weight`` (the base's
+    share of the prior)."""
+    spec = METHOD_SPECS[composition.method]
     experts = composition.inputs["experts"]
     weights = checked.weights if checked.weights is not None else composition.inputs["weights"]
     params = composition.inputs.get("params", {})
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "id": composition.id,
-        "method": composition.method,
-        "base_revision": composition.base_revision,
-        "experts": [
-            {**ref, "weight": None if weights is None else weights[i]}
+    ensemble = spec.serves_ensemble
+    manifest = Manifest(
+        format=MANIFEST_FORMAT,
+        id=composition.id,
+        method=composition.method,
+        base_revision=composition.base_revision,
+        experts=[
+            ManifestExpert(**ref, weight=None if weights is None else weights[i])
             for i, ref in enumerate(experts)
         ],
-        "params": params,
-        "output": dict(output) if output is not None else None,
-        "metrics": checked.metrics,
-    }
-    if composition.method == "ensemble":
-        manifest["with_base"] = requested_with_base("ensemble", params)
-        if checked.base_weight is not None:
-            manifest["base_weight"] = checked.base_weight
-    return manifest
+        params=params,
+        output=ExpertRef.model_validate(output) if output is not None else None,
+        metrics=checked.metrics,
+        with_base=spec.with_base(params) if ensemble else None,
+        base_weight=checked.base_weight if ensemble else None,
+    )
+    return manifest.as_json()
 
 
 def finish_composition(
@@ -540,12 +572,14 @@ def derived_datasheet(
 ) -> bytes:
     """The datasheet of an averaged or distilled expert, from its parents' datasheets."""
     method = job.payload["method"]
+    verb = METHOD_SPECS[method].derived_name
+    if verb is None:
+        raise ValueError(f"{method} produces no expert")
     sheets: list[Datasheet] = [
         parse_datasheet(p.version.datasheet.encode("utf-8"), max_bytes=1 << 30) for p in parents
     ]
     names = [str(s.name) for s in sheets]
     samples = interleave([s.samples for s in sheets], DERIVED_SAMPLES_BYTES)
-    verb = {"average": "Weight average", "distill": "Distillation"}[method]
     parent_list = "; ".join(
         f"{p.expert.id} v{p.version.version} ({n})" for p, n in zip(parents, names, strict=True)
     )

@@ -1,4 +1,12 @@
-"""Experts and their immutable versions: validation, recording, listing, lookup."""
+"""Experts and their immutable versions: submission, validation, recording, listing, lookup.
+
+``submit_expert`` is the write sequence of ``POST /v1/experts`` and owns its transactions
+(registry/api/deps.py); the other functions take the caller's session and never commit.
+
+A submission repeated by its owner (the same weights, the same datasheet, the same base,
+no ``expert_id``) is not a second expert: it answers 200 with the version already stored,
+as a re-posted base model does, so retrieval never splits a weight between two copies.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +16,29 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from registry.db.models import BaseModel, Expert, ExpertVersion, utcnow
-from registry.errors import BadRequest, Forbidden, NotFound, ValidationFailed
+from registry.errors import (
+    BadRequest,
+    Forbidden,
+    ValidationFailed,
+    expert_not_found,
+    version_not_found,
+)
+from registry.services.base_models import get_base_model
 from registry.services.blobs import record_blob
+from registry.services.idempotency import IdempotentRequest, StoredResponse
 from registry.services.ids import new_id
+from registry.services.staged import UploadedFile
 from registry.services.tokens import Principal
 from registry.validation import parse_datasheet, validate_expert
+
+if TYPE_CHECKING:
+    from registry.runtime import Runtime
 
 STATUSES = ("active", "disabled")
 MAX_PAGE = 100
@@ -86,24 +106,13 @@ def validate_submission(
     )
 
 
-def find_stored_base(*, session: Session, revision: str) -> BaseModel:
-    """The base a submission names; an unknown one is a validation failure, not a 404:
-    the resource addressed (the expert collection) exists, the content is wrong."""
-    base = session.get(BaseModel, revision) if revision else None
-    if base is None:
-        raise ValidationFailed(
-            f"base_revision {revision!r} is not a stored base model", code="unknown_base_revision"
-        )
-    return base
-
-
 def get_expert(*, session: Session, expert_id: str, for_update: bool = False) -> Expert:
     stmt = select(Expert).where(Expert.id == expert_id)
     if for_update:
         stmt = stmt.with_for_update()
     expert = session.scalars(stmt).one_or_none()
     if expert is None:
-        raise NotFound(f"no expert {expert_id!r}", code="expert_not_found")
+        raise expert_not_found(expert_id)
     return expert
 
 
@@ -175,11 +184,123 @@ def record_version(
     return expert, version
 
 
+def find_resubmission(
+    *, session: Session, owner: str, base_revision: str, digest: str, datasheet_digest: str
+) -> tuple[Expert, ExpertVersion] | None:
+    """The version ``owner`` already stored with these weights and this datasheet (the
+    oldest, should earlier code have made copies), or None."""
+    row = session.execute(
+        select(Expert, ExpertVersion)
+        .join(ExpertVersion, ExpertVersion.expert_id == Expert.id)
+        .where(
+            Expert.owner == owner,
+            ExpertVersion.digest == digest,
+            ExpertVersion.datasheet_digest == datasheet_digest,
+            ExpertVersion.base_revision == base_revision,
+        )
+        .order_by(Expert.id, ExpertVersion.version)
+        .limit(1)
+    ).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
+def submitted_view(expert: Expert, version: ExpertVersion) -> dict[str, Any]:
+    return {
+        "id": expert.id,
+        "version": version.version,
+        "digest": f"sha256:{version.digest}",
+        "status": expert.status,
+    }
+
+
+def submit_expert(
+    *,
+    session: Session,
+    runtime: Runtime,
+    principal: Principal,
+    weights: UploadedFile,
+    datasheet: UploadedFile,
+    base_revision: str,
+    expert_id: str | None,
+    idem: IdempotentRequest,
+) -> StoredResponse:
+    """Validate the staged files, commit the weights blob, then record the expert (or its
+    new version) and its retrieval vectors in one transaction: 201. The owner's repeat of
+    a stored version (no ``expert_id``): 200 with that version, nothing written."""
+    stored = idem.replay(session)
+    if stored is not None:
+        return stored
+    sheet = datasheet.read_bytes()
+    sheet_digest = hashlib.sha256(sheet).hexdigest()
+
+    def repeated(s: Session) -> StoredResponse | None:
+        if expert_id is not None:
+            return None
+        found = find_resubmission(
+            session=s,
+            owner=principal.name,
+            base_revision=base_revision,
+            digest=weights.sha256,
+            datasheet_digest=sheet_digest,
+        )
+        return None if found is None else StoredResponse(200, submitted_view(*found))
+
+    with session.begin():
+        base = get_base_model(session=session, revision=base_revision)
+        if expert_id is not None:
+            # Refuse someone else's expert before any byte is committed to storage.
+            check_owner(
+                expert=get_expert(session=session, expert_id=expert_id), principal=principal
+            )
+        again = repeated(session)
+    if again is not None:
+        already: StoredResponse = again
+        return idem.commit_or_replay(session, lambda _s: already)
+    validated = validate_submission(
+        base=base,
+        base_revision=base_revision,
+        weights_path=weights.path,
+        datasheet=sheet,
+        max_expert_bytes=runtime.settings.max_expert_bytes,
+        max_datasheet_bytes=runtime.settings.max_datasheet_bytes,
+    )
+    # Embedded before the transaction (the embedder is the slow part), stored in
+    # it: an accepted version always has its retrieval vectors.
+    vectors = runtime.retrieval.vectors_for_samples(validated.samples)
+    # The blob is committed before the row: a failure in between leaves an orphan blob
+    # for the garbage collector, never a row that names missing bytes.
+    key = runtime.store.commit(weights.path, weights.sha256)
+
+    def write(s: Session) -> StoredResponse:
+        # The same repeat, committed by a concurrent request while this one validated.
+        raced = repeated(s)
+        if raced is not None:
+            return raced
+        expert, version = record_version(
+            session=s,
+            principal=principal,
+            expert_id=expert_id,
+            validated=validated,
+            digest=weights.sha256,
+            size=weights.size,
+            storage_key=key,
+        )
+        runtime.retrieval.record_vectors(
+            session=s, expert_id=expert.id, version=version.version, vectors=vectors
+        )
+        return StoredResponse(201, submitted_view(expert, version))
+
+    response = idem.commit_or_replay(session, write)
+    # Committed: this replica's index takes the new version in place, before answering.
+    runtime.retrieval.sync()
+    return response
+
+
 def get_version(*, session: Session, expert: Expert, version: int | None) -> ExpertVersion:
     number = expert.latest_version if version is None else version
     row = session.get(ExpertVersion, (expert.id, number))
     if row is None:
-        raise NotFound(f"expert {expert.id} has no version {number}", code="version_not_found")
+        raise version_not_found(expert.id, number, expert.latest_version)
     return row
 
 

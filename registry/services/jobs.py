@@ -26,15 +26,11 @@ from sqlalchemy.orm import Session
 
 from registry.db.models import Composition, Job, JobResult, utcnow
 from registry.errors import BadRequest, Conflict, NotFound
+from registry.protocol import JOB_KINDS
 from registry.services.ids import new_id
 
-KINDS = (
-    "compose.mixture",
-    "compose.ensemble",
-    "compose.average",
-    "compose.distill",
-    "evaluate",
-)
+# Every kind a worker can run: one compose.<method> per method spec, and evaluate.
+KINDS = JOB_KINDS
 STATUSES = ("queued", "leased", "succeeded", "failed", "dead")
 FINAL = ("succeeded", "failed", "dead")
 MIN_LEASE_SECONDS = 2

@@ -1,9 +1,12 @@
 """Moderation: disable and re-enable an expert, each with a reason, each recorded.
 
 A disabled expert is withdrawn at once: its datasheet and weights answer 451 and it leaves
-the search index in the same request (the route syncs the index after the commit). Every
-action is a row of ``moderation_actions``; the hash-chained audit log and user reports
-build on these rows later.
+the search index in the same request (``moderate`` syncs the index after the commit).
+Every action is a row of ``moderation_actions``; the hash-chained audit log and user
+reports build on these rows later.
+
+``moderate`` is the write sequence of the disable / enable routes and owns its transaction
+(registry/api/deps.py); the other functions take the caller's session and never commit.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from sqlalchemy.orm import Session
 from registry.db.models import Expert, ModerationAction, utcnow
 from registry.errors import BadRequest, Conflict
 from registry.retrieval import store as retrieval_store
+from registry.retrieval.service import Retrieval
 from registry.services.experts import get_expert
+from registry.services.idempotency import IdempotentRequest, StoredResponse
 from registry.services.tokens import Principal
 
 # action -> the status it leaves the expert in
@@ -54,6 +59,33 @@ def set_status(
     session.flush()
     retrieval_store.bump(session=session, expert_id=expert.id)
     return expert, row
+
+
+def moderate(
+    *,
+    session: Session,
+    retrieval: Retrieval,
+    principal: Principal,
+    expert_id: str,
+    action: str,
+    reason: str | None,
+    idem: IdempotentRequest,
+) -> StoredResponse:
+    """Apply ``action`` in one transaction (with the Idempotency-Key's outcome), then sync
+    this replica's search index so the expert leaves (or rejoins) it before the answer."""
+    stored = idem.replay(session)
+    if stored is not None:
+        return stored
+
+    def write(s: Session) -> StoredResponse:
+        expert, row = set_status(
+            session=s, expert_id=expert_id, action=action, reason=reason, principal=principal
+        )
+        return StoredResponse(200, {**action_view(row), "status": expert.status})
+
+    response = idem.commit_or_replay(session, write)
+    retrieval.sync()
+    return response
 
 
 def list_actions(*, session: Session, expert_id: str) -> list[ModerationAction]:

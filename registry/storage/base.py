@@ -127,9 +127,10 @@ def _staging_unavailable(directory: Path, exc: OSError) -> ServiceUnavailable:
 class _BackgroundSyncs:
     """fsyncs started when a staging file is closed, finished by the local store's commit.
 
-    Flushing a 1 GiB upload to disk takes about half a second here (0.32 s for 512 MiB);
-    started at close, it overlaps the validation pass that reads the file back, instead
-    of adding to the upload's latency inside ``LocalBlobStore.commit``.
+    Flushing a large upload to disk takes a noticeable part of a second per GiB
+    (docs/registry-storage.md, "Blobs"); started at close, it overlaps the validation
+    pass that reads the file back, instead of adding to the upload's latency inside
+    ``LocalBlobStore.commit``.
     """
 
     def __init__(self) -> None:

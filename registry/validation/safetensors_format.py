@@ -55,8 +55,8 @@ DTYPE_ITEMSIZE: Mapping[str, int] = {
 }
 
 # Exponent-field masks: a float is non-finite exactly when all its exponent bits are set.
-# For the 16-bit types, testing the raw bits runs ~5x faster than numpy's float16 isfinite
-# (0.23 GB/s here) and avoids widening bfloat16, which numpy lacks, to float32.
+# For the 16-bit types, testing the raw bits is faster than numpy's float16 isfinite
+# (docs/validation.md, "Speed") and avoids widening bfloat16, which numpy lacks, to float32.
 _HALF_EXPONENT_MASK: Mapping[str, int] = {"F16": 0x7C00, "BF16": 0x7F80}
 _FLOAT_NUMPY: Mapping[str, str] = {"F32": "<f4", "F64": "<f8"}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
@@ -317,9 +317,10 @@ def find_non_finite(
     """Count NaN/inf values per floating-point tensor; tensors with none are omitted.
 
     The file is memory-mapped read-only and scanned ``chunk_bytes`` at a time: numpy reads
-    straight from the page cache (no copy into a buffer: 1.5-2x faster than ``readinto``
-    here), and the temporaries stay chunk-sized. The file must not shrink while this runs
-    (the service validates its own staged copy), or the kernel raises SIGBUS.
+    straight from the page cache (no copy into a buffer, faster than ``readinto``:
+    docs/validation.md, "Speed"), and the temporaries stay chunk-sized. The file must not
+    shrink while this runs (the service validates its own staged copy), or the kernel raises
+    SIGBUS.
     """
     scanned = [t for t in header.tensors if t.dtype in FLOAT_DTYPES and t.nbytes]
     if not scanned:

@@ -489,7 +489,7 @@ def test_a_composition_naming_an_unknown_or_disabled_expert_is_refused(
 
     with registry.http(published.user_token) as http:
         body = _problem(
-            http.post("/v1/compositions", json=request([e0, unknown])), 422, "unknown_expert"
+            http.post("/v1/compositions", json=request([e0, unknown])), 404, "expert_not_found"
         )
         assert unknown in body["detail"]
         body = _problem(

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from modelcore import threads as mc_threads
 from modelcore.kernels import moe_ref, plan_routing
 from modelcore.kernels.moe_ref import grouped_mm_ref
 from modelcore.kernels.sb_ref import stickbreaking_attention_ref
@@ -137,10 +138,10 @@ def test_inference_schedule_is_the_per_token_loop(
     x = torch.randn(T * K if grouped_in else T, D, generator=gen)
     w = torch.randn(E, D, H, generator=gen)
     g = gates if gated else None
-    moe_ref._pools.clear()
+    mc_threads._pools.clear()
     with torch.no_grad():
         y = grouped_mm_ref(x, w, plan, gates_TK=g, grouped_in=grouped_in, grouped_out=grouped_out)
-    assert (2 in moe_ref._pools) == parallel  # the worker threads ran it, or did not
+    assert (2 in mc_threads._pools) == parallel  # the worker threads ran it, or did not
     want = torch.zeros(T, H) if gated else torch.zeros(T * K, H)
     for p, a in enumerate(plan.sorted_assign_A.tolist()):
         t, slot = divmod(a, K)
@@ -163,11 +164,11 @@ def test_inference_schedule_on_worker_threads_takes_weights_that_require_grad(ex
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(T, D, generator=gen)
     w = torch.randn(E, D, H, generator=gen).requires_grad_()
-    moe_ref._pools.clear()
+    mc_threads._pools.clear()
     with torch.no_grad():
         y = grouped_mm_ref(x, w, plan, gates_TK=gates)
         want = grouped_mm_ref(x, w.detach(), plan, gates_TK=gates)
-    assert 2 in moe_ref._pools  # it ran on the worker threads
+    assert 2 in mc_threads._pools  # it ran on the worker threads
     assert not y.requires_grad
     torch.testing.assert_close(y, want, atol=0, rtol=0)
 
@@ -175,12 +176,12 @@ def test_inference_schedule_on_worker_threads_takes_weights_that_require_grad(ex
 def test_expert_parallel_schedule_leaves_thread_counts_alone(expert_parallel):
     """Its workers pin themselves to one intra-op thread each, which in torch also resets
     the process-wide default; the caller, and threads it starts later, must keep theirs."""
-    moe_ref._pools.clear()  # force the workers to be made (and pinned) during this call
+    mc_threads._pools.clear()  # force the workers to be made (and pinned) during this call
     T, K, E = 16, 2, 4
     idx = torch.arange(T * K).reshape(T, K) % E
     with torch.no_grad():
         grouped_mm_ref(torch.randn(T, 8), torch.randn(E, 8, 6), plan_routing(idx, E))
-    assert 2 in moe_ref._pools
+    assert 2 in mc_threads._pools
     assert torch.get_num_threads() == 2
     seen: list[int] = []
     thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
@@ -189,7 +190,7 @@ def test_expert_parallel_schedule_leaves_thread_counts_alone(expert_parallel):
     assert seen == [2]
     # and each worker runs its GEMMs on one thread: two workers use the two cores
     on_workers: list[int] = []
-    moe_ref._pools[2].run([lambda: on_workers.append(torch.get_num_threads())] * 2)
+    mc_threads._pools[2].run([lambda: on_workers.append(torch.get_num_threads())] * 2)
     assert on_workers == [1, 1]
 
 

@@ -248,10 +248,13 @@ def test_invalid_datasheet_is_refused_and_leaves_nothing(api, datasheet, code) -
 
 
 def test_unknown_base_revision_is_refused(api) -> None:
+    # The same code as every other reference to a missing base (GET /v1/base-models/REV,
+    # search, compose), with the command that lists the valid values.
     before = api.leftovers()
     response = api.submit(base_revision="f" * 64)
-    assert response.status_code == 422
-    assert response.json()["code"] == "unknown_base_revision"
+    assert response.status_code == 404
+    assert response.json()["code"] == "base_model_not_found"
+    assert "`agora base list`" in response.json()["detail"]
     assert api.leftovers() == before
 
 
@@ -536,3 +539,115 @@ def test_failure_after_the_blob_leaves_an_orphan_not_a_dangling_row(api, monkeyp
         )
     assert report.objects_deleted == 1
     assert api.leftovers().blob_files == before.blob_files  # the base model's blobs stay
+
+
+def test_the_owner_resubmitting_the_same_expert_gets_the_stored_version_back(api) -> None:
+    """The README's quickstart run twice: the same owner, weights and datasheet answer 200
+    with the expert already stored, so search does not split its weight between copies."""
+    weights = api.expert_bytes(seed=5)
+    datasheet = make_datasheet(name="Tide pools", domain="intertidal ecology field notes")
+    first = api.submit(weights=weights, datasheet=datasheet)
+    assert first.status_code == 201, first.text
+    before = api.leftovers()
+
+    again = api.submit(weights=weights, datasheet=datasheet)
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json()
+    assert api.leftovers() == before  # no row, no blob, no staging file left behind
+    listed = api.client.get("/v1/experts").json()["items"]
+    assert [e["id"] for e in listed] == [first.json()["id"]]
+    hits = api.client.post(
+        "/v1/search",
+        json={"texts": ["intertidal ecology field notes"], "base_revision": api.base.revision},
+    ).json()["results"]
+    assert [(h["expert_id"], h["weight"]) for h in hits] == [(first.json()["id"], 1.0)]
+
+
+def test_a_resubmission_with_an_idempotency_key_stores_the_200(api) -> None:
+    weights = api.expert_bytes(seed=6)
+    first = api.submit(weights=weights)
+    headers = {"Idempotency-Key": "quickstart-twice"}
+    again = api.submit(weights=weights, headers=headers)
+    replay = api.submit(weights=weights, headers=headers)
+    assert (again.status_code, replay.status_code) == (200, 200)
+    assert again.json() == replay.json() == first.json()
+
+
+@pytest.mark.parametrize("change", ["owner", "weights", "datasheet"])
+def test_another_owner_or_other_content_is_a_new_expert(api, change) -> None:
+    weights = api.expert_bytes(seed=7)
+    datasheet = make_datasheet(name="Tide pools")
+    first = api.submit(weights=weights, datasheet=datasheet)
+    assert first.status_code == 201, first.text
+    second = api.submit(
+        api.tokens.bob if change == "owner" else None,
+        weights=api.expert_bytes(seed=8) if change == "weights" else weights,
+        datasheet=make_datasheet(name="Rock pools") if change == "datasheet" else datasheet,
+    )
+    assert second.status_code == 201, second.text
+    assert second.json()["id"] != first.json()["id"]
+    assert api.leftovers().staging_files == []
+
+
+def test_a_new_version_with_the_same_bytes_is_still_a_new_version(api) -> None:
+    # The repeat rule is about new experts: naming expert_id asks for a version.
+    weights = api.expert_bytes(seed=9)
+    first = api.submit(weights=weights).json()
+    again = api.submit(weights=weights, expert_id=first["id"])
+    assert again.status_code == 201, again.text
+    assert (again.json()["id"], again.json()["version"]) == (first["id"], 2)
+
+
+def test_a_missing_reference_has_one_code_wherever_it_appears(api) -> None:
+    """A base revision or an expert that does not exist: the same 404 code in the URL and
+    in a request body, with the command that lists the valid values."""
+    token = api.auth(api.tokens.alice)
+    missing_base = "0" * 64
+    refusals = [
+        api.client.get(f"/v1/base-models/{missing_base}"),
+        api.submit(base_revision=missing_base),
+        api.client.post("/v1/search", json={"texts": ["x"], "base_revision": missing_base}),
+        api.client.post(
+            "/v1/compositions",
+            json={"method": "mixture", "base_revision": missing_base, "experts": ["ex_x"]},
+            headers=token,
+        ),
+    ]
+    for response in refusals:
+        assert (response.status_code, response.json()["code"]) == (404, "base_model_not_found")
+        assert "`agora base list`" in response.json()["detail"]
+
+    refusals = [
+        api.client.get("/v1/experts/ex_nothere"),
+        api.submit(expert_id="ex_nothere"),
+        api.client.post(
+            "/v1/compositions",
+            json={
+                "method": "mixture",
+                "base_revision": api.base.revision,
+                "experts": ["ex_nothere"],
+            },
+            headers=token,
+        ),
+        api.client.post(
+            "/v1/evaluations",
+            json={"expert_id": "ex_nothere", "text_sets": {"a": ["some text"]}},
+            headers=token,
+        ),
+    ]
+    for response in refusals:
+        assert (response.status_code, response.json()["code"]) == (404, "expert_not_found")
+        assert "`agora expert list`" in response.json()["detail"]
+
+    expert = api.submit(weights=api.expert_bytes(seed=10)).json()["id"]
+    refusals = [
+        api.client.get(f"/v1/experts/{expert}/datasheet?version=3"),
+        api.client.post(
+            "/v1/evaluations",
+            json={"expert_id": expert, "version": 3, "text_sets": {"a": ["some text"]}},
+            headers=token,
+        ),
+    ]
+    for response in refusals:
+        assert (response.status_code, response.json()["code"]) == (404, "version_not_found")
+        assert "its versions are 1 to 1" in response.json()["detail"]

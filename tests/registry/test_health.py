@@ -75,3 +75,31 @@ def test_database_outage_is_503_with_retry_after(api) -> None:
     assert response.status_code == 503
     assert response.headers["retry-after"] == "2"
     assert response.json()["code"] == "database_unavailable"
+
+
+def test_docs_work_offline_from_the_package(client) -> None:
+    """/docs names no URL outside this server, and every asset it loads is served here."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert "SwaggerUIBundle" in html
+    assert not re.search(r"https?://", html), "the page must not load anything from the web"
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert {a.rsplit("/", 1)[-1] for a in assets} == {
+        "swagger-ui-bundle.js",
+        "swagger-ui.css",
+        "favicon-32x32.png",
+    }
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200, asset
+        assert len(response.content) > 500, asset
+    script = next(a for a in assets if a.endswith(".js"))
+    assert "SwaggerUIBundle" in client.get(script).text
+    openapi_url = re.search(r"url: '([^']+)'", html)
+    assert openapi_url is not None
+    assert client.get(openapi_url.group(1)).json()["info"]["title"] == "Agora registry"
+    assert client.get("/redoc").status_code == 404

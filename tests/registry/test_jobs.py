@@ -12,8 +12,8 @@ import pytest
 from helpers.artifacts import make_datasheet
 from sqlalchemy import func, select, update
 
-from registry.contracts import AVERAGE_CAUTION
 from registry.db.models import Expert, ExpertParent, Job, JobResult
+from registry.protocol import AVERAGE_CAUTION
 from registry.settings import Settings
 
 Api = Any
@@ -240,10 +240,8 @@ def test_refusals_create_no_job(api: Api) -> None:
     )
     assert response.status_code == 200, response.text
     problem(compose(api, {"method": "mixture", "experts": [a, disabled]}), 451, "expert_disabled")
-    problem(compose(api, {"method": "mixture", "experts": ["ex_nothere"]}), 422, "unknown_expert")
-    problem(
-        compose(api, {"method": "mixture", "experts": [f"{a}@7"]}), 422, "unknown_expert_version"
-    )
+    problem(compose(api, {"method": "mixture", "experts": ["ex_nothere"]}), 404, "expert_not_found")
+    problem(compose(api, {"method": "mixture", "experts": [f"{a}@7"]}), 404, "version_not_found")
     problem(compose(api, {"method": "blend", "experts": [a]}), 400, "invalid_method")
     problem(compose(api, {"method": "average", "experts": [a]}), 400, "too_few_experts")
     problem(

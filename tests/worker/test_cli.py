@@ -183,13 +183,9 @@ def test_sigterm_stops_an_idle_worker_process(live, tmp_path) -> None:
 
 
 def test_serve_hook_runs_an_in_process_worker(live, published, tiny, texts, tmp_path) -> None:
-    import registry.cli as registry_cli
-    from agora.cli import build_app
-    from worker.cli import serve_hook
+    from agora.commands.worker import start_embedded
 
-    build_app()
-    assert serve_hook in registry_cli.SERVE_HOOKS
-    stop = serve_hook(live["url"], live["tokens"]["worker"], live["data_dir"])
+    stop = start_embedded(live["url"], live["tokens"]["worker"], live["data_dir"])
     try:
         alice, handle = _compose(live, tiny, texts, tmp_path)
         composition = handle.wait(timeout=60, poll=0.1)

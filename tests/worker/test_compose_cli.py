@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from registry.contracts import AVERAGE_CAUTION
+from registry.protocol import AVERAGE_CAUTION
 
 CAUTION = f"warning: [average_may_harm] {AVERAGE_CAUTION.detail}"
 

@@ -203,7 +203,7 @@ def test_log_mix_of_one_path_is_its_log_softmax_and_identical_paths_change_nothi
 
 
 def test_run_blocks_runs_every_block_once_and_reraises():
-    from modelcore.compose._parallel import run_blocks
+    from modelcore.threads import run_blocks
 
     seen = []
     states = []

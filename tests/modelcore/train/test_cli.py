@@ -155,7 +155,7 @@ def test_eval_refuses_an_expert_of_another_base(cli, expert_file, tmp_path):
 def test_expert_train_keeps_the_expert_in_its_lane_by_default(cli, trained_base, tmp_path):
     import inspect
 
-    from agora.model_cli import _expert_train
+    from agora.commands.train import expert_train as _expert_train
     from modelcore.train import recipes
 
     # The CLI's defaults are the recipes' (one source for the CLI, the report, the tests).

@@ -18,6 +18,7 @@ from registry.client import Agora
 class Setup:
     url: str
     alice: str
+    admin: str
     revision: str
     schema: dict
     env: dict[str, str]
@@ -46,7 +47,7 @@ def setup(live_server, tmp_path: Path) -> Setup:
         "AGORA_TOKEN": alice,
         "AGORA_CACHE_DIR": str(tmp_path / "cli-cache"),
     }
-    return Setup(live_server.url, alice, base.revision, schema, env)
+    return Setup(live_server.url, alice, admin, base.revision, schema, env)
 
 
 def run(args: list[str], env: dict[str, str]):
@@ -153,3 +154,116 @@ def test_docs_sdk_snippet_runs_as_written(setup: Setup, tmp_path: Path, monkeypa
     assert (tmp_path / "downloaded.safetensors").read_bytes() == (
         tmp_path / "expert.safetensors"
     ).read_bytes()
+
+
+def test_a_datasheet_schema_failure_names_each_field(setup: Setup, tmp_path: Path) -> None:
+    weights = write_expert(tmp_path / "e.safetensors", setup.schema, base_revision=setup.revision)
+    sheet = tmp_path / "DATASHEET.md"
+    sheet.write_bytes(make_datasheet(contact=None, sources=None, license=None))
+    refused = run(
+        ["expert", "submit", str(weights), "--datasheet", str(sheet), "--base", setup.revision],
+        setup.env,
+    )
+    assert refused.exit_code == 1
+    assert "[datasheet_invalid]" in refused.stderr
+    fields = [line.strip() for line in refused.stderr.splitlines() if line.strip().startswith("-")]
+    # One line per field, each with its path: never the same message without a place.
+    assert fields == [
+        "- $.contact: required key is missing",
+        "- $.license: required key is missing",
+        "- $.sources: required key is missing",
+    ]
+
+
+def test_field_errors_are_described_with_their_place() -> None:
+    from agora.remote import describe_field_error, field_lines
+
+    assert describe_field_error({"path": "$.contact", "message": "required"}) == (
+        "$.contact: required"
+    )
+    assert describe_field_error({"tensor": "layers.0.w", "detail": "bad dtype"}) == (
+        "layers.0.w: bad dtype"
+    )
+    assert describe_field_error({"loc": ["body", "k"], "msg": "too big"}) == "body.k: too big"
+    assert describe_field_error({"message": "no place"}) == "no place"
+    many = field_lines([{"path": f"$.x{i}", "message": "m"} for i in range(25)])
+    assert len(many) == 21
+    assert many[-1] == "... and 5 more"
+
+
+def _long_named_expert(setup: Setup, tmp_path: Path) -> str:
+    weights = write_expert(tmp_path / "e.safetensors", setup.schema, base_revision=setup.revision)
+    sheet = tmp_path / "DATASHEET.md"
+    sheet.write_bytes(
+        make_datasheet(
+            name="Tide-pool ecology field notes of the North Pacific coast, 2019-2024",
+            domain="Field notes, survey logs and short articles about rocky intertidal "
+            "ecology: species observations, tide and temperature records, predation.",
+        )
+    )
+    submitted = run(
+        ["expert", "submit", str(weights), "--datasheet", str(sheet), "--base", setup.revision],
+        setup.env,
+    )
+    assert submitted.exit_code == 0, submitted.output
+    return next(x for x in submitted.stdout.splitlines() if x.startswith("submitted ")).split()[1]
+
+
+def test_tables_keep_their_numbers_at_80_columns(setup: Setup, tmp_path: Path) -> None:
+    expert_id = _long_named_expert(setup, tmp_path)
+    narrow = {**setup.env, "COLUMNS": "80"}
+
+    listed = run(["expert", "list"], narrow)
+    assert listed.exit_code == 0, listed.output
+    assert all(len(line) <= 80 for line in listed.stdout.splitlines())
+    (row,) = [line for line in listed.stdout.splitlines() if expert_id in line]
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells[0] == expert_id
+    assert cells[-3:] == ["active", "1", setup.revision[:8]]
+    assert cells[1].startswith("Tide")
+    assert cells[1].endswith("…")  # the name gives way
+
+    found = run(["search", "sea stars on the mussel beds at low tide", "-k", "1"], narrow)
+    assert found.exit_code == 0, found.output
+    assert all(len(line) <= 80 for line in found.stdout.splitlines())
+    (row,) = [line for line in found.stdout.splitlines() if expert_id in line]
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    assert cells[:3] == [expert_id, "1", "1.000"]
+    assert float(cells[3]) > 0
+
+
+def test_search_and_compose_guess_the_only_base_and_list_several(
+    setup: Setup, tmp_path: Path
+) -> None:
+    expert_id = _long_named_expert(setup, tmp_path)
+    # One base on the registry: --base may be left out (search, as compose always did).
+    guessed = run(["search", "tide pools", "--json"], setup.env)
+    assert guessed.exit_code == 0, guessed.output
+    assert json.loads(guessed.stdout)["results"][0]["expert_id"] == expert_id
+
+    # A second base: leaving --base out is a usage error that lists both revisions.
+    other = make_base_files(seed=1)
+    directory = tmp_path / "other-base"
+    directory.mkdir()
+    for name, content in other.items():
+        (directory / name).write_bytes(content)
+    admin_env = {**setup.env, "AGORA_TOKEN": setup.admin}
+    uploaded = run(["base", "upload", str(directory)], admin_env)
+    assert uploaded.exit_code == 0, uploaded.output
+    second = uploaded.stdout.strip().splitlines()[-1]
+    assert second != setup.revision
+    listed = run(["base", "list"], setup.env)
+    assert listed.exit_code == 0, listed.output
+    assert {line.split()[0] for line in listed.stdout.splitlines()} == {setup.revision, second}
+    wide = {**setup.env, "COLUMNS": "400"}  # the usage error's box never wraps a revision
+    for args in (
+        ["search", "tide pools"],
+        ["compose", "--experts", expert_id, "--out", str(tmp_path / "c")],
+    ):
+        refused = run(args, wide)
+        assert refused.exit_code == 2, refused.output
+        assert "the registry has 2 base models, name one" in refused.output
+        assert "--base" in refused.output
+        assert setup.revision in refused.output
+        assert second in refused.output
+    assert not (tmp_path / "c").exists()

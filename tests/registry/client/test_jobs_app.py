@@ -31,11 +31,11 @@ from registry.client import (
     JobFailed,
     LeasedJob,
     LeaseLost,
+    NotFound,
     UnavailableForLegalReasons,
-    ValidationFailed,
 )
 from registry.client.composed import load_composed_dir
-from registry.contracts import AVERAGE_CAUTION
+from registry.protocol import AVERAGE_CAUTION
 
 torch = pytest.importorskip("torch")
 
@@ -359,9 +359,9 @@ def test_evaluate_an_expert_and_list_its_evaluations(world: dict[str, Any]) -> N
 
 def test_refusals_arrive_typed(world: dict[str, Any]) -> None:
     alice, moderator = world["alice"], world["moderator"]
-    with pytest.raises(ValidationFailed) as unknown:
+    with pytest.raises(NotFound) as unknown:
         alice.compose("mixture", experts=["ex_" + "Z" * 26])
-    assert unknown.value.code == "unknown_expert"
+    assert unknown.value.code == "expert_not_found"
     b = world["experts"]["b"]
     moderator.disable_expert(b.id, "licence complaint")
     with pytest.raises(UnavailableForLegalReasons) as disabled:
@@ -560,8 +560,8 @@ def test_cli_compose_refusals(cli_world: CliWorld, tmp_path: Path) -> None:
     assert "is not key=value" in bad_param.output
     unknown = cli(["compose", "--experts", "ex_" + "Z" * 26, "--out", out], cli_world.env)
     assert unknown.exit_code == 1
-    assert "[unknown_expert]" in unknown.stderr
-    assert "(HTTP 422)" in unknown.stderr
+    assert "[expert_not_found]" in unknown.stderr
+    assert "(HTTP 404)" in unknown.stderr
 
 
 def test_cli_compose_with_and_without_the_base(

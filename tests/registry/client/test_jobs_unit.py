@@ -734,8 +734,9 @@ def test_without_modelcore_loading_says_what_to_install(
 ) -> None:
     served = FilesRegistry()
     agora, _ = make_client(served, tmp_path)
-    # None in sys.modules makes `import modelcore.compose.composed` fail as if not installed.
-    monkeypatch.setitem(sys.modules, "modelcore.compose.composed", None)
+    # None in sys.modules makes the SDK's one import of modelcore (modelcore.compose.local)
+    # fail as if it were not installed.
+    monkeypatch.setitem(sys.modules, "modelcore.compose.local", None)
     with pytest.raises(ModelDependenciesMissing) as err:
         agora.load_composed("cmp_01")
     assert "pip install 'agora[model]'" in err.value.detail
@@ -811,7 +812,7 @@ def test_placing_over_a_link_to_the_same_entry_leaves_no_temp_file(
 def test_the_sdk_docs_name_every_method_parameter() -> None:
     """docs/sdk.md lists each method's parameters by hand: it must not fall behind the
     one declaration the registry checks requests against."""
-    from registry.contracts import METHOD_SPECS
+    from registry.protocol import METHOD_SPECS
 
     docs = (Path(__file__).resolve().parents[3] / "docs" / "sdk.md").read_text()
     listed = docs.split("Method parameters", 1)[1].split("Returns a", 1)[0]

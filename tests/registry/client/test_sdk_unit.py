@@ -7,6 +7,7 @@ attempt fails and how.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import subprocess
 import sys
@@ -130,7 +131,7 @@ def test_public_surface_is_all_and_importable() -> None:
 
 def test_sdk_import_pulls_no_server_dependencies() -> None:
     code = (
-        "import sys, registry.client, registry.client.cli;"
+        "import sys, registry.client;"
         "bad = {'fastapi','sqlalchemy','boto3','numpy','torch','registry.errors','starlette'}"
         " & set(sys.modules); print(sorted(bad))"
     )
@@ -138,6 +139,134 @@ def test_sdk_import_pulls_no_server_dependencies() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+# Every Agora method, with its parameters, and the resource method it delegates to.
+AGORA_METHODS = {
+    "submit_expert": (
+        (
+            "weights_path",
+            "datasheet",
+            "base_revision",
+            "expert_id",
+            "idempotency_key",
+            "progress",
+        ),
+        "experts.submit",
+    ),
+    "list_experts_page": (
+        ("base_revision", "status", "q", "limit", "cursor"),
+        "experts.page",
+    ),
+    "list_experts": (("base_revision", "status", "q", "limit", "page_size"), "experts.list"),
+    "get_expert": (("expert_id",), "experts.get"),
+    "get_datasheet": (("expert_id", "version"), "experts.datasheet"),
+    "download": (("expert_id", "version", "dest", "progress"), "experts.download"),
+    "search": (("texts", "base_revision", "k", "temperature"), "retrieval.search"),
+    "nearest_expert": (("texts_or_path", "base_revision"), "retrieval.nearest"),
+    "disable_expert": (("expert_id", "reason"), "moderation.disable"),
+    "enable_expert": (("expert_id", "reason"), "moderation.enable"),
+    "list_base_models": ((), "bases.list"),
+    "get_base_model": (("revision",), "bases.get"),
+    "upload_base_model": (
+        ("config", "tokenizer", "weights", "name", "progress"),
+        "bases.upload",
+    ),
+    "download_base_model": (("revision", "dest_dir", "progress"), "bases.download"),
+    "compose": (
+        (
+            "method",
+            "base_revision",
+            "experts",
+            "texts",
+            "k",
+            "weights",
+            "params",
+            "with_base",
+            "base_weight",
+            "temperature",
+            "idempotency_key",
+        ),
+        "compositions.create",
+    ),
+    "get_composition": (("composition_id",), "compositions.get"),
+    "composition": (("composition_id",), "compositions.handle"),
+    "download_composition": (
+        ("composition", "dest_dir", "progress"),
+        "compositions.download",
+    ),
+    "load_composed": (("composition", "device", "progress"), "compositions.load"),
+    "evaluate": (
+        ("text_sets", "expert_id", "version", "composition_id", "idempotency_key"),
+        "evaluations.create",
+    ),
+    "list_evaluations": (("expert_id", "composition_id"), "evaluations.list"),
+    "get_job": (("job_id",), "jobs.get"),
+    "job": (("job_id",), "jobs.handle"),
+    "list_jobs": (("status", "kind", "limit"), "jobs.list"),
+    "lease_job": (("worker", "kinds", "lease_seconds"), "jobs.lease"),
+    "heartbeat_job": (("job_id", "fencing_token", "progress"), "jobs.heartbeat"),
+    "complete_job": (
+        ("job_id", "fencing_token", "result", "weights", "progress"),
+        "jobs.complete",
+    ),
+    "fail_job": (("job_id", "fencing_token", "error", "retryable", "release"), "jobs.fail"),
+}
+
+
+def test_agora_methods_keep_their_signatures_and_match_their_resources(tmp_path: Path) -> None:
+    agora = Agora("http://registry.test", cache_dir=tmp_path)
+    public = {
+        name
+        for name, value in vars(Agora).items()
+        if not name.startswith("_") and inspect.isfunction(value)
+    }
+    assert public == set(AGORA_METHODS) | {"close"}
+    for name, (params, target) in AGORA_METHODS.items():
+        method = inspect.signature(getattr(Agora, name))
+        assert tuple(method.parameters)[1:] == params, name
+        resource, attr = target.split(".")
+        delegate = inspect.signature(getattr(getattr(agora, resource), attr))
+        # The same parameters, kinds and defaults: the two spellings are one call.
+        assert list(delegate.parameters.values()) == list(method.parameters.values())[1:], name
+
+
+def test_resources_and_agora_methods_send_the_same_requests(tmp_path: Path) -> None:
+    seen: list[tuple[str, str, bytes]] = []
+    expert = {
+        "id": "ex_01",
+        "status": "active",
+        "base_revision": "ab" * 32,
+        "latest_version": 1,
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, str(request.url), request.read()))
+        if request.url.path == "/v1/search":
+            return httpx.Response(200, json={"results": [], "embedder": "hash"})
+        if request.url.path.endswith("/disable"):
+            action = {
+                "id": 1,
+                "expert_id": "ex_01",
+                "action": "disable",
+                "status": "disabled",
+                "reason": "spam",
+                "actor": "mod",
+            }
+            return httpx.Response(200, json=action)
+        return httpx.Response(200, json=expert)
+
+    agora, _ = make_client(handler, tmp_path)
+    assert agora.experts.get("ex_01") == agora.get_expert("ex_01")
+    assert agora.retrieval.search("tide", "ab" * 32, k=2) == agora.search("tide", "ab" * 32, k=2)
+    agora.moderation.disable("ex_01", "spam")
+    agora.disable_expert("ex_01", "spam")
+    assert seen[0::2] == seen[1::2]  # each pair: the resource's call, then Agora's
+    assert [(m, u.removeprefix("http://registry.test")) for m, u, _ in seen[::2]] == [
+        ("GET", "/v1/experts/ex_01"),
+        ("POST", "/v1/search"),
+        ("POST", "/v1/experts/ex_01/disable"),
+    ]
 
 
 # --------------------------------------------------------------------------- errors

@@ -1,13 +1,12 @@
-"""``agora worker`` and the in-process worker of ``agora serve``.
+"""``agora worker``, and the in-process worker ``agora serve`` starts (``start_embedded``).
 
-Cheap to import: torch and modelcore are imported when a worker starts, not here, so
-``agora --help`` stays fast. Without them (the SDK-only install) the command explains what
-to install and ``agora serve`` runs without an in-process worker.
+torch, modelcore and the worker package are imported when a worker starts, not here.
+Without them (the SDK-only install) ``agora worker`` says what to install and
+``agora serve`` runs without an in-process worker.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import signal
 import threading
@@ -18,16 +17,17 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-INSTALL_HINT = "pip install 'agora[model]'"
+from agora.common import echo_err, missing_modules
+from agora.remote import DEFAULT_URL
+
 # How long ``agora serve``'s shutdown waits for the in-process worker's current job.
 EMBEDDED_STOP_TIMEOUT_S = 10.0
 
 log = logging.getLogger("agora.worker")
 
 
-def _model_deps_installed() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "modelcore"))
+def model_deps_installed() -> bool:
+    return not missing_modules("model")
 
 
 def _setup_logging() -> None:
@@ -50,7 +50,7 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def worker_command(
+def worker(
     *,
     registry: Annotated[
         str, typer.Option("--registry", envvar="AGORA_REGISTRY_URL", help="Registry base URL.")
@@ -66,7 +66,7 @@ def worker_command(
         list[str] | None,
         typer.Option(
             "--kinds",
-            help="Job kinds to take: compose, evaluate, or exact kinds (compose.ensemble, "
+            help="Job kinds to take: compose, evaluate, or exact kinds (compose.<method>, "
             "...); comma-separated or repeated. Default: all.",
         ),
     ] = None,
@@ -103,8 +103,8 @@ def worker_command(
         raise typer.BadParameter(
             "a worker token is needed (or set AGORA_TOKEN)", param_hint="--token"
         )
-    if not _model_deps_installed():
-        typer.echo(f"error: the worker needs torch and modelcore: {INSTALL_HINT}", err=True)
+    if not model_deps_installed():
+        echo_err("error: the worker needs torch and modelcore: pip install 'agora[model]'")
         raise typer.Exit(2)
     _setup_logging()
     from registry.client import Agora, AgoraError, Forbidden, Unauthenticated
@@ -116,7 +116,7 @@ def worker_command(
         raise typer.BadParameter(str(exc), param_hint="--kinds") from None
     resolved = _resolve_device(device)
     with Agora(registry, token=token, cache_dir=cache_dir) as agora:
-        worker = Worker(
+        runner = Worker(
             agora,
             name=name,
             kinds=kinds,
@@ -132,26 +132,26 @@ def worker_command(
             signals["count"] += 1
             if signals["count"] == 1:
                 log.info("signal %d: finishing the current job, then exiting", signum)
-                worker.request_stop()
+                runner.request_stop()
             else:
                 log.info("signal %d again: releasing the current job and exiting", signum)
-                worker.request_release()
+                runner.request_release()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            worker.run()
+            runner.run()
         except (Unauthenticated, Forbidden) as exc:
-            typer.echo(f"error: the registry refused this token: {exc}", err=True)
+            echo_err(f"error: the registry refused this token: {exc}")
             raise typer.Exit(2) from None
         except AgoraError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            echo_err(f"error: {exc}")
             raise typer.Exit(1) from None
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
 
-def serve_hook(url: str, token: str, data_dir: Path) -> Callable[[], None]:
+def start_embedded(url: str, token: str, data_dir: Path) -> Callable[[], None]:
     """``agora serve``'s in-process worker: one ``Worker`` in a daemon thread, its cache
     under ``data_dir/worker-cache``. Returns ``stop``: ask it to stop, hand back its job
     if it does not finish in time, and wait for the thread."""
@@ -163,7 +163,7 @@ def serve_hook(url: str, token: str, data_dir: Path) -> Callable[[], None]:
 
     cache = Path(data_dir) / "worker-cache"
     agora = Agora(url, token=token, cache_dir=cache)
-    worker = Worker(
+    runner = Worker(
         agora,
         name=f"{default_name()}-embedded",
         device="cuda" if torch.cuda.is_available() else "cpu",
@@ -173,7 +173,7 @@ def serve_hook(url: str, token: str, data_dir: Path) -> Callable[[], None]:
 
     def run() -> None:
         try:
-            worker.run()
+            runner.run()
         except Exception:
             log.exception("the in-process worker stopped")
 
@@ -181,22 +181,11 @@ def serve_hook(url: str, token: str, data_dir: Path) -> Callable[[], None]:
     thread.start()
 
     def stop() -> None:
-        worker.request_stop()
+        runner.request_stop()
         thread.join(timeout=EMBEDDED_STOP_TIMEOUT_S)
         if thread.is_alive():
-            worker.request_release()
+            runner.request_release()
             thread.join(timeout=10)
         agora.close()
 
     return stop
-
-
-def register(root: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    root.command("worker")(worker_command)
-    try:
-        import registry.cli as registry_cli
-    except ModuleNotFoundError:  # the SDK-only install has no server to hook into
-        return
-    hooks = getattr(registry_cli, "SERVE_HOOKS", None)
-    if hooks is not None and _model_deps_installed() and serve_hook not in hooks:
-        hooks.append(serve_hook)

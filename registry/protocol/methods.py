@@ -1,12 +1,12 @@
-"""Wire contracts shared by the registry, the worker and the SDK.
+"""Composition methods: one ``MethodSpec`` per method, the only place one is declared.
 
-* ``METHOD_SPECS``: every composition method, declared once with its parameters (type,
-  bounds, default, what it does) and its paper. The registry checks requests against it,
-  the worker takes its defaults from it, and the API's OpenAPI text and the CLI's help
-  list the parameters from it, so no list of parameters is written twice.
-* ``ComposeResult`` and ``EvaluationResult``: what a worker completes a job with. The
-  worker builds them, the registry validates what arrives with them (a result that does
-  not fit is 422 ``invalid_result``).
+``METHOD_SPECS`` holds every composition method with its parameters (type, bounds,
+default, what it does), its paper, how many experts it takes, what its ``weights`` mean,
+and whether it produces a new expert. The registry checks requests against it, the worker
+derives its handlers and its parameter parsing from it, and the API's OpenAPI text and
+the CLI's help list the parameters from it, so no list of methods or parameters is
+written twice. ``MIXTURE``, ``ENSEMBLE``, ``AVERAGE`` and ``DISTILL`` name the specs for
+code that has to single one out (docs/method-recipe.md: adding a method).
 
 An ensemble (and a distillation's teacher, which is an ensemble) has the unmodified base
 as one more path by default, the "null expert" (``with_base``): its posterior falls back
@@ -18,8 +18,6 @@ A method may carry a ``Caution``: what the registry says with every request for 
 202's and the composition's ``warnings``; the SDK warns it as a ``CompositionWarning``,
 the CLIs print it). ``average`` has one, ``AVERAGE_CAUTION``: measured, a parameter average
 of independently trained experts harms (docs/composition.md, "Do no harm").
-
-pydantic and the standard library only: the SDK imports this module and installs light.
 """
 
 from __future__ import annotations
@@ -27,9 +25,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
-
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 ParamValue = int | float | str | bool
 
@@ -137,7 +132,22 @@ AVERAGE_CAUTION = Caution(
 @dataclass(frozen=True)
 class MethodSpec:
     """A composition method: its experts, what its ``weights`` mean, its parameters, and
-    the ``caution`` every request for it is answered with (None: none)."""
+    the ``caution`` every request for it is answered with (None: none).
+
+    Behaviour the registry and the worker take from here instead of from the name:
+
+    * ``takes_weights``: weights are the experts' shares (False: the method routes per
+      token and refuses weights); ``retrieval_weights``: when retrieval picked the
+      experts, its scores are the weights.
+    * ``weighting``: the name of a str parameter that says how weights are used:
+      ``UNIFORM`` ignores them, ``WEIGHTED`` needs them (average's ``merge``).
+    * ``produces_expert``: the job's output is a new expert (stored with a datasheet the
+      registry writes, named ``derived_name`` + " of " + the parents' names); its
+      manifest's ``output`` stands for the inputs.
+    * ``serves_ensemble``: the composition runs its experts as paths of an ensemble at
+      inference; its manifest records the weights and the base path (``with_base``).
+    * ``has_base_path`` (from ``params``): the base can be one more path (``with_base``).
+    """
 
     name: str
     summary: str
@@ -146,6 +156,35 @@ class MethodSpec:
     takes_weights: bool
     params: tuple[Param, ...] = ()
     caution: Caution | None = None
+    produces_expert: bool = False
+    derived_name: str | None = None
+    serves_ensemble: bool = False
+    retrieval_weights: bool = False
+    weighting: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.produces_expert != (self.derived_name is not None):
+            raise ValueError(f"{self.name}: a method that produces an expert names it")
+        if self.weighting is not None:
+            choices = self.param(self.weighting).choices
+            if not {UNIFORM, WEIGHTED} <= set(choices):
+                raise ValueError(f"{self.name}: {self.weighting} must offer uniform and weighted")
+
+    @property
+    def job_kind(self) -> str:
+        """The kind of the job that computes a composition of this method."""
+        return f"{COMPOSE_PREFIX}{self.name}"
+
+    @property
+    def has_base_path(self) -> bool:
+        return any(p.name == WITH_BASE.name for p in self.params)
+
+    def with_base(self, params: Mapping[str, object]) -> bool:
+        """Whether these (checked) params have the base as a path: the parameter's default
+        where the method has it, never where it has not."""
+        if not self.has_base_path:
+            return False
+        return bool(params.get(WITH_BASE.name, WITH_BASE.default))
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -170,10 +209,17 @@ class MethodSpec:
             value = p.check(values.get(p.name, p.default))
             if value is not None:
                 out[p.name] = value
-        if "base_weight" in out and out.get("with_base") is False:
-            raise ParamError("params.base_weight is the base path's weight: it needs with_base")
+        if BASE_WEIGHT.name in out and out.get(WITH_BASE.name) is False:
+            raise ParamError(
+                "params.base_weight is the base path's weight: it needs params.with_base"
+            )
         return out
 
+
+COMPOSE_PREFIX = "compose."
+# The choices of a ``weighting`` parameter that say whether weights are used.
+UNIFORM = "uniform"
+WEIGHTED = "weighted"
 
 # The base as one more path of an ensemble: ensemble and distill (whose teacher is one).
 WITH_BASE = Param(
@@ -193,74 +239,87 @@ BASE_WEIGHT = Param(
     low_open=True,
 )
 
+MIXTURE = MethodSpec(
+    "mixture",
+    "the experts inserted into the base's MoE layers; token-level top-k routing",
+    "Shen et al. 2023, ModuleFormer, https://arxiv.org/abs/2306.04640",
+    min_experts=1,
+    takes_weights=False,
+)
+ENSEMBLE = MethodSpec(
+    "ensemble",
+    "DEMix output ensembling with a Bayesian posterior over the paths (the experts, "
+    "and the base unless with_base is false); weights are the prior",
+    "Gururangan et al. 2022, DEMix Layers, https://arxiv.org/abs/2108.05036",
+    min_experts=1,
+    takes_weights=True,
+    params=(
+        Param(
+            "prior_windows",
+            int,
+            8,
+            "windows of the texts the prior is estimated on (without weights)",
+            low=1,
+            high=64,
+        ),
+        WITH_BASE,
+        BASE_WEIGHT,
+    ),
+    serves_ensemble=True,
+    retrieval_weights=True,
+)
+AVERAGE = MethodSpec(
+    "average",
+    "the experts' parameters averaged into one new expert",
+    "Wortsman et al. 2022, Model soups, https://arxiv.org/abs/2203.05482; "
+    "Yadav et al. 2023, TIES-Merging, https://arxiv.org/abs/2306.01708",
+    min_experts=2,
+    takes_weights=True,
+    params=(
+        Param(
+            "merge",
+            str,
+            UNIFORM,
+            "how the experts are averaged",
+            choices=(UNIFORM, WEIGHTED, "ties"),
+        ),
+        Param(
+            "density",
+            float,
+            0.2,
+            "ties: the fraction of each delta kept",
+            low=0,
+            high=1,
+            low_open=True,
+        ),
+    ),
+    caution=AVERAGE_CAUTION,
+    produces_expert=True,
+    derived_name="Weight average",
+    retrieval_weights=True,
+    weighting="merge",
+)
+DISTILL = MethodSpec(
+    "distill",
+    "one new expert trained on the ensemble's distributions over the texts (KL)",
+    "Hinton et al. 2015, Distilling the Knowledge, https://arxiv.org/abs/1503.02531",
+    min_experts=1,
+    takes_weights=True,
+    params=(
+        Param("steps", int, 50, "optimizer steps", low=1, high=5000),
+        Param("lr", float, 1e-2, "learning rate", low=1e-6, high=1.0),
+        Param("seq_len", int, 64, "tokens per training window", low=8, high=4096),
+        Param("batch_size", int, 8, "windows per step", low=1, high=256),
+        Param("seed", int, 0, "batch order and initialisation", low=0, high=2**31 - 1),
+        WITH_BASE,
+        BASE_WEIGHT,
+    ),
+    produces_expert=True,
+    derived_name="Distillation",
+)
+
 METHOD_SPECS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec(
-            "mixture",
-            "the experts inserted into the base's MoE layers; token-level top-k routing",
-            "Shen et al. 2023, ModuleFormer, https://arxiv.org/abs/2306.04640",
-            min_experts=1,
-            takes_weights=False,
-        ),
-        MethodSpec(
-            "ensemble",
-            "DEMix output ensembling with a Bayesian posterior over the paths (the experts, "
-            "and the base unless with_base is false); weights are the prior",
-            "Gururangan et al. 2022, DEMix Layers, https://arxiv.org/abs/2108.05036",
-            min_experts=1,
-            takes_weights=True,
-            params=(
-                Param(
-                    "prior_windows",
-                    int,
-                    8,
-                    "windows of the texts the prior is estimated on (without weights)",
-                    low=1,
-                    high=64,
-                ),
-                WITH_BASE,
-                BASE_WEIGHT,
-            ),
-        ),
-        MethodSpec(
-            "average",
-            "the experts' parameters averaged into one new expert",
-            "Wortsman et al. 2022, Model soups, https://arxiv.org/abs/2203.05482; "
-            "Yadav et al. 2023, TIES-Merging, https://arxiv.org/abs/2306.01708",
-            min_experts=2,
-            takes_weights=True,
-            params=(
-                Param(
-                    "merge",
-                    str,
-                    "uniform",
-                    "how the experts are averaged",
-                    choices=("uniform", "weighted", "ties"),
-                ),
-                Param(
-                    "density", float, 0.2, "ties: the fraction of each delta kept", low=0, high=1
-                ),
-            ),
-            caution=AVERAGE_CAUTION,
-        ),
-        MethodSpec(
-            "distill",
-            "one new expert trained on the ensemble's distributions over the texts (KL)",
-            "Hinton et al. 2015, Distilling the Knowledge, https://arxiv.org/abs/1503.02531",
-            min_experts=1,
-            takes_weights=True,
-            params=(
-                Param("steps", int, 50, "optimizer steps", low=1, high=5000),
-                Param("lr", float, 1e-2, "learning rate", low=1e-6, high=1.0),
-                Param("seq_len", int, 64, "tokens per training window", low=8, high=4096),
-                Param("batch_size", int, 8, "windows per step", low=1, high=256),
-                Param("seed", int, 0, "batch order and initialisation", low=0, high=2**31 - 1),
-                WITH_BASE,
-                BASE_WEIGHT,
-            ),
-        ),
-    )
+    spec.name: spec for spec in (MIXTURE, ENSEMBLE, AVERAGE, DISTILL)
 }
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
 
@@ -306,71 +365,21 @@ def relative_change(value: float, base: float | None) -> float | None:
     return (value - base) / base
 
 
-# -- job results ------------------------------------------------------------------------------
+# -- job kinds --------------------------------------------------------------------------------
 
-NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
-Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Count = Annotated[StrictInt, Field(ge=0)]
-
-
-class _Contract(BaseModel):
-    model_config = ConfigDict(frozen=True)
+COMPOSE_KINDS: tuple[str, ...] = tuple(spec.job_kind for spec in METHOD_SPECS.values())
+EVALUATE_KIND = "evaluate"
+JOB_KINDS: tuple[str, ...] = (*COMPOSE_KINDS, EVALUATE_KIND)
 
 
-class ComposeResult(_Contract):
-    """What a worker completes a ``compose.*`` job with.
-
-    ``weights``: one per expert, the shares the composition used (ensemble: its prior;
-    average: the merge weights; distill: the teacher's prior), or None. With the base as a
-    path (``with_base``) ``base_weight`` is its share, and weights + base_weight sum to 1.
-    ``metrics``: base vs composition bits per byte on the payload texts (numbers only).
-    """
-
-    weights: list[NonNegative] | None = None
-    base_weight: NonNegative | None = None
-    with_base: StrictBool | None = None
-    metrics: dict[str, Any] | None = None
-    details: dict[str, Any] | None = None
-
-    @field_validator("metrics")
-    @classmethod
-    def _numbers(cls, value: dict[str, Any] | None) -> dict[str, int | float] | None:
-        if value is None:
-            return None
-        out: dict[str, int | float] = {}
-        for name, v in value.items():
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                continue  # only numbers are metrics; anything else belongs in details
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"metrics.{name} must be a finite number >= 0")
-            out[str(name)] = v
-        return out
+def spec_for_kind(kind: str) -> MethodSpec | None:
+    """The method a ``compose.*`` job kind computes; None for any other kind."""
+    if not kind.startswith(COMPOSE_PREFIX):
+        return None
+    return METHOD_SPECS.get(kind[len(COMPOSE_PREFIX) :])
 
 
-class TextSetScore(_Contract):
-    """Bits per byte of the subject on one text set, next to the base's on the same
-    windows; ``delta_vs_base`` their relative change (``relative_change``)."""
-
-    bits_per_byte: NonNegative
-    base_bits_per_byte: NonNegative | None = None
-    delta_vs_base: Finite | None = None
-    tokens: Count
-    bytes: Count
-
-    @classmethod
-    def of(
-        cls, *, bits_per_byte: float, base_bits_per_byte: float, tokens: int, bytes: int
-    ) -> TextSetScore:
-        return cls(
-            bits_per_byte=bits_per_byte,
-            base_bits_per_byte=base_bits_per_byte,
-            delta_vs_base=relative_change(bits_per_byte, base_bits_per_byte),
-            tokens=tokens,
-            bytes=bytes,
-        )
-
-
-class EvaluationResult(_Contract):
-    """What a worker completes an ``evaluate`` job with: one score per named text set."""
-
-    results: dict[str, TextSetScore]
+def produces_expert(kind: str) -> bool:
+    """Whether a job of ``kind`` completes with a new expert file."""
+    spec = spec_for_kind(kind)
+    return spec is not None and spec.produces_expert

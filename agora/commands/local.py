@@ -1,14 +1,15 @@
-"""Composition commands: ``agora eval --method``, ``agora expert merge|distill|matrix``.
+"""``agora local eval|merge|distill|matrix``: compositions computed on this machine, from a
+base bundle directory and expert files (the registry's twins are ``agora compose`` and
+``agora evaluate``, computed by a worker).
 
-Cheap to import (torch and modelcore load inside the commands). ``agora eval`` here is a
-superset of modelcore's plain one (agora/model_cli.py): the same options, the same JSON,
-plus ``--method mixture|ensemble|average``; with the default method it evaluates the
-same mixture. It replaces that command when both are registered (this module is listed
-after agora.model_cli in agora/cli.py), so there is one ``agora eval``.
+The method choices are views of the one spec table (agora/methods.py) intersected with
+what modelcore computes. A method with a caution (a parameter average) prints the
+registry's caution to stderr, the same text the API and the SDK show; stdout keeps its
+JSON or table.
 
-``agora eval --method average`` and ``agora expert merge`` print the registry's caution
-about averages to stderr (``registry.contracts.AVERAGE_CAUTION``, the one text the API and
-the SDK show too): measured, a parameter average of independent experts harms.
+Until the next release the old names run these commands too, with a deprecation line:
+``agora eval`` and ``agora expert merge|distill|matrix`` (and ``--base DIR`` for
+``--base-dir DIR``).
 """
 
 from __future__ import annotations
@@ -16,71 +17,65 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from agora.model_cli import (
+from agora import modeling
+from agora.common import LOCAL_PANEL, WeightsOption, echo_err, parse_weights, require_extra
+from agora.methods import (
+    BASE_PATH_METHODS,
+    DEFAULT_LOCAL_METHOD,
+    DISTILL_METHOD,
+    LOCAL_EVAL_METHODS,
+    MERGE_METHOD,
+    MERGE_PARAM,
+    METHOD_SPECS,
+    WEIGHTED,
+)
+from agora.modeling import (
     DEFAULT_BYTES,
-    BaseDir,
+    BaseDirOption,
     Device,
+    ExpertPaths,
+    LegacyBaseOption,
     MaxBytes,
     Seed,
     ShowProgress,
-    _corpus,
-    _device,
-    _err,
-    _load_base,
-    _load_expert_for,
 )
-from registry.contracts import AVERAGE_CAUTION
 
-ExpertPaths = Annotated[
-    list[Path] | None,
-    typer.Option("--experts", help="Expert file; repeat for several (order = weights order)."),
-]
-Weights = Annotated[
-    list[float] | None,
-    typer.Option("--weights", help="One weight per expert, repeated (normalised to sum 1)."),
-]
+if TYPE_CHECKING:
+    from modelcore.artifacts import BaseBundle
 
 
-def _experts(paths: list[Path] | None, bundle: Any, *, at_least: int = 1) -> list[Any]:
-    chosen = list(paths or [])
-    if len(chosen) < at_least:
-        raise typer.BadParameter(f"give at least {at_least} expert file(s)", param_hint="--experts")
-    return [_load_expert_for(p, bundle, "--experts") for p in chosen]
+def _warn_cautions(method: str) -> None:
+    caution = METHOD_SPECS[method].caution
+    if caution is not None:
+        echo_err(f"warning: [{caution.code}] {caution.detail}")
 
 
-def _warn_average() -> None:
-    """The caution the registry answers an ``average`` request with, on stderr."""
-    _err(f"warning: [{AVERAGE_CAUTION.code}] {AVERAGE_CAUTION.detail}")
+def _check_method(method: str, known: tuple[str, ...] | list[str]) -> None:
+    if method not in known:
+        raise typer.BadParameter(f"must be one of {', '.join(known)}", param_hint="--method")
 
 
-def _domain_texts(corpus: Any, domain: str, split: str) -> list[str]:
-    if domain not in corpus.domains:
-        raise typer.BadParameter(
-            f"unknown domain {domain!r}; known: {', '.join(sorted(corpus.domains))}",
-            param_hint="--domain",
-        )
-    texts = getattr(corpus.domains[domain], split)
-    if not texts:
-        raise typer.BadParameter(f"domain {domain!r} has no {split} text", param_hint="--domain")
-    return list(texts)
-
-
-def _eval(
+def eval_command(
     *,
-    base_dir: BaseDir,
+    base_dir: BaseDirOption = None,
     experts: ExpertPaths = None,
     method: Annotated[
-        str, typer.Option("--method", help="mixture | ensemble | average (with experts).")
-    ] = "mixture",
-    weights: Weights = None,
+        str,
+        typer.Option("--method", help=f"{' | '.join(LOCAL_EVAL_METHODS)} (with experts)."),
+    ] = DEFAULT_LOCAL_METHOD,
+    weights: WeightsOption = None,
     merge: Annotated[
-        str, typer.Option("--merge", help="average only: uniform | weighted | ties.")
-    ] = "uniform",
+        str,
+        typer.Option(
+            "--merge", help=f"a parameter average only: {' | '.join(MERGE_PARAM.choices)}."
+        ),
+    ] = str(MERGE_PARAM.default),
     prior_windows: Annotated[
         int, typer.Option("--prior-windows", min=1, help="ensemble: windows for the prior.")
     ] = 8,
@@ -100,27 +95,36 @@ def _eval(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
     device: Device = None,
+    legacy_base: LegacyBaseOption = None,
 ) -> None:
     """Held-out bits per byte and perplexity per domain, of a base or a composition."""
+    _check_method(method, LOCAL_EVAL_METHODS)
+    bundle_dir = modeling.base_dir_of(base_dir, legacy_base)
+    require_extra("model", "local eval")
     from modelcore.compose.evaluate import METHODS, evaluate_composition
     from modelcore.train import recipes
 
-    if method not in METHODS:
-        raise typer.BadParameter(f"must be one of {', '.join(METHODS)}", param_hint="--method")
+    _check_method(method, METHODS)
     expert_paths = list(experts or [])
-    bundle = _load_base(base_dir, _device(device))
-    loaded = _experts(expert_paths, bundle, at_least=0)
-    if with_base is not None and method != "ensemble":
+    bundle = modeling.load_base(bundle_dir, modeling.device(device))
+    loaded = modeling.load_experts(expert_paths, bundle, at_least=0)
+    ensemble = method in BASE_PATH_METHODS
+    if with_base is not None and not ensemble:
         flag = "--with-base" if with_base else "--without-base"
-        raise typer.BadParameter("only with --method ensemble", param_hint=flag)
-    base_path = method == "ensemble" and with_base is not False
-    if weights is not None and method == "mixture":
-        raise typer.BadParameter("weights apply to ensemble and average", param_hint="--weights")
-    if weights is not None:
-        weights = _path_weights(weights, len(loaded), base_path)
-    if method == "average" and loaded:
-        _warn_average()
-    corpus = _corpus(max_bytes_per_domain)
+        raise typer.BadParameter(
+            f"only with --method {' or '.join(m for m in BASE_PATH_METHODS if m in METHODS)}",
+            param_hint=flag,
+        )
+    base_path = ensemble and with_base is not False
+    given = parse_weights(weights)
+    if given is not None and not METHOD_SPECS[method].takes_weights:
+        takers = [m for m in METHODS if METHOD_SPECS[m].takes_weights]
+        raise typer.BadParameter(f"weights apply to {' and '.join(takers)}", param_hint="--weights")
+    if given is not None:
+        given = _path_weights(given, len(loaded), base_path)
+    if loaded:
+        _warn_cautions(method)
+    corpus = modeling.corpus(max_bytes_per_domain)
     try:
         texts = recipes.heldout_by_domain(corpus, domains or None)
     except ValueError as exc:
@@ -132,7 +136,7 @@ def _eval(
             texts,
             loaded,
             method,
-            weights=weights,
+            weights=given,
             merge=merge,
             prior_windows=prior_windows,
             include_base=base_path,
@@ -149,7 +153,7 @@ def _eval(
             for name, r in results.items()
         },
     }
-    if method == "ensemble" and loaded:
+    if ensemble and loaded:
         report["with_base"] = base_path
         # One per expert, then (with the base) the base path's: the posterior's mean.
         report["mean_weights"] = {n: r["mean_weights"] for n, r in results.items()}
@@ -185,7 +189,7 @@ def _path_weights(weights: list[float], n_experts: int, base_path: bool) -> list
 
 
 def _posterior_weights(
-    bundle: Any, loaded: list[Any], texts: list[str], seq_len: int
+    bundle: BaseBundle, loaded: list[Any], texts: list[str], seq_len: int
 ) -> list[float]:
     from modelcore.compose.ensemble import ExpertEnsemble, estimate_prior
     from modelcore.data.batches import eval_batches
@@ -195,16 +199,19 @@ def _posterior_weights(
     batches = (
         b.tokens for b in eval_batches(bundle.tokenizer, texts, seq_len=seq_len, batch_size=8)
     )
-    return estimate_prior(ens, batches, n_sequences=16).exp().tolist()
+    weights: list[float] = estimate_prior(ens, batches, n_sequences=16).exp().tolist()
+    return weights
 
 
-def _merge(
+def merge_command(
     *,
-    base_dir: BaseDir,
+    base_dir: BaseDirOption = None,
     out: Annotated[Path, typer.Option("--out", help="Merged expert file to write.")],
     experts: ExpertPaths = None,
-    method: Annotated[str, typer.Option("--method", help="uniform | weighted | ties")] = "uniform",
-    weights: Weights = None,
+    method: Annotated[str, typer.Option("--method", help=" | ".join(MERGE_PARAM.choices))] = (
+        str(MERGE_PARAM.default)
+    ),
+    weights: WeightsOption = None,
     posterior_domain: Annotated[
         str | None,
         typer.Option(
@@ -221,36 +228,37 @@ def _merge(
     ] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Default: the inputs'.")] = None,
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
+    legacy_base: LegacyBaseOption = None,
 ) -> None:
     """Average experts into one expert file (streamed tensor by tensor); print JSON.
 
     Measured, an average of independent experts harms (the caution goes to stderr)."""
+    bundle_dir = modeling.base_dir_of(base_dir, legacy_base)
+    require_extra("model", "local merge")
     from modelcore.compose import merge as merging
     from modelcore.experts import load_expert
 
-    if method not in merging.METHODS:
-        raise typer.BadParameter(
-            f"must be one of {', '.join(merging.METHODS)}", param_hint="--method"
-        )
-    bundle = _load_base(base_dir, _device("cpu"))
+    _check_method(method, list(merging.METHODS))
+    bundle = modeling.load_base(bundle_dir, modeling.device("cpu"))
     paths = list(experts or [])
-    loaded = _experts(paths, bundle, at_least=2)
+    loaded = modeling.load_experts(paths, bundle, at_least=2)
     if reference is not None:
-        _load_expert_for(reference, bundle, "--reference")
+        modeling.load_expert_for(reference, bundle, "--reference")
+    given = parse_weights(weights)
     if posterior_domain is not None:
-        if weights is not None:
+        if given is not None:
             raise typer.BadParameter("give --weights or --posterior-domain, not both")
-        corpus = _corpus(max_bytes_per_domain)
-        texts = _domain_texts(corpus, posterior_domain, "train")
-        weights = _posterior_weights(bundle, loaded, texts, min(128, bundle.config.max_seq_len))
-        method = "weighted" if method == "uniform" else method
+        corpus = modeling.corpus(max_bytes_per_domain)
+        texts = modeling.domain_texts(corpus, posterior_domain, "train")
+        given = _posterior_weights(bundle, loaded, texts, min(128, bundle.config.max_seq_len))
+        method = WEIGHTED if method == MERGE_PARAM.default else method
     del loaded  # the merge itself streams from the files
-    _warn_average()
-    params = {"density": density} if method == "ties" else {}
+    _warn_cautions(MERGE_METHOD)  # a merged file is a parameter average
+    params: dict[str, Any] = {"density": density} if method == "ties" else {}
     started = time.perf_counter()
     try:
         metadata = merging.merge_files(
-            paths, out, method, weights=weights, reference=reference, dtype=dtype, **params
+            paths, out, method, weights=given, reference=reference, dtype=dtype, **params
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -269,9 +277,9 @@ def _merge(
     )
 
 
-def _distill(
+def distill_command(
     *,
-    base_dir: BaseDir,
+    base_dir: BaseDirOption = None,
     domain: Annotated[str, typer.Option("--domain", help="Corpus domain to distill on.")],
     out: Annotated[
         Path, typer.Option("--out", help="Expert file (student expert) or directory (dense).")
@@ -300,24 +308,30 @@ def _distill(
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
     device: Device = None,
     progress: ShowProgress = True,
+    legacy_base: LegacyBaseOption = None,
 ) -> None:
-    """Train one student on the experts' ensemble (KL) over a domain; print JSON with the
-    loss curve. The teacher has the base as one more path unless --without-base."""
+    """Train one student on the experts' ensemble (KL) over a domain; print JSON.
+
+    The JSON holds the loss curve. The teacher has the base as one more path unless
+    --without-base."""
+    bundle_dir = modeling.base_dir_of(base_dir, legacy_base)
+    require_extra("model", "local distill")
     from modelcore.compose.distill import STUDENTS, DistillSettings, describe, distill
     from modelcore.compose.ensemble import ExpertEnsemble, estimate_prior
     from modelcore.train import recipes
+    from modelcore.train.loop import progress_bar
 
     if student not in STUDENTS:
         raise typer.BadParameter(f"must be one of {', '.join(STUDENTS)}", param_hint="--student")
     if resume is not None and not (resume / "state.json").is_file():
         raise typer.BadParameter(f"{resume} holds no checkpoint", param_hint="--resume")
-    bundle = _load_base(base_dir, _device(device))
-    loaded = _experts(experts, bundle)
-    corpus = _corpus(max_bytes_per_domain)
-    texts = _domain_texts(corpus, domain, "train")
+    bundle = modeling.load_base(bundle_dir, modeling.device(device))
+    loaded = modeling.load_experts(experts, bundle)
+    corpus = modeling.corpus(max_bytes_per_domain)
+    texts = modeling.domain_texts(corpus, domain, "train")
     seq = min(seq_len, bundle.config.max_seq_len)
 
-    def make_batches():
+    def make_batches() -> Any:
         return recipes.batches(
             bundle.tokenizer, texts, seq_len=seq, batch_size=batch_size, seed=seed
         )
@@ -329,10 +343,8 @@ def _distill(
     )
     ckpt = checkpoint or out.with_name(out.name + ".ckpt")
     started = time.perf_counter()
-    from modelcore.train.loop import progress_bar
-
-    with progress_bar("distill", steps, progress) as bar:
-        task = bar.add_task("distill", total=steps, info="")
+    with progress_bar(DISTILL_METHOD, steps, progress) as bar:
+        task = bar.add_task(DISTILL_METHOD, total=steps, info="")
         try:
             result = distill(
                 bundle.model,
@@ -353,7 +365,9 @@ def _distill(
         written = bundle.revision
     else:
         from modelcore.artifacts import save_base
+        from modelcore.model import ModularLM
 
+        assert isinstance(result.student, ModularLM)  # a dense student is a whole model
         written = save_base(out, result.student, bundle.tokenizer)
     summary = {
         "path": str(out),
@@ -371,19 +385,26 @@ def _distill(
     typer.echo(json.dumps(summary))
 
 
-def _matrix(
+def matrix_command(
     *,
-    base_dir: BaseDir,
+    base_dir: BaseDirOption = None,
     experts: ExpertPaths = None,
     methods: Annotated[
-        list[str] | None, typer.Option("--method", help="Compositions to add (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help=f"Compositions to add (repeatable; default all: {', '.join(LOCAL_EVAL_METHODS)}).",
+        ),
     ] = None,
     domains: Annotated[list[str] | None, typer.Option("--domain")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
     device: Device = None,
+    legacy_base: LegacyBaseOption = None,
 ) -> None:
     """Bits per byte of the base, each expert and each composition on every domain (JSON)."""
+    bundle_dir = modeling.base_dir_of(base_dir, legacy_base)
+    require_extra("model", "local matrix")
     from modelcore.compose.evaluate import METHODS
     from modelcore.compose.matrix import evaluation_matrix
     from modelcore.train import recipes
@@ -394,10 +415,10 @@ def _matrix(
         raise typer.BadParameter(
             f"unknown {bad}; known: {', '.join(METHODS)}", param_hint="--method"
         )
-    bundle = _load_base(base_dir, _device(device))
+    bundle = modeling.load_base(bundle_dir, modeling.device(device))
     paths = list(experts or [])
-    loaded = _experts(paths, bundle)
-    corpus = _corpus(max_bytes_per_domain)
+    loaded = modeling.load_experts(paths, bundle)
+    corpus = modeling.corpus(max_bytes_per_domain)
     try:
         texts = recipes.heldout_by_domain(corpus, domains or None)
     except ValueError as exc:
@@ -411,10 +432,20 @@ def _matrix(
     typer.echo(json.dumps({"base_revision": bundle.revision, **matrix}, indent=2))
 
 
-def register(root: typer.Typer, groups: dict[str, typer.Typer]) -> None:
-    """Add the composition commands (see agora/cli.py); ``eval`` replaces the plain one."""
-    root.registered_commands = [c for c in root.registered_commands if c.name != "eval"]
-    root.command("eval")(_eval)
-    groups["expert"].command("merge")(_merge)
-    groups["expert"].command("distill")(_distill)
-    groups["expert"].command("matrix")(_matrix)
+COMMANDS: dict[str, Callable[..., None]] = {
+    "eval": eval_command,
+    "merge": merge_command,
+    DISTILL_METHOD: distill_command,
+    "matrix": matrix_command,
+}
+
+
+def group() -> typer.Typer:
+    app = typer.Typer(
+        name="local",
+        help="Compositions computed on this machine from a base directory and expert files.",
+        no_args_is_help=True,
+    )
+    for name, command in COMMANDS.items():
+        app.command(name, rich_help_panel=LOCAL_PANEL)(command)
+    return app

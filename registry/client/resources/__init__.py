@@ -1,0 +1,25 @@
+"""The SDK's resources: one small class per part of the HTTP API v1, over one ``Transport``.
+
+``Agora`` builds them and exposes each as an attribute (``agora.experts.submit(...)``);
+its own methods (``agora.submit_expert(...)``) delegate to them.
+"""
+
+from registry.client.resources.bases import Bases
+from registry.client.resources.compositions import Compositions, ExpertSpec
+from registry.client.resources.evaluations import Evaluations
+from registry.client.resources.experts import Experts
+from registry.client.resources.jobs import Jobs
+from registry.client.resources.moderation import Moderation
+from registry.client.resources.retrieval import DEFAULT_TEMPERATURE, Retrieval
+
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "Bases",
+    "Compositions",
+    "Evaluations",
+    "ExpertSpec",
+    "Experts",
+    "Jobs",
+    "Moderation",
+    "Retrieval",
+]

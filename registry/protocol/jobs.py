@@ -1,0 +1,197 @@
+"""Job payloads and results: what the registry queues and what a worker completes with.
+
+* ``ComposePayload``: a ``compose.<method>`` job (``MethodSpec.job_kind``): the experts as
+  exact versions, their weights (one each, or None), the texts, the checked params.
+* ``EvaluatePayload``: an ``evaluate`` job: an expert version or a ready composition (its
+  manifest), scored with the base on named text sets.
+* ``ComposeResult`` / ``EvaluationResult``: what the worker completes them with; the
+  registry validates what arrives with them (a result that does not fit is 422
+  ``invalid_result``).
+
+The registry builds payloads with these models and stores ``model_dump(mode="json")``;
+the worker parses them back with ``model_validate`` (a payload that does not fit can
+never succeed, so it fails the job for good). Fields a newer registry adds are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from registry.protocol.manifest import Manifest
+from registry.protocol.methods import METHOD_SPECS, METHODS, relative_change
+from registry.protocol.refs import Contract, Count, ExpertRef, Finite, NonNegative, Revision
+
+# -- payloads ---------------------------------------------------------------------------------
+
+
+class ComposePayload(Contract):
+    """A ``compose.<method>`` job. ``params`` were checked against the method's spec by
+    the registry (defaults filled in); ``weights`` are one per expert, not all zero."""
+
+    composition_id: Annotated[str, StringConstraints(strict=True, min_length=1)]
+    method: str
+    base_revision: Revision
+    experts: list[ExpertRef]
+    weights: list[NonNegative] | None = None
+    texts: list[StrictStr] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHOD_SPECS:
+            raise ValueError(f"must be one of {', '.join(METHODS)}, not {value!r}")
+        return value
+
+    @field_validator("experts")
+    @classmethod
+    def _some_experts(cls, value: list[ExpertRef]) -> list[ExpertRef]:
+        if not value:
+            raise ValueError("must be a non-empty list of expert references")
+        return value
+
+    @field_validator("texts", mode="before")
+    @classmethod
+    def _texts(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _one_weight_per_expert(self) -> ComposePayload:
+        if self.weights is not None and (
+            len(self.weights) != len(self.experts) or not sum(self.weights) > 0
+        ):
+            raise ValueError(
+                f"weights must be a list of {len(self.experts)} non-negative numbers, "
+                "not all zero, or null"
+            )
+        return self
+
+
+class ExpertSubject(Contract):
+    """An expert version evaluated as the base with it inserted."""
+
+    kind: Literal["expert"]
+    expert: ExpertRef
+
+
+class CompositionSubject(Contract):
+    """A ready composition, evaluated as its manifest says."""
+
+    kind: Literal["composition"]
+    composition_id: Annotated[str, StringConstraints(strict=True, min_length=1)]
+    manifest: Manifest
+
+
+EvaluationSubject = Annotated[ExpertSubject | CompositionSubject, Discriminator("kind")]
+
+
+class EvaluatePayload(Contract):
+    """An ``evaluate`` job: the subject and the base on each named text set."""
+
+    base_revision: Revision
+    subject: EvaluationSubject
+    text_sets: dict[str, list[StrictStr]]
+
+    @field_validator("text_sets")
+    @classmethod
+    def _some_text(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        if not value:
+            raise ValueError("must name at least one text set")
+        empty = [name for name, texts in value.items() if not any(texts)]
+        if empty:
+            raise ValueError(f"text set {empty[0]!r} has no text")
+        return value
+
+    @model_validator(mode="after")
+    def _one_base(self) -> EvaluatePayload:
+        subject = self.subject
+        if (
+            isinstance(subject, CompositionSubject)
+            and subject.manifest.base_revision != self.base_revision
+        ):
+            raise ValueError("base_revision is not the composition's (its manifest's)")
+        return self
+
+    def refs(self) -> list[ExpertRef]:
+        """The expert files the subject is computed from."""
+        if isinstance(self.subject, ExpertSubject):
+            return [self.subject.expert]
+        return self.subject.manifest.refs()
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+class ComposeResult(Contract):
+    """What a worker completes a ``compose.*`` job with.
+
+    ``weights``: one per expert, the shares the composition used (ensemble: its prior;
+    average: the merge weights; distill: the teacher's prior), or None. With the base as a
+    path (``with_base``) ``base_weight`` is its share, and weights + base_weight sum to 1.
+    ``metrics``: base vs composition bits per byte on the payload texts (numbers only).
+    """
+
+    weights: list[NonNegative] | None = None
+    base_weight: NonNegative | None = None
+    with_base: StrictBool | None = None
+    metrics: dict[str, Any] | None = None
+    details: dict[str, Any] | None = None
+
+    @field_validator("metrics")
+    @classmethod
+    def _numbers(cls, value: dict[str, Any] | None) -> dict[str, int | float] | None:
+        if value is None:
+            return None
+        out: dict[str, int | float] = {}
+        for name, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                continue  # only numbers are metrics; anything else belongs in details
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"metrics.{name} must be a finite number >= 0")
+            out[str(name)] = v
+        return out
+
+
+class TextSetScore(Contract):
+    """Bits per byte of the subject on one text set, next to the base's on the same
+    windows; ``delta_vs_base`` their relative change (``relative_change``)."""
+
+    bits_per_byte: NonNegative
+    base_bits_per_byte: NonNegative | None = None
+    delta_vs_base: Finite | None = None
+    tokens: Count
+    bytes: Count
+
+    @classmethod
+    def of(
+        cls, *, bits_per_byte: float, base_bits_per_byte: float, tokens: int, bytes: int
+    ) -> TextSetScore:
+        return cls(
+            bits_per_byte=bits_per_byte,
+            base_bits_per_byte=base_bits_per_byte,
+            delta_vs_base=relative_change(bits_per_byte, base_bits_per_byte),
+            tokens=tokens,
+            bytes=bytes,
+        )
+
+
+class EvaluationResult(Contract):
+    """What a worker completes an ``evaluate`` job with: one score per named text set."""
+
+    results: dict[str, TextSetScore]
