@@ -593,7 +593,7 @@ def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext)
 # -- the kinds ----------------------------------------------------------------------------
 ComposeHandler = Callable[[ComposeJob, JobInputs, JobContext], Outcome]
 
-# One handler per method spec (docs/method-recipe.md: adding a method).
+# One handler per method spec (docs/architecture.md, "Adding a composition method").
 COMPOSE_HANDLERS: dict[str, ComposeHandler] = {
     MIXTURE.name: compose_mixture,
     ENSEMBLE.name: compose_ensemble,

@@ -12,6 +12,7 @@ machine with the same Python (stdlib, docs, tests) or the same packages (license
 | python_docs   | the prose of ``pydoc_data.topics`` (one document per help topic)            |
 | licenses      | LICENSE*/LICENCE*/COPYING*/NOTICE* files of installed distributions,        |
 |               | near-duplicates (same text up to copyright lines) dropped                  |
+|               | (never this repository's own distribution: see ``_own_distributions``)     |
 | c_headers     | Python's ``include`` dir ``.h`` files, plus ``/usr/include`` where present  |
 | python_tests  | the stdlib's own test suites (``test/``, ``*/tests/``, ``idle_test/``),     |
 |               | present only where the distribution ships them (Docker images strip them)  |
@@ -26,7 +27,7 @@ them as *unseen* domains (``UNSEEN_DOMAIN_NAMES``, built on request with
 | perl_modules    | the system Perl's ``.pm`` modules (code and POD prose in a language     |
 |                 | none of the default domains uses), where a system Perl is installed    |
 | package_readmes | the long descriptions (Markdown / reStructuredText) in the ``METADATA`` |
-|                 | of installed distributions: prose about software, not licenses         |
+|                 | of installed distributions (but this one): prose about software        |
 """
 
 from __future__ import annotations
@@ -191,12 +192,33 @@ def _licenses(paths: SourcePaths) -> list[SourceDoc]:
 
 
 @functools.cache
+def _own_distributions() -> frozenset[str]:
+    """The distribution(s) this code ships in (normalised names). Its files and README
+    are not text every installation carries: they change with each commit of this
+    repository, and a test run that puts the checkout on ``sys.path`` finds them twice
+    (the venv's ``dist-info`` and the checkout's ``egg-info``). A corpus built from them
+    would change whenever a LICENSE or the README of this repository does."""
+    names = importlib.metadata.packages_distributions().get(__name__.split(".")[0], [])
+    return frozenset(n.lower().replace("_", "-") for n in names)
+
+
+def _third_party() -> list[tuple[str, importlib.metadata.Distribution]]:
+    """(normalised name, distribution) of every installed distribution but this one."""
+    own = _own_distributions()
+    out = []
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name not in own:
+            out.append((name, dist))
+    return out
+
+
+@functools.cache
 def _license_docs() -> tuple[SourceDoc, ...]:
     """Read once per process: reading and deduplicating 324 files of 131 distributions
     takes a second, and the installed distributions do not change under a training run."""
     candidates: list[tuple[str, Path]] = []
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+    for name, dist in _third_party():
         for rel in _record_paths(dist):
             if _LICENSE_NAME.match(rel.rsplit("/", 1)[-1]):
                 doc_id = f"{name}/{_DIST_INFO.sub('dist-info/', rel)}"
@@ -242,8 +264,7 @@ def _perl_modules(paths: SourcePaths) -> list[SourceDoc]:
 
 def _package_readmes(paths: SourcePaths) -> list[SourceDoc]:
     docs: dict[str, SourceDoc] = {}
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+    for name, dist in _third_party():
         body = dist.metadata.get_payload() if dist.metadata is not None else None  # type: ignore[attr-defined]
         if not name or not isinstance(body, str) or len(body.strip()) < 200:
             continue  # no long description (or a one-liner): nothing to learn from

@@ -11,7 +11,7 @@
 pydantic and the standard library only, and nothing else of the registry (an
 import-linter contract in pyproject.toml holds it): the SDK imports this package and
 installs light, the worker imports it without the server. Adding a composition method:
-docs/method-recipe.md.
+docs/architecture.md, "Adding a composition method".
 """
 
 from registry.protocol.jobs import (

@@ -6,7 +6,7 @@ and whether it produces a new expert. The registry checks requests against it, t
 derives its handlers and its parameter parsing from it, and the API's OpenAPI text and
 the CLI's help list the parameters from it, so no list of methods or parameters is
 written twice. ``MIXTURE``, ``ENSEMBLE``, ``AVERAGE`` and ``DISTILL`` name the specs for
-code that has to single one out (docs/method-recipe.md: adding a method).
+code that has to single one out (docs/architecture.md, "Adding a composition method").
 
 An ensemble (and a distillation's teacher, which is an ensemble) has the unmodified base
 as one more path by default, the "null expert" (``with_base``): its posterior falls back

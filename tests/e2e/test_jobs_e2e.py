@@ -172,7 +172,10 @@ def test_one_agora_serve_averages_experts_with_its_embedded_worker(
         assert composition.manifest.output is not None
         assert composition.manifest.output.id == composition.expert_id
         new = agora.get_expert(composition.expert_id)
-        front = yaml.safe_load(agora.get_datasheet(new.id).split("---")[1])
+        # The front matter ends at the first line that is only "---"; a "---" inside a
+        # quoted sample (a license's rule line) is not one.
+        sheet = agora.get_datasheet(new.id)
+        front = yaml.safe_load(sheet.removeprefix("---\n").split("\n---\n", 1)[0])
         merged = load_file(agora.download(new.id))
         inputs = [load_file(agora.download(p)) for p in parents]
         model = agora.load_composed(composition)

@@ -70,7 +70,7 @@ def saved_base(runs, prep, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    # As in tests/modelcore/train: on the shared 2-core machine one thread is faster.
+    # As in tests/modelcore/train: on a loaded machine one thread is faster.
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

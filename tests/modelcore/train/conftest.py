@@ -81,8 +81,8 @@ def prune_results(setup, prep, bases):
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    # Measured on the shared 2-core machine under load: a tiny training step costs 0.07 CPU s
-    # with one thread and 0.46 with two (the second thread spins waiting for a core).
+    # On a loaded machine a second torch thread spins waiting for a core: one thread is
+    # faster (docs/modelcore.md, "Tests and numbers").
     import torch
 
     previous = torch.get_num_threads()
