@@ -29,6 +29,7 @@ from registry.protocol import (
 )
 from registry.retrieval.service import DEFAULT_TEMPERATURE
 from registry.services import compositions as comp
+from registry.services import evaluations
 from registry.services import experts as expert_svc
 from registry.services.requests import request_composition, request_evaluation
 from registry.services.tokens import Principal
@@ -156,8 +157,8 @@ def get_composition(composition_id: str, session: SessionDep) -> dict[str, Any]:
 def composition_evaluations(composition_id: str, session: SessionDep) -> dict[str, Any]:
     with session.begin():
         comp.get_composition(session=session, composition_id=composition_id)
-        rows = comp.list_evaluations(session=session, composition_id=composition_id)
-        return {"items": [comp.evaluation_view(e) for e in rows]}
+        rows = evaluations.list_evaluations(session=session, composition_id=composition_id)
+        return {"items": [evaluations.evaluation_view(e) for e in rows]}
 
 
 @router.get(
@@ -168,8 +169,8 @@ def composition_evaluations(composition_id: str, session: SessionDep) -> dict[st
 def expert_evaluations(expert_id: str, session: SessionDep) -> dict[str, Any]:
     with session.begin():
         expert_svc.get_expert(session=session, expert_id=expert_id)
-        rows = comp.list_evaluations(session=session, expert_id=expert_id)
-        return {"items": [comp.evaluation_view(e) for e in rows]}
+        rows = evaluations.list_evaluations(session=session, expert_id=expert_id)
+        return {"items": [evaluations.evaluation_view(e) for e in rows]}
 
 
 @router.post(

@@ -31,6 +31,7 @@ from registry.protocol import EVALUATE_KIND, ComposePayload, ComposeResult, prod
 from registry.retrieval.embedders import Vectors
 from registry.retrieval.service import Retrieval
 from registry.services import compositions as comp
+from registry.services import evaluations, lineage
 from registry.services import experts as expert_svc
 from registry.services import jobs as jobs_svc
 from registry.services.base_models import get_base_model
@@ -98,7 +99,7 @@ def complete_job(
         kind = job.kind
         _check_output(kind, weights)
         if kind == EVALUATE_KIND:
-            scores = comp.check_evaluation_result(job, result)
+            scores = evaluations.check_evaluation_result(job, result)
             checked = ComposeResult()
         else:
             scores = {}
@@ -106,9 +107,9 @@ def complete_job(
         if weights is not None:
             payload = ComposePayload.model_validate(job.payload)
             parent_weights = checked.weights or payload.weights
-            parents = comp.parents_of(session=session, job=job)
+            parents = lineage.parents_of(session=session, job=job)
             base = get_base_model(session=session, revision=payload.base_revision)
-            sheet = comp.derived_datasheet(
+            sheet = lineage.derived_datasheet(
                 job=job, parents=parents, weights=parent_weights, created_by=job.created_by
             )
             derived = _Derived(base=base, datasheet=sheet, parent_weights=parent_weights)
@@ -140,7 +141,7 @@ def complete_job(
         if job is None:
             return _replay(session, job_id)
         if kind == EVALUATE_KIND:
-            comp.record_evaluations(session=session, job=job, checked=scores)
+            evaluations.record_evaluations(session=session, job=job, checked=scores)
         else:
             output = (
                 _record_expert(session, runtime.retrieval, job, made) if made is not None else None
@@ -180,11 +181,11 @@ def _record_expert(
         size=made.weights.size,
         storage_key=made.storage_key,
     )
-    comp.record_lineage(
+    lineage.record_lineage(
         session=session,
         expert_id=expert.id,
         version=version.version,
-        parents=comp.parents_of(session=session, job=job),
+        parents=lineage.parents_of(session=session, job=job),
         weights=made.parent_weights,
     )
     retrieval.record_vectors(

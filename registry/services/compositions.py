@@ -1,4 +1,4 @@
-"""Compositions and evaluations: requests resolved into jobs, and job results applied.
+"""Compositions: requests resolved into jobs, and job results applied.
 
 A request names experts (or sample texts, and retrieval picks the experts); the registry
 resolves every reference to an immutable version and digest, checks that each is active
@@ -6,7 +6,8 @@ and fits the base, and queues a job whose payload (``ComposePayload``,
 ``EvaluatePayload``) holds everything a worker needs (it never reads the database). When
 the job succeeds its result is applied here: a manifest (``Manifest``); for a method that
 produces an expert (``MethodSpec.produces_expert``: average, distill) also a new expert,
-stored like any other, with a datasheet the registry writes (lineage, license).
+stored like any other, with a datasheet the registry writes (lineage, license:
+``registry.services.lineage``). Evaluations are ``registry.services.evaluations``'.
 
 Methods, their parameters and cautions (``average_may_harm``: the request's 202 and the
 composition's view carry it as ``warnings``), the payloads, the manifest and the shapes of
@@ -24,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -32,9 +32,7 @@ from sqlalchemy.orm import Session
 from registry.db.models import (
     Composition,
     CompositionExpert,
-    Evaluation,
     Expert,
-    ExpertParent,
     ExpertVersion,
     Job,
     utcnow,
@@ -56,29 +54,18 @@ from registry.protocol import (
     WEIGHTED,
     ComposePayload,
     ComposeResult,
-    CompositionSubject,
-    EvaluatePayload,
-    EvaluationResult,
     ExpertRef,
-    ExpertSubject,
     Manifest,
     ManifestExpert,
     ParamError,
-    TextSetScore,
     method_cautions,
-    relative_change,
 )
 from registry.services.base_models import get_base_model
 from registry.services.ids import new_id
 from registry.validation import parse_datasheet
-from registry.validation.datasheet import Datasheet
 
 MAX_EXPERTS = 16
 _REF = re.compile(r"^(ex_[0-9A-Za-z]{1,64})(?:@([1-9][0-9]{0,8}))?$")
-# A derived expert's datasheet quotes its parents' samples up to this many bytes (the
-# datasheet limit on samples is 64 KiB).
-DERIVED_SAMPLES_BYTES = 48 * 1024
-MAX_TEXT_SET_NAME = 200
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -371,34 +358,6 @@ def compose_payload(request: CompositionRequest, composition_id: str) -> dict[st
     ).model_dump(mode="json")
 
 
-def evaluate_payload(
-    *,
-    text_sets: Mapping[str, Sequence[str]],
-    expert: ResolvedExpert | None = None,
-    composition: Composition | None = None,
-) -> dict[str, Any]:
-    """The ``evaluate`` job's payload, as stored (``EvaluatePayload``): one subject, an
-    expert version or a ready composition (its manifest), on the base it was made for."""
-    subject: ExpertSubject | CompositionSubject
-    if expert is not None and composition is None:
-        subject = ExpertSubject(kind="expert", expert=expert.expert_ref())
-        base_revision = expert.version.base_revision
-    elif composition is not None and expert is None and composition.manifest is not None:
-        subject = CompositionSubject(
-            kind="composition",
-            composition_id=composition.id,
-            manifest=Manifest.model_validate(composition.manifest),
-        )
-        base_revision = composition.base_revision
-    else:
-        raise ValueError("an evaluation has one subject: an expert, or a ready composition")
-    return EvaluatePayload(
-        base_revision=base_revision,
-        subject=subject,
-        text_sets={name: list(texts) for name, texts in text_sets.items()},
-    ).model_dump(mode="json")
-
-
 def get_composition(*, session: Session, composition_id: str) -> Composition:
     composition = session.get(Composition, composition_id)
     if composition is None:
@@ -457,7 +416,7 @@ def composition_view(composition: Composition) -> dict[str, Any]:
 # -- results -------------------------------------------------------------------------------
 
 
-def _invalid_result(exc: ValidationError) -> ValidationFailed:
+def invalid_result(exc: ValidationError) -> ValidationFailed:
     first = exc.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "result"
     return ValidationFailed(f"result {where}: {first['msg']}", code="invalid_result")
@@ -470,7 +429,7 @@ def check_compose_result(job: Job, result: Mapping[str, Any]) -> ComposeResult:
     try:
         checked = ComposeResult.model_validate(result)
     except ValidationError as exc:
-        raise _invalid_result(exc) from None
+        raise invalid_result(exc) from None
     n = len(job.payload["experts"])
     if checked.weights is not None and len(checked.weights) != n:
         raise ValidationFailed(
@@ -540,233 +499,3 @@ def finish_composition(
     composition.updated_at = utcnow()
     session.flush()
     return composition
-
-
-def _license(licenses: Sequence[str]) -> str:
-    """The parents' common license, else their conjunction. SPDX's AND binds tighter than
-    OR and the datasheet grammar has no parentheses, so a parent with an OR expression
-    makes the conjunction inexpressible: the result is then a LicenseRef the datasheet's
-    body spells out."""
-    unique = sorted(set(licenses))
-    if len(unique) == 1:
-        return unique[0]
-    if any(" OR " in lic for lic in unique):
-        return "LicenseRef-agora-combined"
-    return " AND ".join(unique)
-
-
-def _union(values: Sequence[Sequence[str]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for group in values:
-        for v in group:
-            seen.setdefault(str(v), None)
-    return list(seen)
-
-
-def derived_datasheet(
-    *,
-    job: Job,
-    parents: Sequence[ResolvedExpert],
-    weights: Sequence[float] | None,
-    created_by: str,
-) -> bytes:
-    """The datasheet of an averaged or distilled expert, from its parents' datasheets."""
-    method = job.payload["method"]
-    verb = METHOD_SPECS[method].derived_name
-    if verb is None:
-        raise ValueError(f"{method} produces no expert")
-    sheets: list[Datasheet] = [
-        parse_datasheet(p.version.datasheet.encode("utf-8"), max_bytes=1 << 30) for p in parents
-    ]
-    names = [str(s.name) for s in sheets]
-    samples = interleave([s.samples for s in sheets], DERIVED_SAMPLES_BYTES)
-    parent_list = "; ".join(
-        f"{p.expert.id} v{p.version.version} ({n})" for p, n in zip(parents, names, strict=True)
-    )
-    front: dict[str, Any] = {
-        "name": f"{verb} of {' + '.join(names)}"[:200],
-        "domain": (
-            f"{verb} of {len(parents)} experts. " + " | ".join(str(s.domain) for s in sheets)
-        )[:4000],
-        "license": _license([str(s.license) for s in sheets]),
-        "language": _union([list(s.language) for s in sheets]),
-        "sources": [
-            {
-                "name": f"expert {p.expert.id} v{p.version.version}: {n}"[:200],
-                "description": f"the parent expert's own sources, per its datasheet"
-                f" (license {s.license})",
-                "license": str(s.license),
-            }
-            for p, n, s in zip(parents, names, sheets, strict=True)
-        ],
-        "collection": (
-            f"Computed by Agora job {job.id} ({method}, params "
-            f"{yaml.safe_dump(job.payload.get('params', {}), default_flow_style=True).strip()}) "
-            f"from the weights of {parent_list}."
-        )[:4000],
-        "token_count": sum(int(s.token_count) for s in sheets),
-        "pii_handling": (
-            "Inherited from the parents: "
-            + " | ".join(f"{n}: {s.pii_handling}" for n, s in zip(names, sheets, strict=True))
-        )[:4000],
-        "intended_uses": _union([list(s.intended_uses) for s in sheets]),
-        "out_of_scope_uses": _union([list(s.out_of_scope_uses) for s in sheets]) or None,
-        "contact": f"{created_by} (Agora account that requested the composition)",
-        "samples": samples,
-        "parents": [
-            {
-                "expert_id": p.expert.id,
-                "version": p.version.version,
-                **({"weight": float(weights[i])} if weights is not None else {}),
-            }
-            for i, p in enumerate(parents)
-        ],
-        "tags": _union([list(s.tags) for s in sheets] + [["derived", method]]),
-    }
-    front = {k: v for k, v in front.items() if v is not None}
-    licenses = "\n".join(
-        f"- {p.expert.id} v{p.version.version} ({n}): {s.license}"
-        for p, n, s in zip(parents, names, sheets, strict=True)
-    )
-    body = (
-        f"\n# {front['name']}\n\nThis expert was produced by the Agora registry's job "
-        f"{job.id} ({method}). Its parents and their licenses:\n\n{licenses}\n"
-    )
-    text = "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + body
-    return text.encode("utf-8")
-
-
-def parents_of(*, session: Session, job: Job) -> list[ResolvedExpert]:
-    """The job's input experts, re-checked: one disabled since the request withdraws it."""
-    return [
-        resolve_expert(
-            session=session,
-            expert_id=ref["id"],
-            version=int(ref["version"]),
-            base_revision=job.payload["base_revision"],
-        )
-        for ref in job.payload["experts"]
-    ]
-
-
-def record_lineage(
-    *,
-    session: Session,
-    expert_id: str,
-    version: int,
-    parents: Sequence[ResolvedExpert],
-    weights: Sequence[float] | None,
-) -> None:
-    for i, p in enumerate(parents):
-        session.add(
-            ExpertParent(
-                expert_id=expert_id,
-                version=version,
-                parent_id=p.expert.id,
-                parent_version=p.version.version,
-                weight=None if weights is None else float(weights[i]),
-            )
-        )
-    session.flush()
-
-
-# -- evaluations ---------------------------------------------------------------------------
-
-
-def check_text_sets(
-    text_sets: Mapping[str, Sequence[str]], *, max_bytes: int
-) -> dict[str, list[str]]:
-    if not isinstance(text_sets, Mapping) or not text_sets:
-        raise BadRequest("text_sets must map names to lists of texts", code="invalid_text_sets")
-    out: dict[str, list[str]] = {}
-    total = 0
-    for name, texts in text_sets.items():
-        if not isinstance(name, str) or not name.strip() or len(name) > MAX_TEXT_SET_NAME:
-            raise BadRequest(
-                f"text set names must be 1 to {MAX_TEXT_SET_NAME} characters",
-                code="invalid_text_sets",
-            )
-        if not isinstance(texts, list | tuple):
-            raise BadRequest(f"text_sets[{name!r}] must be a list", code="invalid_text_sets")
-        kept = check_texts(texts, max_bytes=max_bytes, field=f"text_sets[{name!r}]")
-        total += sum(len(t.encode("utf-8")) for t in kept)
-        out[name] = kept
-    if total > max_bytes:
-        raise PayloadTooLarge(
-            f"text_sets hold {total} bytes of UTF-8; the limit is {max_bytes}",
-            code="texts_too_large",
-        )
-    return out
-
-
-def check_evaluation_result(job: Job, result: Mapping[str, Any]) -> dict[str, TextSetScore]:
-    """The worker's ``EvaluationResult``: one score per text set of the job."""
-    expected = set(job.payload["text_sets"])
-    results = result.get("results")
-    if not isinstance(results, Mapping) or set(results) != expected:
-        raise ValidationFailed(
-            f"result.results must have one entry per text set: {', '.join(sorted(expected))}",
-            code="invalid_result",
-        )
-    try:
-        return dict(EvaluationResult.model_validate(result).results)
-    except ValidationError as exc:
-        raise _invalid_result(exc) from None
-
-
-def record_evaluations(*, session: Session, job: Job, checked: Mapping[str, TextSetScore]) -> None:
-    subject = job.payload["subject"]
-    expert_id = version = composition_id = None
-    if subject["kind"] == "expert":
-        expert_id = subject["expert"]["id"]
-        version = int(subject["expert"]["version"])
-    else:
-        composition_id = subject["composition_id"]
-    now = utcnow()
-    for name, r in checked.items():
-        session.add(
-            Evaluation(
-                job_id=job.id,
-                expert_id=expert_id,
-                version=version,
-                composition_id=composition_id,
-                text_set=name,
-                bits_per_byte=r.bits_per_byte,
-                base_bits_per_byte=r.base_bits_per_byte,
-                tokens=r.tokens,
-                bytes=r.bytes,
-                created_by=job.created_by,
-                created_at=now,
-            )
-        )
-    session.flush()
-
-
-def list_evaluations(
-    *, session: Session, expert_id: str | None = None, composition_id: str | None = None
-) -> list[Evaluation]:
-    stmt = select(Evaluation)
-    if expert_id is not None:
-        stmt = stmt.where(Evaluation.expert_id == expert_id)
-    if composition_id is not None:
-        stmt = stmt.where(Evaluation.composition_id == composition_id)
-    return list(session.scalars(stmt.order_by(Evaluation.id.desc()).limit(500)))
-
-
-def evaluation_view(e: Evaluation) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "job_id": e.job_id,
-        "expert_id": e.expert_id,
-        "version": e.version,
-        "composition_id": e.composition_id,
-        "text_set": e.text_set,
-        "bits_per_byte": e.bits_per_byte,
-        "base_bits_per_byte": e.base_bits_per_byte,
-        # Computed here from the two stored numbers, not taken from the worker.
-        "delta_vs_base": relative_change(e.bits_per_byte, e.base_bits_per_byte),
-        "tokens": e.tokens,
-        "bytes": e.bytes,
-        "created_by": e.created_by,
-        "created_at": e.created_at.isoformat(),
-    }

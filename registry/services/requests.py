@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from registry.errors import BadRequest, Conflict
 from registry.protocol import COMPOSE_PREFIX, EVALUATE_KIND, EvaluationRequest
 from registry.services import compositions as comp
+from registry.services import evaluations
 from registry.services import jobs as jobs_svc
 from registry.services.idempotency import IdempotentRequest, StoredResponse
 from registry.services.tokens import Principal
@@ -107,7 +108,9 @@ def request_evaluation(
     settings = runtime.settings
     if (request.expert_id is None) == (request.composition_id is None):
         raise BadRequest("give expert_id or composition_id, not both", code="invalid_subject")
-    text_sets = comp.check_text_sets(request.text_sets, max_bytes=settings.max_job_payload_bytes)
+    text_sets = evaluations.check_text_sets(
+        request.text_sets, max_bytes=settings.max_job_payload_bytes
+    )
     stored = idem.replay(session)
     if stored is not None:
         return stored
@@ -120,7 +123,7 @@ def request_evaluation(
                 version=request.version,
                 base_revision=None,
             )
-            payload = comp.evaluate_payload(text_sets=text_sets, expert=expert)
+            payload = evaluations.evaluate_payload(text_sets=text_sets, expert=expert)
         else:
             assert request.composition_id is not None
             composition = comp.get_composition(session=s, composition_id=request.composition_id)
@@ -130,7 +133,7 @@ def request_evaluation(
                     f"composition {composition.id} is {composition.status}, not ready",
                     code="composition_not_ready",
                 )
-            payload = comp.evaluate_payload(text_sets=text_sets, composition=composition)
+            payload = evaluations.evaluate_payload(text_sets=text_sets, composition=composition)
         job = jobs_svc.create_job(
             session=s,
             kind=EVALUATE_KIND,
