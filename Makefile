@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # torch is installed first and pinned: the CPU build lies on this machine's disk, and a
 # plain `torch` requirement resolved later would otherwise pull gigabytes of CUDA wheels.
 TORCH  ?= torch==2.13.0
+# Pinned third-party versions: the corpus the tests train on is read from installed
+# distributions, so unpinned releases would change the models and the numbers tests check.
+PIN    := -c constraints.txt
 TRITON ?= triton==3.6.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
@@ -13,15 +16,15 @@ PORT   ?= 8000
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(PIN) --upgrade pip
+	$(BIN)/python -m pip install -q $(PIN) $(TORCH)
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q $(TORCH) $(TRITON) -e '.[all]'
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q $(PIN) $(TORCH) $(TRITON) -e '.[all]'
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(BIN)/python -m pip install -q $(TORCH) -e '.[all,dev]'
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q $(PIN) $(TORCH) -e '.[all,dev]'
 	touch $@
 
 install: $(VENV)/.installed

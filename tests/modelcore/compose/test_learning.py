@@ -83,13 +83,13 @@ def test_removing_an_expert_forgets_its_domain_only(setup, prep, runs, seed):
 
 
 # Held on every seed before the do-no-harm defaults (86-91%); with them: 79%, 85%, 24%
-# (docs/composition.md, "Measured in DEMix's setting"). Kept as the claim, and expected
-# to fail where it does, strictly: the day it holds again these marks must go.
-_DISTILL_MISSES = "do-no-harm defaults: the student recovers 79% (seed 0) / 24% (seed 2)"
+# (docs/composition.md, "Measured in DEMix's setting"). On the pinned corpus
+# (constraints.txt; this repository's own files out of it) seed 0 holds again; seed 2
+# does not. Kept as the claim, and expected to fail where it does, strictly: the day it
+# holds again the mark must go.
+_DISTILL_MISSES = "do-no-harm defaults: the student recovers 24% (seed 2)"
 DISTILL_SEEDS = [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_DISTILL_MISSES))
-    if s in (0, 2)
-    else s
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_DISTILL_MISSES)) if s == 2 else s
     for s in SEEDS
 ]
 
