@@ -21,8 +21,8 @@ from pydantic import BaseModel, Field
 from registry.api.common import idempotent_request, json_response
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.protocol import (
-    COMPOSE_PREFIX,
     EVALUATE_KIND,
+    METHOD_SPECS,
     METHODS,
     EvaluationRequest,
     params_reference,
@@ -134,7 +134,7 @@ def create_composition(
         temperature=body.temperature,
         idem=idem,
     )
-    runtime.metrics.record_job(kind=f"{COMPOSE_PREFIX}{body.method}", event="queued")
+    runtime.metrics.record_job(kind=METHOD_SPECS[body.method].job_kind, event="queued")
     return json_response(response)
 
 

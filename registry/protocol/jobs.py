@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from registry.protocol.manifest import Manifest
-from registry.protocol.methods import METHOD_SPECS, METHODS, relative_change
+from registry.protocol.methods import MethodName, relative_change
 from registry.protocol.refs import Contract, Count, ExpertRef, Finite, NonNegative, Revision
 
 # -- payloads ---------------------------------------------------------------------------------
@@ -40,19 +40,12 @@ class ComposePayload(Contract):
     the registry (defaults filled in); ``weights`` are one per expert, not all zero."""
 
     composition_id: Annotated[str, StringConstraints(strict=True, min_length=1)]
-    method: str
+    method: MethodName
     base_revision: Revision
     experts: list[ExpertRef]
     weights: list[NonNegative] | None = None
     texts: list[StrictStr] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in METHOD_SPECS:
-            raise ValueError(f"must be one of {', '.join(METHODS)}, not {value!r}")
-        return value
 
     @field_validator("experts")
     @classmethod

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import ConfigDict, Field, StrictBool, model_validator
 
-from registry.protocol.methods import METHOD_SPECS, METHODS, MethodSpec
+from registry.protocol.methods import METHOD_SPECS, MethodName, MethodSpec
 from registry.protocol.refs import Contract, ExpertRef, NonNegative, Revision
 
 MANIFEST_FORMAT = "agora.composition/1"
@@ -37,7 +37,7 @@ class Manifest(Contract):
 
     format: Literal["agora.composition/1"]
     id: str
-    method: str
+    method: MethodName
     base_revision: Revision
     experts: list[ManifestExpert]
     params: dict[str, Any] = Field(default_factory=dict)
@@ -45,13 +45,6 @@ class Manifest(Contract):
     metrics: dict[str, Any] | None = None
     with_base: StrictBool | None = None
     base_weight: NonNegative | None = None
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in METHOD_SPECS:
-            raise ValueError(f"must be one of {', '.join(METHODS)}, not {value!r}")
-        return value
 
     @model_validator(mode="after")
     def _inputs_present(self) -> Manifest:

@@ -25,6 +25,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 ParamValue = int | float | str | bool
 
@@ -322,6 +325,16 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     spec.name: spec for spec in (MIXTURE, ENSEMBLE, AVERAGE, DISTILL)
 }
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
+
+
+def _known_method(value: str) -> str:
+    if value not in METHOD_SPECS:
+        raise ValueError(f"must be one of {', '.join(METHODS)}, not {value!r}")
+    return value
+
+
+# A field that names a method of the table (job payloads, manifests).
+MethodName = Annotated[str, AfterValidator(_known_method)]
 
 
 def check_params(method: str, params: Mapping[str, object] | None) -> dict[str, ParamValue]:

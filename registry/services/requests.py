@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from registry.errors import BadRequest, Conflict
-from registry.protocol import COMPOSE_PREFIX, EVALUATE_KIND, EvaluationRequest
+from registry.protocol import EVALUATE_KIND, METHOD_SPECS, EvaluationRequest
 from registry.services import compositions as comp
 from registry.services import evaluations
 from registry.services import jobs as jobs_svc
@@ -70,7 +70,7 @@ def request_composition(
         )
         job = jobs_svc.create_job(
             session=s,
-            kind=f"{COMPOSE_PREFIX}{resolved.method}",
+            kind=METHOD_SPECS[resolved.method].job_kind,
             payload={},
             created_by=principal.name,
             max_attempts=settings.job_max_attempts,
