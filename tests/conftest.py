@@ -21,6 +21,13 @@ import pytest
 # Tests embed with the hashing embedder (no model, microseconds); the one test of the real
 # MiniLM asks for it explicitly. Inherited by the servers tests start as subprocesses.
 os.environ.setdefault("AGORA_EMBEDDER", "hashing")
+# The corpus tests train on reads only these distributions' LICENSE files and READMEs, so a
+# test tool added to the venv does not change every trained model (and the numbers the
+# harm and learning tests check). Inherited by subprocesses, like the embedder.
+os.environ.setdefault(
+    "AGORA_CORPUS_DISTRIBUTIONS",
+    str(Path(__file__).parent / "helpers" / "corpus_distributions.txt"),
+)
 
 # The S3 server on loopback (moto's server mode): fixtures s3_server and s3_storage_url.
 pytest_plugins = ["s3_fixture"]

@@ -76,11 +76,39 @@ class SourcePaths:
     stdlib: Path
     include: Path
     system_include: Path | None = Path("/usr/include")
+    # The installed distributions (normalised names) whose LICENSE files and READMEs feed
+    # the licenses and package_readmes domains; None: every one installed (but this one).
+    distributions: frozenset[str] | None = None
 
     @classmethod
     def current(cls, *, system_include: Path | None = Path("/usr/include")) -> SourcePaths:
         paths = sysconfig.get_paths()
-        return cls(Path(paths["stdlib"]), Path(paths["include"]), system_include)
+        return cls(
+            Path(paths["stdlib"]), Path(paths["include"]), system_include, pinned_distributions()
+        )
+
+
+# A file of distribution names, one per line ('#' comments): when set, only those
+# distributions feed the corpus. The test suite sets it so that installing a tool does not
+# change the text every test model is trained on (docs/composition.md, "The test corpus
+# no longer follows the dev tools").
+DISTRIBUTIONS_ENV = "AGORA_CORPUS_DISTRIBUTIONS"
+
+
+def normalise(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def pinned_distributions() -> frozenset[str] | None:
+    """The names listed by the file ``$AGORA_CORPUS_DISTRIBUTIONS`` names, None if unset."""
+    listing = os.environ.get(DISTRIBUTIONS_ENV)
+    if not listing:
+        return None
+    try:
+        lines = Path(listing).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"{DISTRIBUTIONS_ENV}={listing}: cannot read it ({exc})") from exc
+    return frozenset(normalise(n) for n in lines if n.strip() and not n.startswith("#"))
 
 
 def read_text(path: Path) -> str | None:
@@ -188,7 +216,7 @@ def _record_paths(dist: importlib.metadata.Distribution) -> list[str]:
 
 
 def _licenses(paths: SourcePaths) -> list[SourceDoc]:
-    return list(_license_docs())
+    return list(_license_docs(paths.distributions))
 
 
 @functools.cache
@@ -199,26 +227,29 @@ def _own_distributions() -> frozenset[str]:
     (the venv's ``dist-info`` and the checkout's ``egg-info``). A corpus built from them
     would change whenever a LICENSE or the README of this repository does."""
     names = importlib.metadata.packages_distributions().get(__name__.split(".")[0], [])
-    return frozenset(n.lower().replace("_", "-") for n in names)
+    return frozenset(normalise(n) for n in names)
 
 
-def _third_party() -> list[tuple[str, importlib.metadata.Distribution]]:
-    """(normalised name, distribution) of every installed distribution but this one."""
+def _third_party(
+    only: frozenset[str] | None,
+) -> list[tuple[str, importlib.metadata.Distribution]]:
+    """(normalised name, distribution) of every installed distribution but this one
+    (of those named in ``only``, where given)."""
     own = _own_distributions()
     out = []
     for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if name not in own:
+        name = normalise(dist.metadata["Name"] or "")
+        if name not in own and (only is None or name in only):
             out.append((name, dist))
     return out
 
 
 @functools.cache
-def _license_docs() -> tuple[SourceDoc, ...]:
+def _license_docs(only: frozenset[str] | None) -> tuple[SourceDoc, ...]:
     """Read once per process: reading and deduplicating 324 files of 131 distributions
     takes a second, and the installed distributions do not change under a training run."""
     candidates: list[tuple[str, Path]] = []
-    for name, dist in _third_party():
+    for name, dist in _third_party(only):
         for rel in _record_paths(dist):
             if _LICENSE_NAME.match(rel.rsplit("/", 1)[-1]):
                 doc_id = f"{name}/{_DIST_INFO.sub('dist-info/', rel)}"
@@ -264,7 +295,7 @@ def _perl_modules(paths: SourcePaths) -> list[SourceDoc]:
 
 def _package_readmes(paths: SourcePaths) -> list[SourceDoc]:
     docs: dict[str, SourceDoc] = {}
-    for name, dist in _third_party():
+    for name, dist in _third_party(paths.distributions):
         body = dist.metadata.get_payload() if dist.metadata is not None else None  # type: ignore[attr-defined]
         if not name or not isinstance(body, str) or len(body.strip()) < 200:
             continue  # no long description (or a one-liner): nothing to learn from

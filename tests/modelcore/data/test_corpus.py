@@ -133,3 +133,26 @@ def test_sources_skip_tests_site_packages_generated_and_binary(tmp_path: Path) -
     assert stdlib.heldout
     with pytest.raises(ValueError, match="no documents"):
         build_corpus(domains=["python_tests"], paths=SourcePaths(lib / "encodings", inc, None))
+
+
+def test_a_pinned_distribution_list_keeps_other_packages_out_of_the_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AGORA_CORPUS_DISTRIBUTIONS (set by tests/conftest.py) names the only distributions
+    whose licenses and READMEs feed the corpus: installing a tool changes nothing."""
+    from modelcore.data.sources import DISTRIBUTIONS_ENV, list_sources
+
+    listing = tmp_path / "dists.txt"
+    listing.write_text("# only these\nPyYAML\nnumpy\n")
+    monkeypatch.setenv(DISTRIBUTIONS_ENV, str(listing))
+    paths = SourcePaths.current(system_include=None)
+    assert paths.distributions == frozenset({"pyyaml", "numpy"})
+    for domain in ("licenses", "package_readmes"):
+        owners = {doc.id.split("/", 1)[0] for doc in list_sources(domain, paths)}
+        assert owners and owners <= {"pyyaml", "numpy"}, (domain, owners)
+    everything = SourcePaths(paths.stdlib, paths.include, None, None)
+    assert len(list_sources("licenses", everything)) > len(list_sources("licenses", paths))
+
+    monkeypatch.setenv(DISTRIBUTIONS_ENV, str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="cannot read"):
+        SourcePaths.current()
