@@ -8,11 +8,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from registry.api import base_models, compositions, experts, health, jobs, moderation, search
+from registry.api.deps import optional_principal
 from registry.api.docs import install_docs
+from registry.api.hygiene import RequestHygiene
+from registry.api.limits import install_limits
+from registry.api.openapi import install_methods, install_openapi
 from registry.api.problems import install_problem_handlers
 from registry.db.engine import ensure_migrated, make_engine, make_sessionmaker, upgrade
 from registry.metrics import Metrics, MetricsMiddleware
@@ -47,7 +51,10 @@ def build_runtime(
             ensure_migrated(engine)
         store = open_blob_store(settings)
         staging = open_staging(settings)
-        staging.directory.mkdir(parents=True, exist_ok=True)
+        # The staging files of uploads whose server process was killed: nobody finishes them.
+        dead = staging.open()
+        if dead:
+            log.info("removed %d staging file(s) of killed uploads", len(dead))
     except BaseException:
         engine.dispose()
         raise
@@ -92,6 +99,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             yield
         finally:
             app.state.runtime = None
+            runtime.staging.close()
             runtime.engine.dispose()
 
     app = FastAPI(
@@ -102,11 +110,21 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         # /docs is served from the package (install_docs): no CDN, no ReDoc.
         docs_url=None,
         redoc_url=None,
+        # /openapi.json is a route of install_openapi, so the credential check applies.
+        openapi_url=None,
+        # A credential that is sent and fails is a 401 on every route (registry/api/deps.py).
+        dependencies=[Depends(optional_principal)],
     )
     app.state.settings = settings
     app.state.runtime = None
+    # Innermost of the three: it reads bodies through the limits' paced `receive`, after
+    # their rate and search-slot checks (registry/api/hygiene.py).
+    app.add_middleware(RequestHygiene, router=app.router, max_body_bytes=settings.json_body_limit)
+    # Added first, so the metrics middleware (added next, outermost) counts its refusals.
+    install_limits(app, settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_problem_handlers(app)
+    install_openapi(app)
     install_docs(app)
     app.include_router(health.router)
     app.include_router(base_models.router)
@@ -115,4 +133,5 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(compositions.router)
     app.include_router(experts.router)
     app.include_router(jobs.router)
+    install_methods(app)
     return app

@@ -12,6 +12,7 @@
     ├── PayloadTooLarge             413
     ├── UnsupportedMediaType        415 (a body that is not multipart/form-data where one is needed)
     ├── RangeNotSatisfiable         416 (a Range header outside the blob)
+    ├── TooManyRequests             429 (a rate limit; Retry-After says when to come back)
     ├── UnavailableForLegalReasons  451 (a disabled expert, or anything derived from one)
     └── ServiceUnavailable          503 (database or storage unreachable)
 
@@ -102,6 +103,12 @@ class PayloadTooLarge(AgoraError):
     status = 413
     title = "Payload too large"
     default_code = "payload_too_large"
+
+
+class TooManyRequests(AgoraError):
+    status = 429
+    title = "Too many requests"
+    default_code = "rate_limited"
 
 
 class UnavailableForLegalReasons(AgoraError):

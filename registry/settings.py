@@ -54,12 +54,31 @@ class Settings(BaseSettings):
     max_base_tokenizer_bytes: int = 64 * MiB
     max_base_weights_bytes: int = 64 * GiB
     max_form_field_bytes: int = 16 * KiB
+    max_json_body_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Largest request body that is not a streamed upload (JSON: search, compositions, "
+            "evaluations, job results), refused with 413 before it is read. Default: 3 x the "
+            "largest JSON content limit (max_job_payload_bytes, max_job_result_bytes) + 1 MiB, "
+            "4 MiB as shipped: JSON escapes at most triple text (a character outside the "
+            "BMP written as a \\uXXXX\\uXXXX pair); the per-route limits then apply to the "
+            "content (docs/registry.md)."
+        ),
+    )
 
     blob_gc_grace_seconds: int = Field(
         default=24 * 3600,
         description="Unreferenced blobs younger than this are kept (an upload may be in flight).",
     )
     idempotency_ttl_seconds: int = 24 * 3600
+    idempotency_reservation_seconds: int = Field(
+        default=15 * 60,
+        description=(
+            "A key reserved by a request that never finished (its process died) is taken "
+            "over by the next request with it after this (registry/services/idempotency.py)."
+        ),
+    )
 
     embedder: Literal["minilm", "hashing"] = Field(
         default="minilm",
@@ -84,6 +103,61 @@ class Settings(BaseSettings):
     # The same budget as a datasheet's samples: a query is at most as much text as an expert.
     search_max_text_bytes: int = 64 * KiB
 
+    # Limits (registry/api/limits.py). Rates are token buckets in each server process's
+    # memory: N replicas allow N times these. A rate of 0 turns that limit off.
+    rate_limit_anonymous_per_second: float = Field(
+        default=20.0,
+        ge=0,
+        description="Requests per second per client address without a working token.",
+    )
+    rate_limit_anonymous_burst: int = Field(default=100, ge=1)
+    rate_limit_token_per_second: float = Field(
+        default=50.0, ge=0, description="Requests per second per bearer token."
+    )
+    rate_limit_token_burst: int = Field(default=200, ge=1)
+    rate_limit_search_per_second: float = Field(
+        default=0.5,
+        ge=0,
+        description="POST /v1/search per second per token or address, on top of the above.",
+    )
+    rate_limit_search_burst: int = Field(default=10, ge=1)
+    search_max_per_client: int = Field(
+        default=2,
+        ge=0,
+        description="Searches one token or address may have running or queued (0: no cap).",
+    )
+    search_max_concurrent: int = Field(
+        default=2,
+        ge=0,
+        description="Searches a process runs at once (0: no bound); more wait in a queue.",
+    )
+    search_max_queued: int = Field(
+        default=8,
+        ge=0,
+        description="Searches that may wait for a slot; beyond, 503 search_busy + Retry-After.",
+    )
+    header_timeout_seconds: float = Field(
+        default=15.0,
+        ge=0,
+        description=(
+            "`agora serve` closes a connection whose request line and headers are not all "
+            "in after this (0: never)."
+        ),
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="408 request_timeout when no body byte arrives for this long (0: never).",
+    )
+    body_min_bytes_per_second: float = Field(
+        default=1024.0,
+        ge=0,
+        description=(
+            "A body must also average this rate: its deadline is the start + "
+            "body_timeout_seconds + received bytes / this rate (0: idle timeout only)."
+        ),
+    )
+
     job_lease_seconds: int = Field(
         default=60, description="A lease a worker does not renew by heartbeat expires after this."
     )
@@ -98,6 +172,41 @@ class Settings(BaseSettings):
         default=1 * MiB, description="Texts and parameters a composition or evaluation carries."
     )
     max_job_result_bytes: int = 1 * MiB
+    worker_suspend_after_refusals: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "A worker token whose results are refused this many times in a row is suspended "
+            "(403 token_suspended) until `agora admin lift-suspension`."
+        ),
+    )
+    verify_worker_outputs: Literal["untrusted", "all"] = Field(
+        default="untrusted",
+        description=(
+            "Which workers' produced experts stay quarantined until a second worker checks "
+            "them: those of untrusted worker tokens, or all (docs/architecture.md, "
+            "'Workers that lie')."
+        ),
+    )
+    verify_bits_per_byte_rtol: float = Field(
+        default=0.01,
+        gt=0,
+        le=1,
+        description=(
+            "Relative tolerance between the bits per byte a worker claims and a second "
+            "worker's measurement of the same expert on the same texts."
+        ),
+    )
+    verify_tensor_rtol: float = Field(
+        default=1e-4,
+        gt=0,
+        le=1,
+        description=(
+            "Relative tolerance (of each tensor's largest magnitude; at least 2 ulps of a "
+            "16-bit dtype) between a reproducible output and its replica, when their bytes "
+            "differ; also between their reported weights."
+        ),
+    )
     embedded_worker: bool | None = Field(
         default=None,
         description=(
@@ -117,6 +226,13 @@ class Settings(BaseSettings):
         if self.storage_url:
             return self.storage_url
         return (self.data_dir / "blobs").resolve().as_uri()
+
+    @property
+    def json_body_limit(self) -> int:
+        """``max_json_body_bytes``, or its default derived from the content limits."""
+        if self.max_json_body_bytes is not None:
+            return self.max_json_body_bytes
+        return 3 * max(self.max_job_payload_bytes, self.max_job_result_bytes) + MiB
 
     @property
     def staging_dir(self) -> Path:

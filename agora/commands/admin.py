@@ -1,10 +1,12 @@
-"""``agora admin create-token|list-tokens|revoke-token|gc``: maintenance of an existing
-registry, on its database directly (run where the registry's data is, or point at it with
-``--data-dir`` / ``AGORA_DATA_DIR``; see agora/server.py)."""
+"""``agora admin create-token|list-tokens|revoke-token|gc|fsck`` and worker suspensions
+(``suspensions|lift-suspension``): maintenance of an existing registry, on its database
+directly (run where the registry's data is, or point at it with ``--data-dir`` /
+``AGORA_DATA_DIR``; see agora/server.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Annotated
 
 import typer
@@ -18,6 +20,10 @@ ROLE_HELP = "contributor, moderator, admin or worker"
 def create_token(
     role: Annotated[str, typer.Option(help=ROLE_HELP)],
     name: Annotated[str, typer.Option(help="Who the token is for; owns what it submits.")],
+    trusted: Annotated[
+        bool,
+        typer.Option(help="A worker token whose outputs you vouch for (docs/jobs.md)."),
+    ] = False,
     data_dir: server.DataDirOption = None,
 ) -> None:
     """Create a bearer token. It is printed once, as the last line; only its hash is kept."""
@@ -28,14 +34,15 @@ def create_token(
     runtime = server.runtime(settings)
     try:
         with runtime.sessions() as session, session.begin():
-            token, secret = make_token(session=session, name=name, role=role)
+            token, secret = make_token(session=session, name=name, role=role, trusted=trusted)
             token_id = token.id
     except AgoraError as exc:
         echo_err(f"error: {exc.detail}")
         raise typer.Exit(code=2) from None
     finally:
         runtime.engine.dispose()
-    typer.echo(f"created {role} token #{token_id} for {name!r}; it is shown only now:")
+    kind = f"trusted {role}" if trusted else role
+    typer.echo(f"created {kind} token #{token_id} for {name!r}; it is shown only now:")
     typer.echo(secret)
 
 
@@ -80,6 +87,49 @@ def revoke_token(
     typer.echo(f"revoked token #{token_id} ({role} {name!r})")
 
 
+def suspensions(data_dir: server.DataDirOption = None) -> None:
+    """List suspended worker tokens: id, name, since when, and why."""
+    settings = server.existing_registry(data_dir, "admin suspensions")
+    from registry.services.workers import suspended_tokens
+
+    runtime = server.runtime(settings)
+    try:
+        with runtime.sessions() as session, session.begin():
+            rows = [
+                (t.id, t.role, t.name, t.suspended_at, t.suspension_reason)
+                for t in suspended_tokens(session=session)
+            ]
+    finally:
+        runtime.engine.dispose()
+    if not rows:
+        typer.echo("no suspended tokens")
+    for token_id, role, name, since, reason in rows:
+        typer.echo(f"#{token_id}\t{role}\t{name}\tsuspended {since:%Y-%m-%d %H:%M}\t{reason}")
+
+
+def lift_suspension(
+    token_id: Annotated[int, typer.Argument(help="The #id `suspensions` shows.")],
+    note: Annotated[str, typer.Option(help="Why it is lifted (kept in the audit log).")] = "",
+    data_dir: server.DataDirOption = None,
+) -> None:
+    """Lift a worker token's suspension; the token may lease jobs again. Audited."""
+    settings = server.existing_registry(data_dir, "admin lift-suspension")
+    from registry.errors import AgoraError
+    from registry.services.workers import lift_suspension as lift
+
+    runtime = server.runtime(settings)
+    try:
+        with runtime.sessions() as session, session.begin():
+            token = lift(session=session, token_id=token_id, actor="agora admin", note=note)
+            name, role = token.name, token.role
+    except AgoraError as exc:
+        echo_err(f"error: {exc.detail}")
+        raise typer.Exit(code=2) from None
+    finally:
+        runtime.engine.dispose()
+    typer.echo(f"lifted the suspension of token #{token_id} ({role} {name!r})")
+
+
 def gc(
     grace_seconds: Annotated[
         int | None,
@@ -113,6 +163,47 @@ def gc(
     typer.echo(f"expired idempotency keys removed: {pruned}")
 
 
+def fsck(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document instead of the summary.")
+    ] = False,
+    data_dir: server.DataDirOption = None,
+) -> None:
+    """Check that every blob row's bytes are stored, whole and unaltered (each is read and
+    hashed), and list orphans, staging leftovers and unfinished Idempotency-Keys. Changes
+    nothing. Exit status 1 when a row names missing or damaged bytes, 0 otherwise."""
+    settings = server.existing_registry(data_dir, "admin fsck")
+    from registry.db.engine import (
+        DatabaseNotMigrated,
+        ensure_migrated,
+        make_engine,
+        make_sessionmaker,
+    )
+    from registry.errors import AgoraError
+    from registry.services.fsck import check_storage
+    from registry.storage import Staging, open_blob_store
+
+    # Not server.runtime(): opening a runtime removes dead processes' staging files, and
+    # this check only looks.
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        ensure_migrated(engine)
+        with make_sessionmaker(engine)() as session:
+            report = check_storage(
+                session=session,
+                store=open_blob_store(settings),
+                staging=Staging(settings.staging_dir),
+            )
+    except (AgoraError, DatabaseNotMigrated) as exc:
+        echo_err(f"error: {exc.detail if isinstance(exc, AgoraError) else exc}")
+        raise typer.Exit(code=2) from None
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(report.to_json(), indent=2) if as_json else str(report))
+    if not report.clean:
+        raise typer.Exit(code=1)
+
+
 def group() -> typer.Typer:
     app = typer.Typer(
         name="admin", help="Administration: tokens and maintenance.", no_args_is_help=True
@@ -120,5 +211,8 @@ def group() -> typer.Typer:
     app.command("create-token", rich_help_panel=SERVER_PANEL)(create_token)
     app.command("list-tokens", rich_help_panel=SERVER_PANEL)(list_tokens)
     app.command("revoke-token", rich_help_panel=SERVER_PANEL)(revoke_token)
+    app.command("suspensions", rich_help_panel=SERVER_PANEL)(suspensions)
+    app.command("lift-suspension", rich_help_panel=SERVER_PANEL)(lift_suspension)
     app.command("gc", rich_help_panel=SERVER_PANEL)(gc)
+    app.command("fsck", rich_help_panel=SERVER_PANEL)(fsck)
     return app

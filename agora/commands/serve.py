@@ -33,7 +33,12 @@ def serve(
     from registry.app import create_app
 
     # Check the database before uvicorn starts, so a refusal is one clear line, not a trace.
-    server.runtime(settings).engine.dispose()
+    # Opening it also removes the staging files of uploads a killed run left (app.py).
+    runtime = server.runtime(settings)
+    try:
+        stale_tokens = server.revoke_dead_embedded_workers(settings, runtime)
+    finally:
+        runtime.engine.dispose()
     url = f"http://{host}:{port}"
     typer.echo(f"Agora registry on {url}")
     typer.echo(f"  API docs:  {url}/docs")
@@ -41,7 +46,15 @@ def serve(
     typer.echo(f"  blobs:     {settings.resolved_storage_url}")
     typer.echo(f"  embedder:  {settings.embedder} (AGORA_EMBEDDER; search: POST /v1/search)")
     typer.echo("  admin token: agora admin create-token --role admin --name <you>")
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+    if stale_tokens:
+        typer.echo(f"  revoked:   {stale_tokens} in-process worker token(s) of killed runs")
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        http=server.http_protocol(settings.header_timeout_seconds),
+    )
     uvicorn_server = uvicorn.Server(config)
     embedded = settings.should_run_embedded_worker and model_deps_installed()
     if settings.should_run_embedded_worker and not embedded:
@@ -69,10 +82,17 @@ def _serve_with_worker(uvicorn_server: Any, settings: Settings, url: str) -> Non
     from registry.services.tokens import revoke_token
 
     runtime = server.runtime(settings)
+    # Claimed before the token exists: if this run is killed, the next start revokes it.
+    claim = server.claim_embedded_worker(settings)
     try:
         with runtime.sessions() as session, session.begin():
-            token, secret = make_token(session=session, name="embedded-worker", role="worker")
+            token, secret = make_token(
+                session=session, name=claim.name, role="worker", trusted=True
+            )
             token_id = token.id
+    except BaseException:
+        claim.release()
+        raise
     finally:
         runtime.engine.dispose()
     stops: list[Callable[[], None]] = []
@@ -95,6 +115,7 @@ def _serve_with_worker(uvicorn_server: Any, settings: Settings, url: str) -> Non
             with runtime.sessions() as session, session.begin():
                 revoke_token(session=session, token_id=token_id)
             revoked.set()
+            claim.release()
         finally:
             runtime.engine.dispose()
 

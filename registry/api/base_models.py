@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from registry.api.common import store_upload
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.downloads import blob_response
+from registry.api.openapi import BINARY, download_responses, problems
 from registry.api.schemas import BaseModelListOut, BaseModelOut
 from registry.api.uploads import ParsedForm, parse_multipart
 from registry.runtime import Runtime
@@ -42,6 +43,11 @@ _UPLOAD_DOC: dict[str, Any] = {
 }
 
 _MEDIA = {"config": "application/json", "tokenizer": "application/json"}
+# config and tokenizer are JSON objects; the weights are safetensors.
+_MEDIA_TYPES: dict[str, dict[str, Any]] = {
+    "application/json": {"type": "object"},
+    "application/octet-stream": BINARY,
+}
 
 
 def _store(
@@ -66,7 +72,16 @@ def _store(
     status_code=201,
     summary="Upload a base model revision (admin)",
     openapi_extra=_UPLOAD_DOC,
-    responses={200: {"description": "identical files were already stored"}},
+    responses={
+        200: {"description": "identical files were already stored", "model": BaseModelOut},
+        **problems(
+            {
+                415: "expected_multipart",
+                422: "config_invalid, expert_schema_invalid, tokenizer_invalid, and the "
+                "safetensors framing codes of docs/validation.md",
+            }
+        ),
+    },
     response_model=BaseModelOut,
 )
 async def create_base_model(
@@ -124,11 +139,14 @@ def get_base_model(revision: str, session: SessionDep) -> dict[str, Any]:
     summary="Download config, tokenizer or weights (streamed, HTTP Range)",
     response_class=StreamingResponse,
     operation_id="download_base_file",
+    responses=download_responses(_MEDIA_TYPES, head=False),
 )
 @router.head(
     "/{revision}/files/{field}",
     summary="Size, digest and range headers of a base file, no body",
     operation_id="head_base_file",
+    response_class=Response,
+    responses=download_responses(_MEDIA_TYPES, head=True),
 )
 def download_base_file(
     *,

@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from registry.api.uploads import ParsedForm
-from registry.errors import AgoraError
+from registry.errors import AgoraError, BadRequest
 from registry.runtime import Runtime
 from registry.services.idempotency import IdempotentRequest, StoredResponse
 from registry.services.tokens import Principal
+from registry.validation.text import text_problem
 
 
 def idempotent_request(
@@ -27,6 +28,7 @@ def idempotent_request(
         method=request.method,
         path=request.url.path,
         fingerprint=fingerprint,
+        reservation_seconds=request.app.state.runtime.settings.idempotency_reservation_seconds,
     )
 
 
@@ -41,6 +43,19 @@ def record_outcome(runtime: Runtime, *, kind: str, accepted: bool, size: int) ->
 
 
 StoreUpload = Callable[[Runtime, Session, Principal, ParsedForm, IdempotentRequest], StoredResponse]
+
+
+def check_form_text(form: ParsedForm) -> None:
+    """400 ``invalid_characters`` for a form field with a NUL (UTF-8 decoding already
+    refused surrogates): the multipart twin of registry/api/hygiene.py's JSON checks."""
+    for name in sorted(form.fields):
+        problem = text_problem(form.fields[name])
+        if problem is not None:
+            raise BadRequest(
+                f"form field {name!r} {problem}",
+                code="invalid_characters",
+                errors=[{"path": name, "message": problem}],
+            )
 
 
 async def store_upload(
@@ -60,6 +75,7 @@ async def store_upload(
     happened."""
     size = sum(f.size for f in form.files.values())
     try:
+        check_form_text(form)
         idem = idempotent_request(request, principal, idempotency_key, form.fingerprint())
         response = await run_in_threadpool(store, runtime, session, principal, form, idem)
     except AgoraError:

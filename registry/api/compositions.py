@@ -16,10 +16,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry.api.common import idempotent_request, json_response
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
+from registry.api.openapi import NOT_BLANK, problems
 from registry.protocol import (
     EVALUATE_KIND,
     METHOD_SPECS,
@@ -27,23 +28,54 @@ from registry.protocol import (
     EvaluationRequest,
     params_reference,
 )
-from registry.retrieval.service import DEFAULT_TEMPERATURE
+from registry.protocol.refs import JsonInt
+from registry.retrieval.service import DEFAULT_TEMPERATURE, MAX_TEMPERATURE, MIN_TEMPERATURE
 from registry.services import compositions as comp
-from registry.services import evaluations
+from registry.services import evaluations, verification
 from registry.services import experts as expert_svc
+from registry.services.compositions import MAX_EXPERTS
 from registry.services.requests import request_composition, request_evaluation
 from registry.services.tokens import Principal
+from registry.settings import Settings
 
 router = APIRouter(tags=["compositions"])
+
+_MAX_K = Settings.model_fields["search_max_k"].default
 
 Requester = Annotated[Principal, Depends(require_roles("contributor", "moderator", "admin"))]
 
 
 class CompositionIn(BaseModel):
-    method: str = Field(description=" | ".join(METHODS))
+    # Strict: a JSON true is not a number, nor "4" an integer (the schema says so). The
+    # rules below are stated in the schema only (json_schema_extra): a refusal keeps its
+    # own code (missing_experts, invalid_temperature, invalid_expert_ref, invalid_k...).
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={
+            # Experts named, or texts to find them by.
+            "anyOf": [
+                {"required": ["experts"], "properties": {"experts": {"type": "array"}}},
+                {"required": ["texts"], "properties": {"texts": {"type": "array"}}},
+            ],
+            # The temperature is retrieval's: checked when retrieval picks the experts.
+            "if": {"required": ["experts"], "properties": {"experts": {"type": "array"}}},
+            "else": {
+                "properties": {
+                    "temperature": {"minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE}
+                }
+            },
+        },
+    )
+
+    method: str = Field(description=" | ".join(METHODS), json_schema_extra={"enum": list(METHODS)})
     base_revision: str
     experts: list[str] | None = Field(
-        default=None, description="expert ids, optionally pinned: ex_...@VERSION"
+        default=None,
+        description="expert ids, optionally pinned: ex_...@VERSION",
+        json_schema_extra={
+            "maxItems": MAX_EXPERTS,
+            "items": {"type": "string", "pattern": "^ex_[0-9A-Za-z]{1,64}(@[1-9][0-9]{0,8})?$"},
+        },
     )
     texts: list[str] | None = Field(
         default=None,
@@ -51,8 +83,13 @@ class CompositionIn(BaseModel):
             "sample texts of the target domain: without experts, retrieval picks the top k; "
             "always the text an ensemble's prior and a distillation are fitted on"
         ),
+        json_schema_extra={"minItems": 1, "contains": {"type": "string", "pattern": NOT_BLANK}},
     )
-    k: int = Field(default=4, description="experts retrieval picks when none are named")
+    k: JsonInt = Field(
+        default=4,
+        description="experts retrieval picks when none are named",
+        json_schema_extra={"minimum": 1, "maximum": _MAX_K},
+    )
     weights: list[float] | None = Field(
         default=None,
         description="one per expert (ensemble prior, weighted average); the registry "
@@ -65,7 +102,9 @@ class CompositionIn(BaseModel):
         "false; its manifest says with_base.\n" + params_reference(),
     )
     temperature: float = Field(
-        default=DEFAULT_TEMPERATURE, description="T of retrieval's weights softmax(-d^2/T)"
+        default=DEFAULT_TEMPERATURE,
+        description="T of retrieval's weights softmax(-d^2/T), when retrieval picks the "
+        f"experts: {MIN_TEMPERATURE} to {MAX_TEMPERATURE}",
     )
 
 
@@ -97,6 +136,17 @@ def _fingerprint(body: BaseModel) -> str:
     status_code=202,
     summary="Request a composition; a worker computes it (202 with the job id)",
     response_model=CompositionQueuedOut,
+    responses=problems(
+        {
+            400: "invalid_method, invalid_params, invalid_k, invalid_weights, "
+            "too_few_experts, missing_experts, duplicate_expert, empty_texts, invalid_texts",
+            404: "base_model_not_found, expert_not_found, version_not_found",
+            409: "expert_quarantined (awaiting its check by a second worker)",
+            413: "texts_too_large",
+            422: "base_mismatch, no_experts_found",
+            451: "expert_disabled",
+        }
+    ),
 )
 def create_composition(
     *,
@@ -139,15 +189,25 @@ def create_composition(
 
 
 @router.get(
-    "/v1/compositions/{composition_id}", summary="A composition and, once ready, its manifest"
+    "/v1/compositions/{composition_id}",
+    summary="A composition and, once ready, its manifest",
+    responses=problems({404: "composition_not_found", 451: "expert_disabled"}),
 )
 def get_composition(composition_id: str, session: SessionDep) -> dict[str, Any]:
     """451 ``expert_disabled`` when an expert it uses (or produced) has been withdrawn.
-    ``warnings``: the method's cautions, as the request's 202 gave them."""
+    ``warnings``: the method's cautions, as the request's 202 gave them. ``status`` is
+    ``pending``, ``verifying`` (an untrusted worker's output awaits a second worker's
+    check), ``ready`` or ``failed``; ``verification`` is that check (``job_id``, ``mode``:
+    replicate or evaluate, ``state``: pending, confirmed, refuted or failed, ``cause``),
+    null when none was needed."""
     with session.begin():
         composition = comp.get_composition(session=session, composition_id=composition_id)
         comp.check_servable(session=session, composition=composition)
-        return comp.composition_view(composition)
+        view = comp.composition_view(composition)
+        view["verification"] = verification.verification_view(
+            session=session, composition=composition
+        )
+        return view
 
 
 @router.get(
@@ -178,6 +238,15 @@ def expert_evaluations(expert_id: str, session: SessionDep) -> dict[str, Any]:
     status_code=202,
     summary="Score an expert or a composition on named text sets (a worker computes it)",
     response_model=QueuedOut,
+    responses=problems(
+        {
+            400: "invalid_subject, invalid_text_sets",
+            404: "expert_not_found, version_not_found, composition_not_found",
+            409: "composition_not_ready, expert_quarantined",
+            413: "texts_too_large",
+            451: "expert_disabled",
+        }
+    ),
 )
 def create_evaluation(
     *,

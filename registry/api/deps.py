@@ -16,14 +16,25 @@ Sessions and transactions, one pattern for every route:
 
 The functions those sequences are made of (``experts.record_version``, ``jobs.lease``...)
 take the caller's session and never commit.
+
+Credentials, one rule for every route: ``optional_principal`` is an app-wide dependency
+(``create_app`` passes it to ``FastAPI(dependencies=...)``), so an ``Authorization`` header
+that is sent and fails (not ``Bearer <token>``, an unknown or a revoked token) is a 401
+``invalid_authorization`` / ``invalid_token`` on every route, public reads and probes
+included, before the route runs. A route that needs the principal depends on
+``optional_principal`` too (``OptionalPrincipal``, ``require_roles``): FastAPI solves one
+dependency once per request, so the token is looked up once. Without the header nothing is
+looked up. The lookup has its own short session (its transaction ends before the route's
+begins), so a route that needs no database opens none for an anonymous caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from registry.errors import Forbidden, Unauthenticated
@@ -31,7 +42,8 @@ from registry.runtime import Runtime
 from registry.services.tokens import Principal, authenticate
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async: an attribute read, solved on the event loop rather than in a worker thread.
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
         # Only reachable when a test drives the ASGI app without its lifespan.
@@ -52,36 +64,55 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def optional_principal(request: Request, session: SessionDep) -> Principal | None:
-    """The caller's identity, None without a token; a bad token is always a 401 (a client
-    that sent credentials wants to know they failed, not to be served anonymously)."""
-    header = request.headers.get("authorization")
-    if header is None:
+def _lookup(runtime: Runtime, secret: str) -> Principal | None:
+    with runtime.sessions() as session, session.begin():
+        return authenticate(session=session, secret=secret)
+
+
+async def optional_principal(request: Request, runtime: RuntimeDep) -> Principal | None:
+    """The caller's identity, None without an ``Authorization`` header; a header that fails
+    is always a 401 (a client that sent credentials wants to know they failed, not to be
+    served anonymously)."""
+    headers = request.headers.getlist("authorization")
+    if not headers:
         return None
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    if len(headers) > 1:
+        raise Unauthenticated("send one Authorization header", code="invalid_authorization")
+    scheme, _, secret = headers[0].partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
         raise Unauthenticated(
             "Authorization must be `Bearer <token>`", code="invalid_authorization"
         )
-    with session.begin():
-        principal = authenticate(session=session, secret=secret.strip())
+    principal = await run_in_threadpool(_lookup, runtime, secret)
     if principal is None:
         raise Unauthenticated("unknown or revoked token", code="invalid_token")
+    # The proof the rate limiter charges a credential to its own bucket by (api/limits.py).
+    request.state.principal = principal
     return principal
 
 
 OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
 
 
-def require_roles(*roles: str) -> Callable[[Principal | None], Principal]:
-    def dependency(principal: OptionalPrincipal) -> Principal:
+class RoleRequirement:
+    """The dependency ``require_roles`` makes: the principal, or 401 without a token and
+    403 for another role. A class so the OpenAPI document can tell which operations need
+    which roles (registry/api/openapi.py)."""
+
+    def __init__(self, roles: tuple[str, ...]) -> None:
+        self.roles = roles
+
+    async def __call__(self, principal: OptionalPrincipal) -> Principal:
         if principal is None:
             raise Unauthenticated("this endpoint needs a bearer token", code="missing_token")
-        if principal.role not in roles:
+        if principal.role not in self.roles:
             raise Forbidden(
-                f"role {principal.role!r} may not do this; it needs one of {', '.join(roles)}",
+                f"role {principal.role!r} may not do this; it needs one of {', '.join(self.roles)}",
                 code="insufficient_role",
             )
         return principal
 
-    return dependency
+
+def require_roles(*roles: str) -> RoleRequirement:
+    return RoleRequirement(roles)

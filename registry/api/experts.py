@@ -11,10 +11,12 @@ from sqlalchemy.orm import Session
 from registry.api.common import store_upload
 from registry.api.deps import OptionalPrincipal, RuntimeDep, SessionDep, require_roles
 from registry.api.downloads import blob_response
+from registry.api.openapi import BINARY, download_responses, problems
 from registry.api.schemas import ExpertDetailOut, ExpertPageOut, SubmittedOut, VersionListOut
 from registry.api.uploads import ParsedForm, parse_multipart
 from registry.db.models import Expert
-from registry.errors import Forbidden, Unauthenticated, UnavailableForLegalReasons
+from registry.errors import Forbidden, Unauthenticated
+from registry.protocol.refs import INT32_MAX, VersionNumber
 from registry.runtime import Runtime
 from registry.services import experts as svc
 from registry.services.blobs import get_blob
@@ -47,6 +49,14 @@ _SUBMIT_DOC: dict[str, Any] = {
                             "type": "string",
                             "description": "add a new version to this expert (its owner only)",
                         },
+                        "version": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": INT32_MAX,
+                            "description": "the number the new version must get: 409 "
+                            "version_conflict if a concurrent upload took it (optional; "
+                            "1 for a new expert, else 400 invalid_version)",
+                        },
                     },
                 }
             }
@@ -62,6 +72,7 @@ def _submit(
     form: ParsedForm,
     idem: IdempotentRequest,
 ) -> StoredResponse:
+    expert_id = form.fields.get("expert_id", "").strip() or None
     return svc.submit_expert(
         session=session,
         runtime=runtime,
@@ -69,8 +80,9 @@ def _submit(
         weights=form.files["weights"],
         datasheet=form.files["datasheet"],
         base_revision=form.fields.get("base_revision", "").strip(),
-        expert_id=form.fields.get("expert_id", "").strip() or None,
+        expert_id=expert_id,
         idem=idem,
+        version=svc.parse_version_field(form.fields.get("version"), expert_id=expert_id),
     )
 
 
@@ -85,7 +97,16 @@ def _submit(
             "description": "the caller already stored these weights with this datasheet "
             "(no expert_id): the stored version, nothing new is created",
             "model": SubmittedOut,
-        }
+        },
+        **problems(
+            {
+                403: "not_owner (a new version of someone else's expert)",
+                404: "base_model_not_found, expert_not_found",
+                413: "file_too_large, field_too_large, request_too_large",
+                415: "expected_multipart",
+                422: "the validation codes of docs/validation.md",
+            }
+        ),
     },
 )
 async def submit_expert(
@@ -104,7 +125,7 @@ async def submit_expert(
         request,
         staging=runtime.staging,
         file_limits={"weights": s.max_expert_bytes, "datasheet": s.max_datasheet_bytes},
-        field_names={"base_revision", "expert_id"},
+        field_names={"base_revision", "expert_id", "version"},
         field_limit=s.max_form_field_bytes,
         required_files={"weights", "datasheet"},
         required_fields={"base_revision"},
@@ -122,7 +143,16 @@ async def submit_expert(
 
 
 @router.get(
-    "", summary="List experts (newest first, cursor-paginated)", response_model=ExpertPageOut
+    "",
+    summary="List experts (newest first, cursor-paginated)",
+    response_model=ExpertPageOut,
+    responses=problems(
+        {
+            400: "invalid_cursor, invalid_status, invalid_limit",
+            401: "missing_token (status other than active)",
+            403: "insufficient_role (status other than active: moderators and admins)",
+        }
+    ),
 )
 def list_experts(
     *,
@@ -182,33 +212,54 @@ def list_versions(expert_id: str, session: SessionDep) -> dict[str, Any]:
         }
 
 
-def _servable(expert: Expert) -> None:
-    if expert.status != "active":
-        raise UnavailableForLegalReasons(
-            f"expert {expert.id} is {expert.status}; its artifacts are withdrawn",
-            code="expert_disabled",
-        )
+class MarkdownResponse(PlainTextResponse):
+    media_type = "text/markdown"
+
+
+_ARTIFACT_PROBLEMS = {
+    404: "expert_not_found, version_not_found",
+    409: "expert_quarantined (awaiting its checks; readable by its owner and staff)",
+    451: "expert_disabled",
+}
+_VERSION_HEADER = {
+    "description": "the version served (the latest unless ?version=)",
+    "required": True,
+    "schema": {"type": "integer"},
+}
+_WEIGHTS_MEDIA = {"application/octet-stream": BINARY}
+_WEIGHTS_HEADERS = {
+    "X-Agora-Version": "the version served (the latest unless ?version=)",
+    "Content-Disposition": 'attachment; filename="<expert id>-v<version>.safetensors"',
+}
+
+
+def _servable(expert: Expert, principal: Principal | None) -> None:
+    """451 for a withdrawn expert; 409 ``expert_quarantined`` for a quarantined one, but
+    to its owner, moderators, admins and workers (docs/architecture.md, "Workers that
+    lie")."""
+    svc.check_artifacts_readable(expert=expert, principal=principal)
 
 
 @router.get(
     "/{expert_id}/datasheet",
     summary="The datasheet (markdown) of a version, default the latest",
-    response_class=PlainTextResponse,
+    response_class=MarkdownResponse,
+    responses={
+        200: {"headers": {"X-Agora-Version": _VERSION_HEADER}},
+        **problems(_ARTIFACT_PROBLEMS),
+    },
 )
 def get_datasheet(
     expert_id: str,
     session: SessionDep,
-    version: Annotated[int | None, Query(ge=1)] = None,
-) -> PlainTextResponse:
+    principal: OptionalPrincipal,
+    version: Annotated[VersionNumber | None, Query()] = None,
+) -> MarkdownResponse:
     with session.begin():
         expert = svc.get_expert(session=session, expert_id=expert_id)
-        _servable(expert)
+        _servable(expert, principal)
         row = svc.get_version(session=session, expert=expert, version=version)
-        return PlainTextResponse(
-            row.datasheet,
-            media_type="text/markdown; charset=utf-8",
-            headers={"X-Agora-Version": str(row.version)},
-        )
+        return MarkdownResponse(row.datasheet, headers={"X-Agora-Version": str(row.version)})
 
 
 @router.get(
@@ -216,11 +267,20 @@ def get_datasheet(
     summary="Download a version's weights (streamed, HTTP Range, digest header)",
     response_class=StreamingResponse,
     operation_id="download_weights",
+    responses={
+        **download_responses(_WEIGHTS_MEDIA, head=False, extra_headers=_WEIGHTS_HEADERS),
+        **problems(_ARTIFACT_PROBLEMS),
+    },
 )
 @router.head(
     "/{expert_id}/weights",
     summary="Size, digest and range headers of a version's weights, no body",
     operation_id="head_weights",
+    response_class=Response,
+    responses={
+        **download_responses(_WEIGHTS_MEDIA, head=True, extra_headers=_WEIGHTS_HEADERS),
+        **problems(_ARTIFACT_PROBLEMS),
+    },
 )
 def download_weights(
     *,
@@ -228,12 +288,13 @@ def download_weights(
     expert_id: str,
     runtime: RuntimeDep,
     session: SessionDep,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    principal: OptionalPrincipal,
+    version: Annotated[VersionNumber | None, Query()] = None,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> Response:
     with session.begin():
         expert = svc.get_expert(session=session, expert_id=expert_id)
-        _servable(expert)
+        _servable(expert, principal)
         row = svc.get_version(session=session, expert=expert, version=version)
         blob = get_blob(session=session, digest=row.digest)
     response = blob_response(
@@ -248,4 +309,7 @@ def download_weights(
         head=request.method == "HEAD",
     )
     response.headers["X-Agora-Version"] = str(row.version)
+    if expert.status != svc.ACTIVE:
+        # Served to this caller only (a quarantined expert's owner, staff): no shared cache.
+        response.headers["Cache-Control"] = "private, no-store"
     return response

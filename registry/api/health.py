@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from registry.api.deps import RuntimeDep
+from registry.api.openapi import problems
 from registry.api.problems import problem_response
 from registry.api.schemas import HealthOut
 from registry.errors import AgoraError, ServiceUnavailable
@@ -45,7 +46,7 @@ def _check_storage(runtime: Runtime) -> str | None:
 @router.get(
     "/readyz",
     summary="Readiness: database and blob storage reachable",
-    responses={503: {"description": "a dependency is unreachable (problem+json)"}},
+    responses=problems({503: "not_ready (with `checks`: which dependency failed)"}),
 )
 async def readyz(runtime: RuntimeDep) -> Response:
     db_error = await run_in_threadpool(_check_database, runtime)
@@ -62,7 +63,17 @@ async def readyz(runtime: RuntimeDep) -> Response:
     return problem_response(body, 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 def metrics(runtime: RuntimeDep) -> Response:
     body, content_type = runtime.metrics.render()
     return Response(body, media_type=content_type)

@@ -3,13 +3,17 @@
 Workers hold no database credentials: everything they need is in the job's payload, and
 everything they produce comes back through ``complete`` (a JSON result, plus the new
 expert's weights when the job's method produces one: ``registry.protocol.produces_expert``),
-fenced by the token their lease gave them. Each route parses, authorizes and calls one
-service function (registry/services/leases.py, registry/services/completion.py).
+fenced by the token their lease gave them and accepted only from the bearer token that
+holds the lease; the fencing token is shown to that holder only. A suspended worker token
+(registry/services/workers.py) is refused on every route here (403 ``token_suspended``).
+Each route parses, authorizes and calls one service function (registry/services/leases.py,
+registry/services/completion.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -18,22 +22,39 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
+from registry.api.hygiene import check_json_text, reject_json_constant
+from registry.api.openapi import problems
 from registry.api.uploads import ParsedForm, parse_multipart
 from registry.db.models import Job
 from registry.errors import BadRequest, Forbidden, PayloadTooLarge, UnsupportedMediaType
 from registry.protocol import JOB_KINDS, produces_expert
+from registry.protocol.refs import INT64_MAX, INT64_MIN, BigInt
 from registry.runtime import Runtime
 from registry.services import jobs as svc
 from registry.services.completion import complete_job
 from registry.services.leases import fail_job, heartbeat_job, lease_job
 from registry.services.tokens import Principal
+from registry.services.workers import TokenSuspended
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-WorkerPrincipal = Annotated[Principal, Depends(require_roles("worker", "admin"))]
-AnyPrincipal = Annotated[
-    Principal, Depends(require_roles("contributor", "moderator", "admin", "worker"))
-]
+
+def _active(*roles: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """``require_roles``, and the token is not suspended."""
+
+    check = Depends(require_roles(*roles))
+
+    # A default, not an annotation: annotations are strings here and cannot see ``roles``.
+    async def dependency(principal: Principal = check) -> Principal:
+        if principal.suspended:
+            raise TokenSuspended()
+        return principal
+
+    return dependency
+
+
+WorkerPrincipal = Annotated[Principal, Depends(_active("worker", "admin"))]
+AnyPrincipal = Annotated[Principal, Depends(_active("contributor", "moderator", "admin", "worker"))]
 
 
 class LeaseIn(BaseModel):
@@ -45,14 +66,14 @@ class LeaseIn(BaseModel):
 
 
 class HeartbeatIn(BaseModel):
-    fencing_token: int
+    fencing_token: BigInt
     progress: dict[str, Any] | None = Field(
         default=None, description='e.g. {"done": 3, "total": 10, "message": "distill"}'
     )
 
 
 class FailIn(BaseModel):
-    fencing_token: int
+    fencing_token: BigInt
     error: str = Field(default="", description="what went wrong (kept, truncated to 4000 chars)")
     retryable: bool = Field(default=True, description="false: the job fails for good now")
     release: bool = Field(
@@ -75,6 +96,7 @@ def lease(
     view = lease_job(
         session=session,
         settings=runtime.settings,
+        principal=principal,
         worker=body.worker,
         kinds=body.kinds,
         lease_seconds=body.lease_seconds,
@@ -85,16 +107,42 @@ def lease(
     return JSONResponse({"job": view})
 
 
-@router.post("/{job_id}/heartbeat", summary="Extend a lease (409 lease_lost if it is gone)")
+@router.post(
+    "/{job_id}/heartbeat",
+    summary="Extend a lease (409 lease_lost if it is gone)",
+    responses=problems(
+        {
+            403: "not_lease_holder, token_suspended",
+            404: "job_not_found",
+            409: "lease_lost",
+            413: "progress_too_large",
+        }
+    ),
+)
 def heartbeat(
-    job_id: str, body: HeartbeatIn, session: SessionDep, principal: WorkerPrincipal
+    job_id: str,
+    body: HeartbeatIn,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    principal: WorkerPrincipal,
 ) -> dict[str, Any]:
     return heartbeat_job(
-        session=session, job_id=job_id, fencing_token=body.fencing_token, progress=body.progress
+        session=session,
+        settings=runtime.settings,
+        principal=principal,
+        job_id=job_id,
+        fencing_token=body.fencing_token,
+        progress=body.progress,
     )
 
 
-@router.post("/{job_id}/fail", summary="Report a failure, or release the job (shutdown)")
+@router.post(
+    "/{job_id}/fail",
+    summary="Report a failure, or release the job (shutdown)",
+    responses=problems(
+        {403: "not_lease_holder, token_suspended", 404: "job_not_found", 409: "lease_lost"}
+    ),
+)
 def fail(
     job_id: str,
     body: FailIn,
@@ -105,6 +153,7 @@ def fail(
     view = fail_job(
         session=session,
         settings=runtime.settings,
+        principal=principal,
         job_id=job_id,
         fencing_token=body.fencing_token,
         error=body.error,
@@ -167,11 +216,13 @@ def _parse_result(raw: Any, limit: int) -> dict[str, Any]:
         if len(raw.encode("utf-8")) > limit:
             raise PayloadTooLarge(f"result is limited to {limit} bytes", code="result_too_large")
         try:
-            raw = json.loads(raw)
-        except ValueError as exc:
+            raw = json.loads(raw, parse_constant=reject_json_constant)
+        except (ValueError, RecursionError) as exc:
             raise BadRequest("result is not valid JSON", code="invalid_result") from exc
     if not isinstance(raw, dict):
         raise BadRequest("result must be a JSON object", code="invalid_result")
+    # A multipart result is not seen by registry/api/hygiene.py: the same string checks.
+    check_json_text(raw, "$.result")
     if len(json.dumps(raw)) > limit:
         raise PayloadTooLarge(f"result is limited to {limit} bytes", code="result_too_large")
     return raw
@@ -181,9 +232,12 @@ def _token(raw: Any) -> int:
     try:
         if isinstance(raw, bool):
             raise ValueError
-        return int(raw)
-    except (TypeError, ValueError) as exc:
+        value = int(raw)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise BadRequest("fencing_token must be an integer", code="invalid_fencing_token") from exc
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise BadRequest("fencing_token is out of range", code="invalid_fencing_token")
+    return value
 
 
 async def _read_completion(
@@ -228,6 +282,17 @@ async def _read_completion(
     "/{job_id}/complete",
     summary="Complete a leased job with its result (and output weights), fenced",
     openapi_extra=_COMPLETE_DOC,
+    responses=problems(
+        {
+            400: "invalid_fencing_token, invalid_result, invalid_json, unexpected_output",
+            403: "not_lease_holder, token_suspended",
+            404: "job_not_found",
+            409: "lease_lost",
+            413: "result_too_large, file_too_large",
+            415: "unsupported_media_type (application/json or multipart/form-data)",
+            422: "invalid_result, and the validation codes of docs/validation.md for weights",
+        }
+    ),
 )
 async def complete(
     job_id: str,
@@ -246,6 +311,7 @@ async def complete(
             lambda: complete_job(
                 session=session,
                 runtime=runtime,
+                principal=principal,
                 job_id=job_id,
                 fencing_token=token,
                 result=result,
@@ -259,12 +325,16 @@ async def complete(
     return JSONResponse(view)
 
 
-@router.get("/{job_id}", summary="A job's status, progress and result")
+@router.get(
+    "/{job_id}",
+    summary="A job's status, progress and result",
+    responses=problems({403: "not_owner, token_suspended", 404: "job_not_found"}),
+)
 def get_job(job_id: str, session: SessionDep, principal: AnyPrincipal) -> dict[str, Any]:
     with session.begin():
         job = svc.get_job(session=session, job_id=job_id)
         _check_reader(job, principal)
-        return svc.job_view(job, with_token=principal.role in ("worker", "admin"))
+        return svc.job_view(job, viewer_token_id=principal.token_id)
 
 
 def _check_reader(job: Job, principal: Principal) -> None:
@@ -278,11 +348,11 @@ def _check_reader(job: Job, principal: Principal) -> None:
 @router.get("", summary="List jobs, newest first (moderators and admins)")
 def list_jobs(
     session: SessionDep,
-    principal: Annotated[Principal, Depends(require_roles("moderator", "admin"))],
+    principal: Annotated[Principal, Depends(_active("moderator", "admin"))],
     status: str | None = None,
     kind: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> dict[str, Any]:
     with session.begin():
         rows = svc.list_jobs(session=session, status=status, kind=kind, limit=limit)
-        return {"items": [svc.job_view(j, with_token=principal.is_admin) for j in rows]}
+        return {"items": [svc.job_view(j, viewer_token_id=principal.token_id) for j in rows]}

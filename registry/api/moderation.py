@@ -15,8 +15,10 @@ from sqlalchemy.orm import Session
 
 from registry.api.common import idempotent_request, json_response
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
+from registry.api.openapi import problems
 from registry.runtime import Runtime
 from registry.services import moderation as svc
+from registry.services import verification
 from registry.services.experts import get_expert
 from registry.services.tokens import Principal
 
@@ -80,6 +82,7 @@ async def _moderate(
     "/{expert_id}/disable",
     summary="Disable an expert (moderator/admin): withdrawn from search and downloads at once",
     response_model=ModerationOut,
+    responses=problems({400: "missing_reason", 409: "status_unchanged (already disabled)"}),
 )
 async def disable_expert(
     *,
@@ -107,6 +110,7 @@ async def disable_expert(
     "/{expert_id}/enable",
     summary="Re-enable a disabled expert (moderator/admin)",
     response_model=ModerationOut,
+    responses=problems({400: "missing_reason", 409: "status_unchanged (already active)"}),
 )
 async def enable_expert(
     *,
@@ -130,6 +134,11 @@ async def enable_expert(
     )
 
 
+# The status each recorded action left the expert in: a moderator's, or a check's
+# (registry/services/verification.py).
+_STATUS_AFTER = {**svc.ACTIONS, **verification.ACTIONS}
+
+
 @router.get(
     "/{expert_id}/moderation",
     summary="The moderation actions taken on an expert (moderator/admin)",
@@ -141,7 +150,7 @@ def list_actions(expert_id: str, session: SessionDep, principal: Moderator) -> d
         rows = svc.list_actions(session=session, expert_id=expert.id)
         return {
             "items": [
-                {**svc.action_view(r), "status": "disabled" if r.action == "disable" else "active"}
+                {**svc.action_view(r), "status": _STATUS_AFTER.get(r.action, "active")}
                 for r in rows
             ]
         }

@@ -24,7 +24,7 @@ class ExpertOut(BaseModel):
     name: str
     domain: str
     owner: str
-    status: str = Field(description="active or disabled")
+    status: str = Field(description="active, quarantined, disabled or rejected")
     base_revision: str
     license: str
     language: str

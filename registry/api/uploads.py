@@ -10,6 +10,10 @@ Hashing and writing run in a worker thread, double-buffered: while one batch of 
 loop receives and parses the next. The single-threaded version was bounded by "receive +
 parse + hash" on one core (docs/sdk.md, "Transfer benchmark"); memory stays at two
 batches in flight.
+
+A client that stops sending is cut off by the limits middleware (registry/api/limits.py):
+its ``receive`` raises a 408 ``HTTPException`` when no body byte arrives in time, which
+passes through here, and every staging file of the request is removed on the way out.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
 from registry.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -261,8 +266,8 @@ async def parse_multipart(
             in_flight = None
         except ClientDisconnect as exc:
             raise BadRequest("the client disconnected during the upload", code="aborted") from exc
-        except (BadRequest, PayloadTooLarge):
-            raise
+        except (BadRequest, PayloadTooLarge, HTTPException):
+            raise  # HTTPException: 408, the body stalled (registry/api/limits.py)
         except Exception as exc:  # python-multipart's own parse errors
             if isinstance(exc, ValueError) or type(exc).__module__.startswith("python_multipart"):
                 raise BadRequest(f"malformed multipart body: {exc}", code="bad_multipart") from exc

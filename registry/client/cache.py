@@ -23,6 +23,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from registry.client.errors import DigestMismatch
+
 # 1 MiB reads: large enough that hashing runs at hashlib's speed, small enough to stay
 # invisible in memory.
 READ_CHUNK = 1 << 20
@@ -110,12 +112,14 @@ class BlobCache:
         return final
 
 
-def place(source: Path, dest: Path) -> Path:
+def place(source: Path, dest: Path, hexdigest: str | None = None) -> Path:
     """Put a copy of the cached ``source`` at ``dest`` atomically.
 
-    A hard link costs nothing on the same filesystem; a copy is the fallback. The cache
-    re-hashes its entries on every hit, so a later in-place edit of a linked ``dest`` is
-    caught rather than served.
+    A hard link costs nothing on the same filesystem; a copy is the fallback, written to a
+    temporary file next to ``dest`` and, given ``hexdigest``, hashed as it is written and
+    renamed into place only if it matches (``DigestMismatch`` otherwise, nothing left). The
+    cache re-hashes its entries on every hit, so a later in-place edit of a linked ``dest``
+    is caught rather than served.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(OSError):
@@ -127,7 +131,11 @@ def place(source: Path, dest: Path) -> Path:
     try:
         os.link(source, tmp)
     except OSError:
-        shutil.copyfile(source, tmp)
+        try:
+            _copy_verified(source, tmp, hexdigest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     try:
         os.replace(tmp, dest)
     finally:
@@ -136,6 +144,22 @@ def place(source: Path, dest: Path) -> Path:
         # ``tmp`` is still there. (After a real rename it is gone; the unlink is a no-op.)
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _copy_verified(source: Path, tmp: Path, hexdigest: str | None) -> None:
+    if hexdigest is None:
+        shutil.copyfile(source, tmp)
+        return
+    hasher = hashlib.sha256()
+    with source.open("rb") as src, tmp.open("wb") as out:
+        while chunk := src.read(READ_CHUNK):
+            out.write(chunk)
+            hasher.update(chunk)
+    if hasher.hexdigest() != hexdigest:
+        raise DigestMismatch(
+            f"the copy of {source.name} for {tmp.parent} hashes to sha256:"
+            f"{hasher.hexdigest()}, not sha256:{hexdigest}; nothing was placed"
+        )
 
 
 class HashingWriter:

@@ -310,7 +310,8 @@ class Agora:
         )
 
     def get_composition(self, composition_id: str) -> Composition:
-        """``agora.compositions.get``: status pending, ready (manifest set) or failed."""
+        """``agora.compositions.get``: status pending, verifying, ready (manifest set) or
+        failed."""
         return self.compositions.get(composition_id)
 
     def composition(self, composition_id: str) -> CompositionHandle:

@@ -20,7 +20,9 @@ with httpx and pydantic only. ::
     ├── ServerError                 5xx
     │   └── ServiceUnavailable      503
     ├── TransportError              no response at all (connection refused, reset, timeout)
-    ├── DigestMismatch              the bytes received do not hash to the advertised digest
+    │   └── DownloadInterrupted     a download kept breaking off; .received bytes kept to resume
+    ├── DownloadIntegrityError      a download's bytes cannot be the declared blob; nothing kept
+    │   └── DigestMismatch          the bytes received do not hash to the registry's digest
     └── JobFailed                   a job ended failed or dead (.job; .code job_failed/job_dead)
 
 Clients switch on ``code`` (stable, snake_case, set by the server) rather than on messages.
@@ -177,7 +179,36 @@ class TransportError(AgoraError):
     default_code = "transport_error"
 
 
-class DigestMismatch(AgoraError):
+class DownloadInterrupted(TransportError):
+    """A download broke off (dropped connection, short body) more often than the retries
+    allow. ``received`` bytes of ``size`` stay in the cache's ``.part`` file, unverified;
+    the next download of the same blob resumes after them (docs/sdk.md, "Downloads")."""
+
+    default_code = "download_interrupted"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        problem: dict[str, Any] | None = None,
+        received: int = 0,
+        size: int | None = None,
+    ) -> None:
+        super().__init__(detail, status=status, code=code, problem=problem)
+        self.received = received
+        self.size = size
+
+
+class DownloadIntegrityError(AgoraError):
+    """What a download received cannot be the blob the registry's metadata declared (a
+    response that names another digest, bytes that hash wrong); nothing was kept."""
+
+    default_code = "download_integrity"
+
+
+class DigestMismatch(DownloadIntegrityError):
     """Downloaded bytes do not hash to the digest the registry advertised; nothing was kept."""
 
     default_code = "digest_mismatch"

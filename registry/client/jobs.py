@@ -152,8 +152,11 @@ class CompositionHandle(_Handle):
         delay = poll
         while composition.status != "ready":
             if composition.status == "failed":
+                check = composition.verification or {}
                 raise JobFailed(
-                    job.error or f"composition {self.composition_id} failed",
+                    job.error
+                    or (check.get("cause") and f"its output failed its check: {check['cause']}")
+                    or f"composition {self.composition_id} failed",
                     code="composition_failed",
                     job=job,
                 )

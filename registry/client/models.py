@@ -213,6 +213,8 @@ class Composition(_Model):
 
     ``expert_id`` names the new expert an ``average`` or ``distill`` composition produced;
     ``warnings`` are its method's cautions (``average_may_harm`` for ``average``).
+    ``status`` is ``verifying`` while a second worker checks an untrusted worker's output;
+    ``verification`` is that check (``job_id``, ``mode``, ``state``, ``cause``) or None.
     """
 
     id: str
@@ -225,6 +227,7 @@ class Composition(_Model):
     created_by: str | None = None
     created_at: datetime | None = None
     warnings: list[Caution] = Field(default_factory=list)
+    verification: dict[str, Any] | None = None
 
 
 class JobAccepted(_Model):

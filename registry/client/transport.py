@@ -7,8 +7,15 @@ generated once per call and reused by its retries, so a retried submission is ap
 by the server even when the first attempt's response was lost.
 
 Uploads stream from disk (``ProgressReader``); downloads (``fetch_blob``) stream to a
-``.part`` file in the cache, resume it with ``Range`` after an interruption, and are
-sha256-verified against the registry's digest before they are returned.
+``.part`` file in the cache, hashing as they write, and never write past the size the
+registry's metadata declared. A response that breaks off or ends short is resumed with
+``Range`` (and ``If-Range``) from the bytes written; a 200 to a range request restarts the
+part; a 206 whose ``Content-Range`` is not the range asked for ends the use of ranges for
+that download. The part becomes the cached blob (an atomic rename) only once its size and
+sha256 match the metadata; a mismatch is fetched once more from nothing, then raises
+``DigestMismatch`` and keeps nothing. Interruptions that exhaust the retries raise
+``DownloadInterrupted`` and keep the part for the next call to resume (docs/sdk.md,
+"Downloads").
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from registry.client.cache import BlobCache, HashingWriter, parse_digest, sha256
 from registry.client.errors import (
     AgoraError,
     DigestMismatch,
+    DownloadIntegrityError,
+    DownloadInterrupted,
     TransportError,
     content_range_total,
     error_from_response,
@@ -241,7 +250,14 @@ class Transport:
         size: int | None,
         progress: ProgressCallback | None,
     ) -> Path:
-        """Download ``path`` into the cache as the blob ``hexdigest``, verified."""
+        """Download ``path`` into the cache as the blob ``hexdigest`` of ``size`` bytes, verified.
+
+        ``hexdigest`` and ``size`` come from the registry's metadata (the expert's versions,
+        the base revision's files, a manifest), never from the download's own headers.
+        Raises ``DigestMismatch`` (nothing kept) when the bytes do not hash to ``hexdigest``
+        twice in a row, ``DownloadInterrupted`` (the bytes so far kept to resume) when the
+        transfer keeps breaking off.
+        """
         with self.cache.locked(hexdigest):
             # Another process (or thread) sharing this cache may have fetched it meanwhile.
             cached = self.cache.lookup(hexdigest)
@@ -261,16 +277,25 @@ class Transport:
         progress: ProgressCallback | None,
     ) -> Path:
         part = self.cache.part_path(hexdigest)
-        resumed = part.exists() and part.stat().st_size > 0
-        got = self._stream_to_part(
-            path, params=params, part=part, hexdigest=hexdigest, size=size, progress=progress
-        )
-        if got != hexdigest and resumed:
-            # The bytes kept from an earlier attempt may be the bad ones: start over once.
-            part.unlink(missing_ok=True)
+        try:
             got = self._stream_to_part(
                 path, params=params, part=part, hexdigest=hexdigest, size=size, progress=progress
             )
+            if got != hexdigest and self.max_retries > 0:
+                # A bad byte kept from an earlier call, or one corrupted on the way in any
+                # response, looks the same from here: start over once, from nothing.
+                part.unlink(missing_ok=True)
+                got = self._stream_to_part(
+                    path,
+                    params=params,
+                    part=part,
+                    hexdigest=hexdigest,
+                    size=size,
+                    progress=progress,
+                )
+        except DownloadIntegrityError:
+            part.unlink(missing_ok=True)
+            raise
         if got != hexdigest:
             part.unlink(missing_ok=True)
             raise DigestMismatch(
@@ -289,89 +314,221 @@ class Transport:
         size: int | None,
         progress: ProgressCallback | None,
     ) -> str:
-        """Stream the blob into ``part`` (resuming what is there); the sha256 hex of it all."""
-        hasher = hashlib.sha256()
-        offset = 0
-        if part.exists():
-            offset = part.stat().st_size
-            if size is not None and offset > size:
-                part.unlink()
-                offset = 0
-            else:
-                # Hash what is kept so the final digest covers the whole file.
-                sha256_file(part, hasher)
-                if offset == size:
-                    # Complete but never renamed (interrupted at the end): the caller's
-                    # digest check decides, no request needed.
-                    return hasher.hexdigest()
-        failures = 0
-        while True:
-            # Byte ranges are offsets into the stored bytes, so ask for them uncompressed.
-            headers = {"Accept-Encoding": "identity"}
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
+        """Fill ``part`` with the blob (resuming what is there); the sha256 hex of its bytes.
+
+        Returns once ``part`` holds ``size`` bytes (``size`` None: once a response ended
+        where its framing said). A response that breaks off or ends short is resumed with a
+        Range request after the bytes written; bytes past ``size`` are never written. The
+        caller compares the digest.
+        """
+        state = _PartState(part, size)
+        use_range = True
+        failures = 0  # consecutive attempts that broke off without adding a byte
+        attempts = 0
+        max_attempts = ATTEMPTS_PER_RETRY * (self.max_retries + 1)
+        while not state.complete:
+            attempts += 1
+            added_before = state.added
             try:
-                with self.stream(
-                    "GET", path, params=params, headers=headers, also_ok=frozenset({416})
-                ) as response:
-                    if response.status_code == 416:
-                        # Nothing left to send from `offset`: either the part is complete
-                        # (the digest check decides) or it is longer than the blob.
-                        total = content_range_total(response.headers.get("Content-Range"))
-                        if total is not None and total == offset:
-                            return hasher.hexdigest()
-                        hasher, offset = hashlib.sha256(), 0
-                        part.unlink(missing_ok=True)
-                        failures += 1
-                        if failures > self.max_retries:
-                            raise AgoraError(
-                                "the registry refused every byte range",
-                                status=416,
-                                code="range_not_satisfiable",
-                            )
-                        continue
-                    if response.status_code == 206:
-                        start = _content_range_start(response.headers.get("Content-Range"))
-                        if start != offset:
-                            raise AgoraError(
-                                f"asked for bytes from {offset}, got a range from {start}",
-                                status=206,
-                                code="bad_content_range",
-                            )
-                        mode = "ab"
-                    else:
-                        # A 200 is the whole blob: the server ignored (or could not honour)
-                        # the range, so whatever the part held is replaced.
-                        hasher, offset, mode = hashlib.sha256(), 0, "wb"
-                    advertised = response.headers.get("X-Agora-Digest")
-                    if advertised is not None and parse_digest(advertised) != hexdigest:
-                        raise DigestMismatch(
-                            f"the registry serves {advertised} where sha256:{hexdigest} "
-                            "was expected"
-                        )
-                    # The writer is closed (every chunk received is on disk) before an
-                    # exception leaves this block, so `offset` is exactly the part's size.
-                    with HashingWriter(part, mode, hasher) as out:
-                        encoded = response.headers.get("Content-Encoding", "identity")
-                        # iter_raw skips httpx's decoder layer; only a server that ignored
-                        # our Accept-Encoding needs the decoding iterator.
-                        chunks = (
-                            response.iter_raw()
-                            if encoded.strip().lower() == "identity"
-                            else response.iter_bytes()
-                        )
-                        for chunk in chunks:
-                            out.write(chunk)
-                            offset += len(chunk)
-                            if progress is not None:
-                                progress(offset, size)
-                return hasher.hexdigest()
+                self._download_attempt(
+                    path,
+                    params=params,
+                    state=state,
+                    hexdigest=hexdigest,
+                    use_range=use_range,
+                    progress=progress,
+                )
+                continue
+            except _BadRange as exc:
+                # A proxy that mangles ranges: from now on ask for the whole blob.
+                use_range = False
+                reason = str(exc)
+            except _ShortBody as exc:
+                reason = str(exc)
             except _RETRYABLE_EXC as exc:
-                # The connection broke mid-body: what arrived is on disk, resume after it.
-                failures += 1
-                if failures > self.max_retries:
-                    raise TransportError(f"download of {path} failed: {exc}") from exc
-                self.sleep(self.backoff(failures - 1))
+                reason = f"{type(exc).__name__}: {exc}"
+            except TransportError as exc:
+                # No response at all, after request()'s own retries.
+                raise DownloadInterrupted(
+                    f"download of {path} failed: {exc.detail}; {_kept(state)}",
+                    received=state.length,
+                    size=size,
+                ) from exc
+            if state.complete:
+                # Every byte arrived before the response broke its framing (a Content-Length
+                # longer than the body): the digest decides, no request needed.
+                break
+            failures = 1 if state.added > added_before else failures + 1
+            if failures > self.max_retries or attempts >= max_attempts:
+                raise DownloadInterrupted(
+                    f"download of {path} broke off {attempts} time(s), last: {reason}; "
+                    f"{_kept(state)}",
+                    received=state.length,
+                    size=size,
+                )
+            self.sleep(self.backoff(failures - 1))
+        return state.hasher.hexdigest()
+
+    def _download_attempt(
+        self,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None,
+        state: _PartState,
+        hexdigest: str,
+        use_range: bool,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """One GET appending to ``state``; raises ``_ShortBody``/``_BadRange`` or a network
+        error for the caller to retry."""
+        ranged = use_range and state.length > 0
+        # Byte ranges are offsets into the stored bytes, so ask for them uncompressed.
+        headers = {"Accept-Encoding": "identity"}
+        if ranged:
+            headers["Range"] = f"bytes={state.length}-"
+            # The registry's ETag is the blob's digest: a cache that holds other bytes under
+            # this URL must answer with its whole body (a 200) rather than a range of it.
+            headers["If-Range"] = f'"{hexdigest}"'
+        also_ok = frozenset({416}) if ranged else frozenset()
+        with self.stream("GET", path, params=params, headers=headers, also_ok=also_ok) as response:
+            advertised = _digest_or_none(response.headers.get("X-Agora-Digest"))
+            if advertised is not None and advertised != hexdigest:
+                raise DigestMismatch(
+                    f"the registry serves sha256:{advertised} where its metadata declared "
+                    f"sha256:{hexdigest}; nothing was kept"
+                )
+            if response.status_code == 416:
+                total = content_range_total(response.headers.get("Content-Range"))
+                if total == state.length and (state.size is None or total == state.size):
+                    state.done = True  # nothing left after the part: the digest decides
+                    return
+                asked = state.length
+                state.restart()
+                raise _ShortBody(f"the range from byte {asked} was refused (blob of {total})")
+            if response.status_code == 206:
+                problem = _range_problem(
+                    response.headers.get("Content-Range"), state.length, state.size
+                )
+                if problem is not None:
+                    raise _BadRange(problem)
+            else:
+                # Any other 2xx is the whole blob: the server (or a proxy) ignored the
+                # range, so whatever the part held is replaced.
+                state.restart()
+            encoded = response.headers.get("Content-Encoding", "identity")
+            # iter_raw skips httpx's decoder layer; only a server that ignored our
+            # Accept-Encoding needs the decoding iterator.
+            chunks = (
+                response.iter_raw()
+                if encoded.strip().lower() == "identity"
+                else response.iter_bytes()
+            )
+            # The writer is closed (every chunk received is on disk and hashed) before an
+            # exception leaves this block, so ``state.length`` is exactly the part's size.
+            with HashingWriter(state.path, "ab", state.hasher) as out:
+                for chunk in chunks:
+                    room = state.room()
+                    data = chunk if room is None or len(chunk) <= room else chunk[:room]
+                    if data:
+                        out.write(data)
+                        state.wrote(len(data))
+                        if progress is not None:
+                            progress(state.length, state.size)
+                    if len(data) < len(chunk):
+                        # More bytes than the blob has (a Content-Length that lies, junk
+                        # appended): the first ``size`` are kept and the digest decides.
+                        break
+        if state.size is None:
+            state.done = True
+        elif state.length < state.size:
+            raise _ShortBody(f"the response ended after {state.length} of {state.size} bytes")
+
+
+# A download whose attempts keep adding bytes does not use up its retries (a flaky link still
+# finishes a large file), but it makes at most this many times (max_retries + 1) requests, so
+# a link that trickles a few bytes per connection still ends.
+ATTEMPTS_PER_RETRY = 4
+
+
+class _ShortBody(Exception):
+    """A response ended (or was refused) before the blob's last byte: resume."""
+
+
+class _BadRange(Exception):
+    """A 206 whose Content-Range is not the range asked for: stop asking for ranges."""
+
+
+class _PartState:
+    """The ``.part`` file of one download: its length and the sha256 of its bytes so far."""
+
+    def __init__(self, path: Path, size: int | None) -> None:
+        self.path = path
+        self.size = size
+        self.hasher = hashlib.sha256()
+        self.length = 0
+        self.added = 0  # bytes written by this download, across restarts
+        self.done = False
+        if path.exists():
+            kept = path.stat().st_size
+            if size is not None and kept > size:
+                path.unlink()
+            else:
+                # Hash what is kept (an earlier, interrupted call) so the digest covers it all.
+                sha256_file(path, self.hasher)
+                self.length = kept
+
+    @property
+    def complete(self) -> bool:
+        return self.done or (self.size is not None and self.length >= self.size)
+
+    def room(self) -> int | None:
+        return None if self.size is None else self.size - self.length
+
+    def wrote(self, n: int) -> None:
+        self.length += n
+        self.added += n
+
+    def restart(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.hasher = hashlib.sha256()
+        self.length = 0
+
+
+def _kept(state: _PartState) -> str:
+    total = "?" if state.size is None else str(state.size)
+    return f"{state.length} of {total} bytes kept in {state.path.name} to resume"
+
+
+def _digest_or_none(value: str | None) -> str | None:
+    """The hex of a well-formed ``sha256:<hex>`` header, None if absent or not one."""
+    if value is None:
+        return None
+    try:
+        return parse_digest(value)
+    except ValueError:
+        return None
+
+
+def _range_problem(value: str | None, offset: int, size: int | None) -> str | None:
+    """Why a 206's ``Content-Range`` (``bytes a-b/N``) is not a range from ``offset`` of the
+    blob of ``size`` bytes; None when it is."""
+    if not value or not value.startswith("bytes "):
+        return f"a 206 without a byte Content-Range ({value!r})"
+    span, _, total = value[len("bytes ") :].partition("/")
+    first, _, last = span.partition("-")
+    if not (first.strip().isdigit() and last.strip().isdigit()):
+        return f"a malformed Content-Range {value!r}"
+    start, end = int(first), int(last)
+    if start != offset:
+        return f"asked for bytes from {offset}, got a range from {start}"
+    if end < start:
+        return f"a backwards Content-Range {value!r}"
+    if size is not None:
+        if total.strip() != "*" and total.strip() != str(size):
+            return f"a Content-Range of a {total}-byte blob, the registry declared {size}"
+        if end >= size:
+            return f"a Content-Range past the blob's {size} bytes ({value!r})"
+    return None
 
 
 # -- response helpers -------------------------------------------------------------------------
@@ -414,12 +571,3 @@ def items(response: httpx.Response) -> list[Any]:
 
 def parse(model: type[_M], response: httpx.Response) -> _M:
     return model.model_validate(json_body(response))
-
-
-def _content_range_start(value: str | None) -> int | None:
-    # "bytes 100-199/1000"
-    if not value or not value.startswith("bytes "):
-        return None
-    span = value[len("bytes ") :].split("/", 1)[0]
-    start, _, _ = span.partition("-")
-    return int(start) if start.strip().isdigit() else None

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -24,6 +25,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -78,6 +81,14 @@ class Token(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # A worker token whose outputs the operator vouches for (registry/services/workers.py).
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # A worker token suspended after too many refused results: refused on every worker
+    # route until an admin lifts it. ``refusals`` counts consecutive refusals; an
+    # accepted completion resets it.
+    suspended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    suspension_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    refusals: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class Blob(Base):
@@ -215,9 +226,11 @@ class ModerationAction(Base):
 class Job(Base):
     """A unit of work leased by workers over HTTP (compositions, evaluations).
 
-    ``attempts`` counts leases; ``fencing_token`` is bumped by every lease, and only the
-    current token may heartbeat, complete or fail the job, so a worker that lost its
-    lease can change nothing. ``run_after`` holds a retry back until its backoff is over.
+    ``attempts`` counts leases; ``fencing_token`` is drawn afresh (at random) by every
+    lease, and only the current token, presented by the worker token that holds the lease
+    (``lease_token_id``), may heartbeat, complete or fail the job, so a worker that lost
+    its lease, or never had it, can change nothing. ``run_after`` holds a retry back until
+    its backoff is over.
     """
 
     __tablename__ = "jobs"
@@ -233,6 +246,10 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The token that holds the current lease: only it may heartbeat, fail or complete.
+    lease_token_id: Mapped[int | None] = mapped_column(ForeignKey("tokens.id"), nullable=True)
+    # A token that may not lease this job (a check must be run by another worker).
+    exclude_token_id: Mapped[int | None] = mapped_column(ForeignKey("tokens.id"), nullable=True)
     run_after: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -253,6 +270,8 @@ class JobResult(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
     fencing_token: Mapped[int] = mapped_column(BigInteger)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The bearer token that completed the job (tokens.id; a plain record, not a constraint).
+    token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     result: Mapped[dict[str, Any]] = mapped_column(JSON)
     output_digest: Mapped[str | None] = mapped_column(ForeignKey("blobs.digest"), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -322,3 +341,17 @@ class Evaluation(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_by: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Something done to or by an account that an operator may need to answer for later
+    (a worker suspended, a suspension lifted): append-only, never updated."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(40), index=True)
+    subject: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)

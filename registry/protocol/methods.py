@@ -147,6 +147,10 @@ class MethodSpec:
     * ``produces_expert``: the job's output is a new expert (stored with a datasheet the
       registry writes, named ``derived_name`` + " of " + the parents' names); its
       manifest's ``output`` stands for the inputs.
+    * ``reproducible``: (with ``produces_expert``) the same payload gives the same expert
+      on any worker, up to float rounding, so a second worker's replica checks an
+      untrusted worker's output; without it, an evaluation by a second worker checks the
+      output's claimed bits per byte (docs/architecture.md, "Workers that lie").
     * ``serves_ensemble``: the composition runs its experts as paths of an ensemble at
       inference; its manifest records the weights and the base path (``with_base``).
     * ``has_base_path`` (from ``params``): the base can be one more path (``with_base``).
@@ -161,6 +165,7 @@ class MethodSpec:
     caution: Caution | None = None
     produces_expert: bool = False
     derived_name: str | None = None
+    reproducible: bool = False
     serves_ensemble: bool = False
     retrieval_weights: bool = False
     weighting: str | None = None
@@ -168,6 +173,8 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.produces_expert != (self.derived_name is not None):
             raise ValueError(f"{self.name}: a method that produces an expert names it")
+        if self.reproducible and not self.produces_expert:
+            raise ValueError(f"{self.name}: only a method that produces an expert reproduces it")
         if self.weighting is not None:
             choices = self.param(self.weighting).choices
             if not {UNIFORM, WEIGHTED} <= set(choices):
@@ -299,6 +306,8 @@ AVERAGE = MethodSpec(
     caution=AVERAGE_CAUTION,
     produces_expert=True,
     derived_name="Weight average",
+    # An elementwise merge written canonically (modelcore.compose.merge.merge_files).
+    reproducible=True,
     retrieval_weights=True,
     weighting="merge",
 )

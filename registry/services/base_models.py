@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from registry.db.models import BaseModel, Blob
 from registry.errors import NotFound, base_model_not_found
 from registry.services.blobs import record_blob
-from registry.services.idempotency import IdempotentRequest, StoredResponse
+from registry.services.idempotency import IdempotentRequest, StoredResponse, reserves_key
 from registry.services.staged import UploadedFile
 from registry.services.tokens import Principal
 from registry.storage import BlobStore
@@ -107,6 +107,7 @@ def base_model_view(*, session: Session, base: BaseModel) -> dict[str, Any]:
     }
 
 
+@reserves_key
 def upload_base_model(
     *,
     session: Session,
@@ -118,9 +119,6 @@ def upload_base_model(
 ) -> StoredResponse:
     """Validate the three staged files, commit their blobs, then record the revision in one
     transaction: 201; identical files already stored: 200 with the stored revision."""
-    stored = idem.replay(session)
-    if stored is not None:
-        return stored
     config = dict(validate_base_config(files["config"].read_bytes()).raw)
     validate_tokenizer(files["tokenizer"].read_bytes())
     validate_base_weights(files["weights"].path)

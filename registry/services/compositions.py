@@ -39,6 +39,7 @@ from registry.db.models import (
 )
 from registry.errors import (
     BadRequest,
+    Conflict,
     NotFound,
     PayloadTooLarge,
     UnavailableForLegalReasons,
@@ -61,10 +62,18 @@ from registry.protocol import (
     method_cautions,
 )
 from registry.services.base_models import get_base_model
+from registry.services.experts import QUARANTINED, REJECTED
 from registry.services.ids import new_id
 from registry.validation import parse_datasheet
 
 MAX_EXPERTS = 16
+# A composition is ``pending`` (its job queued or running), ``verifying`` (its job produced
+# an expert from an untrusted worker, which a second worker checks), ``ready`` or
+# ``failed`` (docs/architecture.md, "Workers that lie").
+PENDING = "pending"
+VERIFYING = "verifying"
+READY = "ready"
+FAILED = "failed"
 _REF = re.compile(r"^(ex_[0-9A-Za-z]{1,64})(?:@([1-9][0-9]{0,8}))?$")
 
 
@@ -105,6 +114,12 @@ def resolve_expert(
     expert = session.get(Expert, expert_id)
     if expert is None:
         raise expert_not_found(expert_id)
+    if expert.status == QUARANTINED:
+        raise Conflict(
+            f"expert {expert_id} is quarantined until a second worker has checked it; "
+            "it cannot be composed or evaluated yet",
+            code="expert_quarantined",
+        )
     if expert.status != "active":
         raise UnavailableForLegalReasons(
             f"expert {expert_id} is {expert.status}; it cannot be composed or evaluated",
@@ -366,7 +381,9 @@ def get_composition(*, session: Session, composition_id: str) -> Composition:
 
 
 def check_servable(*, session: Session, composition: Composition) -> None:
-    """451 if any expert the composition names, or the one it produced, is not active."""
+    """451 if any expert the composition names, or the one it produced, is not active;
+    the one it produced may be quarantined or rejected by its check, which the
+    composition's own status says (``verifying``, ``failed``)."""
     ids = set(
         session.scalars(
             select(CompositionExpert.expert_id).where(
@@ -379,7 +396,11 @@ def check_servable(*, session: Session, composition: Composition) -> None:
     if not ids:
         return
     withdrawn = sorted(
-        session.scalars(select(Expert.id).where(Expert.id.in_(ids), Expert.status != "active"))
+        expert_id
+        for expert_id, status in session.execute(
+            select(Expert.id, Expert.status).where(Expert.id.in_(ids), Expert.status != "active")
+        )
+        if not (expert_id == composition.expert_id and status in (QUARANTINED, REJECTED))
     )
     if withdrawn:
         raise UnavailableForLegalReasons(
@@ -491,11 +512,14 @@ def finish_composition(
     checked: ComposeResult,
     output: Mapping[str, Any] | None,
     expert_id: str | None,
+    status: str = READY,
 ) -> Composition:
+    """The job's result applied: the manifest, the produced expert, and ``status``
+    (``ready``, or ``verifying`` while a second worker checks an untrusted output)."""
     composition = get_composition(session=session, composition_id=job.payload["composition_id"])
     composition.manifest = build_manifest(composition=composition, checked=checked, output=output)
     composition.expert_id = expert_id
-    composition.status = "ready"
+    composition.status = status
     composition.updated_at = utcnow()
     session.flush()
     return composition

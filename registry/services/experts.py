@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,14 +25,18 @@ from sqlalchemy.orm import Session
 from registry.db.models import BaseModel, Expert, ExpertVersion, utcnow
 from registry.errors import (
     BadRequest,
+    Conflict,
     Forbidden,
+    UnavailableForLegalReasons,
     ValidationFailed,
     expert_not_found,
     version_not_found,
 )
+from registry.faults import crash_point
+from registry.protocol.refs import INT32_MAX
 from registry.services.base_models import get_base_model
 from registry.services.blobs import record_blob
-from registry.services.idempotency import IdempotentRequest, StoredResponse
+from registry.services.idempotency import IdempotentRequest, StoredResponse, reserves_key
 from registry.services.ids import new_id
 from registry.services.staged import UploadedFile
 from registry.services.tokens import Principal
@@ -40,7 +45,15 @@ from registry.validation import parse_datasheet, validate_expert
 if TYPE_CHECKING:
     from registry.runtime import Runtime
 
-STATUSES = ("active", "disabled")
+# An expert's states (docs/architecture.md, "Workers that lie"): ``active`` (listed,
+# searchable, composable, served to everyone); ``quarantined`` (stored, awaiting a check:
+# not listed, searched nor composed, its artifacts served only to ``may_read_quarantined``
+# callers); ``disabled`` (withdrawn by a moderator); ``rejected`` (failed its check).
+ACTIVE = "active"
+QUARANTINED = "quarantined"
+DISABLED = "disabled"
+REJECTED = "rejected"
+STATUSES = (ACTIVE, QUARANTINED, DISABLED, REJECTED)
 MAX_PAGE = 100
 DEFAULT_PAGE = 50
 
@@ -109,7 +122,9 @@ def validate_submission(
 def get_expert(*, session: Session, expert_id: str, for_update: bool = False) -> Expert:
     stmt = select(Expert).where(Expert.id == expert_id)
     if for_update:
-        stmt = stmt.with_for_update()
+        # Read afresh, not from the session's identity map: an earlier transaction of this
+        # request may have loaded the row before a concurrent upload added a version.
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     expert = session.scalars(stmt).one_or_none()
     if expert is None:
         raise expert_not_found(expert_id)
@@ -124,6 +139,34 @@ def check_owner(*, expert: Expert, principal: Principal) -> None:
         )
 
 
+def may_read_quarantined(*, expert: Expert, principal: Principal | None) -> bool:
+    """Who reads a quarantined expert's datasheet and weights: its owner (who asked for
+    the composition that made it), moderators, admins and workers (a check downloads it)."""
+    if principal is None:
+        return False
+    return principal.role in ("moderator", "admin", "worker") or principal.name == expert.owner
+
+
+def check_artifacts_readable(*, expert: Expert, principal: Principal | None) -> None:
+    """An active expert's artifacts are everyone's; a quarantined one's only
+    ``may_read_quarantined`` callers' (409 ``expert_quarantined``); any other state's
+    nobody's (451 ``expert_disabled``)."""
+    if expert.status == ACTIVE:
+        return
+    if expert.status == QUARANTINED:
+        if may_read_quarantined(expert=expert, principal=principal):
+            return
+        raise Conflict(
+            f"expert {expert.id} is quarantined until a second worker has checked it; "
+            "until then only its owner, moderators, admins and workers read it",
+            code="expert_quarantined",
+        )
+    raise UnavailableForLegalReasons(
+        f"expert {expert.id} is {expert.status}; its artifacts are withdrawn",
+        code="expert_disabled",
+    )
+
+
 def record_version(
     *,
     session: Session,
@@ -133,15 +176,18 @@ def record_version(
     digest: str,
     size: int,
     storage_key: str,
+    status: str = ACTIVE,
+    expected_version: int | None = None,
 ) -> tuple[Expert, ExpertVersion]:
-    """Insert the blob row, the expert (new) or lock it (existing), and a new version."""
+    """Insert the blob row, the expert (new, in ``status``) or lock it (existing), and a
+    new version (``expected_version``: the number it must get, else 409)."""
     record_blob(session=session, digest=digest, size=size, storage_key=storage_key)
     now = utcnow()
     if expert_id is None:
         expert = Expert(
             id=new_id("ex"),
             owner=principal.name,
-            status="active",
+            status=status,
             latest_version=1,
             created_at=now,
             updated_at=now,
@@ -157,6 +203,7 @@ def record_version(
         # version numbers are dense and never reused (SQLite serialises writers anyway).
         expert = get_expert(session=session, expert_id=expert_id, for_update=True)
         check_owner(expert=expert, principal=principal)
+        check_next_version(expert=expert, version=expected_version)
         expert.latest_version += 1
         expert.updated_at = now
         expert.name = validated.name
@@ -182,6 +229,50 @@ def record_version(
     session.add(version)
     session.flush()
     return expert, version
+
+
+def parse_version_field(raw: str | None, *, expert_id: str | None) -> int | None:
+    """The optional ``version`` form field of a submission: the number the new version
+    must get (400 ``invalid_version`` unless 1 to 2^31-1, and 1 for a new expert)."""
+    text = (raw or "").strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 10) or not (
+        1 <= int(text) <= INT32_MAX
+    ):
+        raise BadRequest(
+            f"version must be a whole number from 1 to {INT32_MAX}", code="invalid_version"
+        )
+    if expert_id is None and int(text) != 1:
+        raise BadRequest(
+            "a new expert starts at version 1; give expert_id to add a later version",
+            code="invalid_version",
+        )
+    return int(text)
+
+
+def check_next_version(*, expert: Expert, version: int | None) -> None:
+    """409 ``version_conflict`` when an upload names the version it must become and the
+    expert's next version is another one: a concurrent upload took it first."""
+    if version is None or version == expert.latest_version + 1:
+        return
+    raise Conflict(
+        f"expert {expert.id} is at version {expert.latest_version}, so this upload cannot "
+        f"become version {version}; submit again as version {expert.latest_version + 1}",
+        code="version_conflict",
+    )
+
+
+def lock_resubmission(*, session: Session, owner: str, digest: str, datasheet_digest: str) -> None:
+    """Serialise identical submissions of one owner until the transaction ends, so two
+    racing ones cannot both find no stored version and make two experts: on PostgreSQL a
+    transaction-scoped advisory lock (the second, once the first committed, finds its
+    version); SQLite's ``BEGIN IMMEDIATE`` serialises every writer already."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    name = hashlib.sha256(f"{owner}\0{digest}\0{datasheet_digest}".encode()).digest()
+    lock_id = int.from_bytes(name[:8], "big", signed=True)
+    session.execute(select(func.pg_advisory_xact_lock(lock_id)))
 
 
 def find_resubmission(
@@ -213,6 +304,7 @@ def submitted_view(expert: Expert, version: ExpertVersion) -> dict[str, Any]:
     }
 
 
+@reserves_key
 def submit_expert(
     *,
     session: Session,
@@ -223,13 +315,14 @@ def submit_expert(
     base_revision: str,
     expert_id: str | None,
     idem: IdempotentRequest,
+    version: int | None = None,
 ) -> StoredResponse:
     """Validate the staged files, commit the weights blob, then record the expert (or its
     new version) and its retrieval vectors in one transaction: 201. The owner's repeat of
-    a stored version (no ``expert_id``): 200 with that version, nothing written."""
-    stored = idem.replay(session)
-    if stored is not None:
-        return stored
+    a stored version (no ``expert_id``): 200 with that version, nothing written.
+    ``version``: the number the new version must get (409 ``version_conflict`` if a
+    concurrent upload took it). The crash points are registry/faults.py's."""
+    crash_point("upload.after_staging")
     sheet = datasheet.read_bytes()
     sheet_digest = hashlib.sha256(sheet).hexdigest()
 
@@ -249,9 +342,9 @@ def submit_expert(
         base = get_base_model(session=session, revision=base_revision)
         if expert_id is not None:
             # Refuse someone else's expert before any byte is committed to storage.
-            check_owner(
-                expert=get_expert(session=session, expert_id=expert_id), principal=principal
-            )
+            current = get_expert(session=session, expert_id=expert_id)
+            check_owner(expert=current, principal=principal)
+            check_next_version(expert=current, version=version)
         again = repeated(session)
     if again is not None:
         already: StoredResponse = again
@@ -264,19 +357,28 @@ def submit_expert(
         max_expert_bytes=runtime.settings.max_expert_bytes,
         max_datasheet_bytes=runtime.settings.max_datasheet_bytes,
     )
+    crash_point("upload.after_validation")
     # Embedded before the transaction (the embedder is the slow part), stored in
     # it: an accepted version always has its retrieval vectors.
     vectors = runtime.retrieval.vectors_for_samples(validated.samples)
     # The blob is committed before the row: a failure in between leaves an orphan blob
     # for the garbage collector, never a row that names missing bytes.
     key = runtime.store.commit(weights.path, weights.sha256)
+    crash_point("upload.after_blob_commit")
 
     def write(s: Session) -> StoredResponse:
+        if expert_id is None:
+            lock_resubmission(
+                session=s,
+                owner=principal.name,
+                digest=weights.sha256,
+                datasheet_digest=sheet_digest,
+            )
         # The same repeat, committed by a concurrent request while this one validated.
         raced = repeated(s)
         if raced is not None:
             return raced
-        expert, version = record_version(
+        expert, row = record_version(
             session=s,
             principal=principal,
             expert_id=expert_id,
@@ -284,13 +386,16 @@ def submit_expert(
             digest=weights.sha256,
             size=weights.size,
             storage_key=key,
+            expected_version=version,
         )
         runtime.retrieval.record_vectors(
-            session=s, expert_id=expert.id, version=version.version, vectors=vectors
+            session=s, expert_id=expert.id, version=row.version, vectors=vectors
         )
-        return StoredResponse(201, submitted_view(expert, version))
+        crash_point("upload.in_row_transaction")
+        return StoredResponse(201, submitted_view(expert, row))
 
     response = idem.commit_or_replay(session, write)
+    crash_point("upload.after_row_commit")
     # Committed: this replica's index takes the new version in place, before answering.
     runtime.retrieval.sync()
     return response
@@ -319,13 +424,18 @@ def encode_cursor(last_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_CURSOR_ID = re.compile(r"[a-z]{1,8}_[0-9a-z]{1,64}")
+
+
 def decode_cursor(cursor: str) -> str:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         after = json.loads(raw)["after"]
     except (binascii.Error, ValueError, KeyError, TypeError) as exc:
         raise BadRequest("cursor is not one this server issued", code="invalid_cursor") from exc
-    if not isinstance(after, str):
+    # An id (registry/services/ids.py): anything else, a NUL or a lone surrogate included,
+    # never reaches the query.
+    if not isinstance(after, str) or not _CURSOR_ID.fullmatch(after):
         raise BadRequest("cursor is not one this server issued", code="invalid_cursor")
     return after
 

@@ -11,9 +11,16 @@ session that is not inside one):
    Deleting an object before its row's deletion is committed could leave a row pointing
    at a missing blob if that commit failed (e.g. an upload began referencing the row).
 3. Staging files older than the grace period (left by a crashed upload) are removed.
+4. On S3, multipart uploads begun before the grace period and never completed (S3 went
+   away mid-upload, so not even the abort got through) are aborted, freeing their parts.
 
 The grace period protects uploads in flight: a blob is committed to the store before its
 row, and a re-upload of stored bytes refreshes the object's age (see ``BlobStore.commit``).
+Phase 2 therefore judges each object twice: by the listing, then, just before deleting
+it, by its rows read again and its age read again, so an upload of the same bytes that
+refreshed it or recorded its row since the listing keeps it. (Only an upload refreshing
+the object between that last look and the delete itself could still lose it: a window of
+one stat, or one HEAD on S3, that ``agora admin fsck`` would report.)
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from registry.db.models import Base, Blob
 from registry.storage import BlobStore, Staging, digest_of_key
+from registry.storage.s3 import S3BlobStore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +43,17 @@ class GcReport:
     objects_deleted: int = 0
     bytes_freed: int = 0
     staging_deleted: int = 0
+    uploads_aborted: int = 0
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"deleted {self.rows_deleted} unreferenced blob row(s), "
             f"{self.objects_deleted} stored object(s) ({self.bytes_freed} bytes), "
             f"{self.staging_deleted} stale staging file(s)"
         )
+        if self.uploads_aborted:
+            text += f"; aborted {self.uploads_aborted} incomplete S3 upload(s)"
+        return text
 
 
 def blob_references() -> list[Column[str]]:
@@ -94,11 +106,17 @@ def collect_garbage(
     # Phase 2: objects no row names. Rows are read after phase 1 committed.
     with session.begin():
         known = set(session.scalars(select(Blob.digest)))
+    candidates = [
+        blob
+        for blob in store.list_blobs()
+        if blob.modified < cutoff
+        and (digest := digest_of_key(blob.key)) is not None
+        and digest not in known
+    ]
     objects_deleted = 0
     bytes_freed = 0
-    for blob in list(store.list_blobs()):
-        digest = digest_of_key(blob.key)
-        if digest is None or digest in known or blob.modified >= cutoff:
+    for blob in candidates:
+        if not _still_collectable(session=session, store=store, key=blob.key, cutoff=cutoff):
             continue
         store.delete(blob.key)
         objects_deleted += 1
@@ -107,9 +125,31 @@ def collect_garbage(
     # Phase 3: staging files of uploads that died mid-way.
     staging_deleted = len(staging.sweep(older_than_seconds=grace.total_seconds()))
 
+    # Phase 4: multipart uploads S3 never saw completed nor aborted.
+    uploads_aborted = 0
+    if isinstance(store, S3BlobStore):
+        for upload in list(store.incomplete_uploads()):
+            if upload.initiated < cutoff:
+                store.abort_upload(upload)
+                uploads_aborted += 1
+
     return GcReport(
         rows_deleted=rows_deleted,
         objects_deleted=objects_deleted,
         bytes_freed=bytes_freed,
         staging_deleted=staging_deleted,
+        uploads_aborted=uploads_aborted,
     )
+
+
+def _still_collectable(
+    *, session: Session, store: BlobStore, key: str, cutoff: dt.datetime
+) -> bool:
+    """The object, looked at again just before it goes: still no row, still old."""
+    with session.begin():
+        if session.get(Blob, digest_of_key(key)) is not None:
+            return False
+    try:
+        return store.modified(key) < cutoff
+    except FileNotFoundError:
+        return False

@@ -3,10 +3,16 @@
 A job is ``queued`` until a worker leases it (``leased``), then ends ``succeeded``,
 ``failed`` (the worker reported a permanent error) or ``dead`` (its attempts ran out:
 retryable failures or leases that expired without a heartbeat). Every lease bumps
-``attempts`` and the ``fencing_token``; heartbeat, complete and fail are accepted only
-with the current token, so a worker that lost its lease (paused, partitioned, killed and
-restarted) can change nothing, and the one accepted outcome is a row of ``job_results``
-keyed by the job id: a job is applied at most once, by construction.
+``attempts`` and draws a fresh random ``fencing_token`` (never sequential: it cannot be
+guessed from another); heartbeat, complete and fail are accepted only with the current
+token *and* from the bearer token that holds the lease (``lease_token_id``), so a worker
+that lost its lease (paused, partitioned, killed and restarted) can change nothing, nor
+can another worker that learned the fencing token; the fencing token is shown only to the
+lease holder. The one accepted outcome is a row of ``job_results`` keyed by the job id: a
+job is applied at most once, by construction.
+
+A job may name a token that must not lease it (``exclude_token_id``): a check of a
+worker's output is leased by a different worker.
 
 Leasing claims one job in one statement: ``UPDATE jobs ... WHERE id = (SELECT id ...
 FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id`` on PostgreSQL, so concurrent workers never
@@ -17,15 +23,17 @@ registry/db/engine.py) and ignores the locking clause.
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import random
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from registry.db.models import Composition, Job, JobResult, utcnow
-from registry.errors import BadRequest, Conflict, NotFound
+from registry.errors import BadRequest, Conflict, Forbidden, NotFound
 from registry.protocol import JOB_KINDS
 from registry.services.ids import new_id
 
@@ -37,6 +45,8 @@ MIN_LEASE_SECONDS = 2
 MAX_LEASE_SECONDS = 3600
 MAX_ERROR_CHARS = 4000
 MAX_WORKER_NAME = 200
+# Fencing tokens are drawn from [1, 2**53): exact as a JSON number in every client.
+FENCING_LIMIT = 2**53
 
 
 @dataclass(frozen=True)
@@ -54,14 +64,31 @@ class JobPolicy:
 
 
 class LeaseLost(Conflict):
-    """The fencing token is not the job's current one, or the job is no longer leased."""
+    """The fencing token is not the job's current one, or the job is no longer leased.
+    The detail never names the current token."""
 
     def __init__(self, job: Job) -> None:
         super().__init__(
-            f"job {job.id} is {job.status} with fencing token {job.fencing_token}; "
+            f"job {job.id} is {job.status} and this fencing token is not its current lease's; "
             "this worker's lease is lost: stop working on it",
             code="lease_lost",
         )
+
+
+class NotLeaseHolder(Forbidden):
+    """The fencing token is current but the bearer token is not the one that leased the
+    job (an admin token included): only the lease holder acts on a leased job."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(
+            f"job {job.id} is leased by another token: only the lease holder may act on it",
+            code="not_lease_holder",
+        )
+
+
+def new_fencing_token() -> int:
+    """A fresh random fencing token in [1, 2**53), from ``secrets``."""
+    return secrets.randbelow(FENCING_LIMIT - 1) + 1
 
 
 def create_job(
@@ -136,6 +163,11 @@ def _end_compositions(session: Session, job_ids: list[str], now: dt.datetime) ->
             .where(Composition.job_id.in_(job_ids), Composition.status == "pending")
             .values(status="failed", updated_at=now)
         )
+        # A check of a quarantined output that ended so rejects the output
+        # (registry/services/verification.py, which imports this module).
+        from registry.services.verification import end_checks
+
+        end_checks(session=session, job_ids=job_ids)
 
 
 def reap_expired(*, session: Session, now: dt.datetime | None = None) -> list[str]:
@@ -158,6 +190,7 @@ def reap_expired(*, session: Session, now: dt.datetime | None = None) -> list[st
                 status="dead",
                 error="the lease expired on its last allowed attempt (the worker died or hung)",
                 lease_owner=None,
+                lease_token_id=None,
                 lease_expires_at=None,
                 updated_at=now,
                 finished_at=now,
@@ -173,11 +206,13 @@ def lease(
     *,
     session: Session,
     worker: str,
+    token_id: int,
     kinds: list[str] | None,
     lease_seconds: int,
     now: dt.datetime | None = None,
 ) -> Job | None:
-    """Claim the oldest runnable job (queued and due, or leased with an expired lease)."""
+    """Claim the oldest runnable job (queued and due, or leased with an expired lease) for
+    the bearer token ``token_id``, skipping jobs whose ``exclude_token_id`` is that token."""
     now = now or utcnow()
     reap_expired(session=session, now=now)
     candidate = (
@@ -190,7 +225,8 @@ def lease(
                     Job.lease_expires_at < now,
                     Job.attempts < Job.max_attempts,
                 ),
-            )
+            ),
+            or_(Job.exclude_token_id.is_(None), Job.exclude_token_id != token_id),
         )
         .order_by(Job.id)
         .limit(1)
@@ -198,14 +234,19 @@ def lease(
     )
     if kinds is not None:
         candidate = candidate.where(Job.kind.in_(kinds))
+    drawn = new_fencing_token()
     claimed = session.scalars(
         update(Job)
         .where(Job.id == candidate.scalar_subquery())
         .values(
             status="leased",
             attempts=Job.attempts + 1,
-            fencing_token=Job.fencing_token + 1,
+            # Never the token the previous lease had, however unlikely the draw.
+            fencing_token=case(
+                (Job.fencing_token == drawn, drawn % (FENCING_LIMIT - 1) + 1), else_=drawn
+            ),
             lease_owner=worker,
+            lease_token_id=token_id,
             lease_seconds=lease_seconds,
             lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
             progress=None,
@@ -231,8 +272,21 @@ def get_job(*, session: Session, job_id: str, for_update: bool = False) -> Job:
     return job
 
 
-def _current(job: Job, fencing_token: int) -> bool:
-    return job.status == "leased" and job.fencing_token == fencing_token
+def same_fencing_token(current: int, given: int) -> bool:
+    """``current == given`` in constant time (a fencing token is a secret of its holder)."""
+    if not 0 < given < FENCING_LIMIT or not 0 <= current < FENCING_LIMIT:
+        return False
+    return hmac.compare_digest(current.to_bytes(8, "big"), given.to_bytes(8, "big"))
+
+
+def check_holder(job: Job, fencing_token: int, token_id: int) -> None:
+    """The caller may act on the job's lease: the fencing token is current (else 409
+    ``lease_lost``: a worker whose lease ended) and the caller's bearer token holds the
+    lease (else 403 ``not_lease_holder``: someone who learned another lease's token)."""
+    if job.status != "leased" or not same_fencing_token(job.fencing_token, fencing_token):
+        raise LeaseLost(job)
+    if job.lease_token_id is None or job.lease_token_id != token_id:
+        raise NotLeaseHolder(job)
 
 
 def heartbeat(
@@ -240,6 +294,7 @@ def heartbeat(
     session: Session,
     job_id: str,
     fencing_token: int,
+    token_id: int,
     progress: dict[str, Any] | None,
     now: dt.datetime | None = None,
 ) -> Job:
@@ -247,8 +302,7 @@ def heartbeat(
     after the expiry time: the token only changes when another worker leases the job."""
     now = now or utcnow()
     job = get_job(session=session, job_id=job_id, for_update=True)
-    if not _current(job, fencing_token):
-        raise LeaseLost(job)
+    check_holder(job, fencing_token, token_id)
     job.lease_expires_at = now + dt.timedelta(seconds=job.lease_seconds or 60)
     if progress is not None:
         job.progress = progress
@@ -257,16 +311,20 @@ def heartbeat(
     return job
 
 
-def completion_target(*, session: Session, job_id: str, fencing_token: int) -> Job | None:
+def completion_target(
+    *, session: Session, job_id: str, fencing_token: int, token_id: int
+) -> Job | None:
     """Lock the job for completion. None when this very completion already happened (a
-    worker retrying after a lost response): the caller replays the job as it is."""
+    worker retrying after a lost response, with the same bearer token): the caller
+    replays the job as it is."""
     job = get_job(session=session, job_id=job_id, for_update=True)
     if job.status == "succeeded":
         accepted = session.get(JobResult, job.id)
-        if accepted is not None and accepted.fencing_token == fencing_token:
+        if accepted is not None and same_fencing_token(accepted.fencing_token, fencing_token):
+            if accepted.token_id != token_id:
+                raise NotLeaseHolder(job)
             return None
-    if not _current(job, fencing_token):
-        raise LeaseLost(job)
+    check_holder(job, fencing_token, token_id)
     return job
 
 
@@ -285,6 +343,7 @@ def succeed(
             job_id=job.id,
             fencing_token=job.fencing_token,
             worker=job.lease_owner,
+            token_id=job.lease_token_id,
             result=result,
             output_digest=output_digest,
             created_at=now,
@@ -293,6 +352,7 @@ def succeed(
     job.status = "succeeded"
     job.result = result
     job.error = None
+    job.lease_token_id = None
     job.lease_expires_at = None
     job.updated_at = now
     job.finished_at = now
@@ -304,6 +364,7 @@ def fail(
     session: Session,
     job_id: str,
     fencing_token: int,
+    token_id: int,
     error: str,
     retryable: bool,
     release: bool,
@@ -312,9 +373,9 @@ def fail(
 ) -> Job:
     now = now or utcnow()
     job = get_job(session=session, job_id=job_id, for_update=True)
-    if not _current(job, fencing_token):
-        raise LeaseLost(job)
+    check_holder(job, fencing_token, token_id)
     job.lease_owner = None
+    job.lease_token_id = None
     job.lease_expires_at = None
     job.updated_at = now
     job.progress = None
@@ -351,7 +412,15 @@ def list_jobs(*, session: Session, status: str | None, kind: str | None, limit: 
     return list(session.scalars(stmt.order_by(Job.id.desc()).limit(limit)))
 
 
-def job_view(job: Job, *, with_token: bool) -> dict[str, Any]:
+def holds_lease(job: Job, token_id: int | None) -> bool:
+    """Whether the bearer token ``token_id`` holds the job's current lease."""
+    return token_id is not None and job.status == "leased" and job.lease_token_id == token_id
+
+
+def job_view(job: Job, *, viewer_token_id: int | None) -> dict[str, Any]:
+    """The job as an API answer. ``fencing_token`` is shown only to the lease holder
+    (``viewer_token_id`` is the reader's bearer token); everyone else sees null."""
+
     def iso(value: dt.datetime | None) -> str | None:
         return value.isoformat() if value is not None else None
 
@@ -364,7 +433,7 @@ def job_view(job: Job, *, with_token: bool) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "lease_owner": job.lease_owner,
         "lease_expires_at": iso(job.lease_expires_at),
-        "fencing_token": job.fencing_token if with_token else None,
+        "fencing_token": job.fencing_token if holds_lease(job, viewer_token_id) else None,
         "progress": job.progress,
         "result": job.result,
         "error": job.error,

@@ -21,7 +21,7 @@ from registry.errors import BadRequest, Conflict
 from registry.retrieval import store as retrieval_store
 from registry.retrieval.service import Retrieval
 from registry.services.experts import get_expert
-from registry.services.idempotency import IdempotentRequest, StoredResponse
+from registry.services.idempotency import IdempotentRequest, StoredResponse, reserves_key
 from registry.services.tokens import Principal
 
 # action -> the status it leaves the expert in
@@ -61,6 +61,7 @@ def set_status(
     return expert, row
 
 
+@reserves_key
 def moderate(
     *,
     session: Session,
@@ -73,9 +74,6 @@ def moderate(
 ) -> StoredResponse:
     """Apply ``action`` in one transaction (with the Idempotency-Key's outcome), then sync
     this replica's search index so the expert leaves (or rejoins) it before the answer."""
-    stored = idem.replay(session)
-    if stored is not None:
-        return stored
 
     def write(s: Session) -> StoredResponse:
         expert, row = set_status(

@@ -1,7 +1,7 @@
 """Requests that become jobs: a composition (``compose.<method>``) or an evaluation.
 
 Each is one write sequence that owns its transactions (registry/api/deps.py): the
-Idempotency-Key looked up first, the request checked, then the job (and the composition
+Idempotency-Key reserved first, the request checked, then the job (and the composition
 row) recorded in one transaction with the key's outcome, answered 202. The worker's
 completion applies the result (registry/services/completion.py).
 """
@@ -18,13 +18,14 @@ from registry.protocol import EVALUATE_KIND, METHOD_SPECS, EvaluationRequest
 from registry.services import compositions as comp
 from registry.services import evaluations
 from registry.services import jobs as jobs_svc
-from registry.services.idempotency import IdempotentRequest, StoredResponse
+from registry.services.idempotency import IdempotentRequest, StoredResponse, reserves_key
 from registry.services.tokens import Principal
 
 if TYPE_CHECKING:
     from registry.runtime import Runtime
 
 
+@reserves_key
 def request_composition(
     *,
     session: Session,
@@ -43,9 +44,6 @@ def request_composition(
     """Queue a ``compose.<method>`` job and its composition: 202 with their ids and the
     method's ``warnings``. Without ``experts``, retrieval picks the top ``k`` for ``texts``."""
     settings = runtime.settings
-    stored = idem.replay(session)
-    if stored is not None:
-        return stored
     retrieved = None
     if experts is None and texts is not None:
         comp.check_method(method)  # before the search it would be wasted on
@@ -96,6 +94,7 @@ def request_composition(
     return idem.commit_or_replay(session, write)
 
 
+@reserves_key
 def request_evaluation(
     *,
     session: Session,
@@ -111,9 +110,6 @@ def request_evaluation(
     text_sets = evaluations.check_text_sets(
         request.text_sets, max_bytes=settings.max_job_payload_bytes
     )
-    stored = idem.replay(session)
-    if stored is not None:
-        return stored
 
     def write(s: Session) -> StoredResponse:
         if request.expert_id is not None:

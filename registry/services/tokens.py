@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 
@@ -23,6 +24,12 @@ class Principal:
     token_id: int
     name: str
     role: str
+    # A worker token suspended for refused results (registry/services/workers.py): refused
+    # on every worker route, still authenticated elsewhere.
+    suspended: bool = False
+    # A worker token whose outputs the operator vouches for (``agora admin create-token
+    # --trusted``; the embedded worker of ``agora serve``).
+    trusted: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -35,8 +42,11 @@ def hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def create_token(*, session: Session, name: str, role: str) -> tuple[Token, str]:
-    """Create a token; returns the row and the secret (the only time it exists in clear)."""
+def create_token(
+    *, session: Session, name: str, role: str, trusted: bool = False
+) -> tuple[Token, str]:
+    """Create a token; returns the row and the secret (the only time it exists in clear).
+    ``trusted`` marks a worker token whose outputs the operator vouches for."""
     if role not in ROLES:
         raise BadRequest(f"unknown role {role!r}; one of {', '.join(ROLES)}", code="unknown_role")
     name = name.strip()
@@ -48,6 +58,8 @@ def create_token(*, session: Session, name: str, role: str) -> tuple[Token, str]
         role=role,
         prefix=secret[: len(TOKEN_PREFIX) + 6],
         token_hash=hash_token(secret),
+        trusted=trusted,
+        refusals=0,
     )
     session.add(token)
     session.flush()
@@ -70,11 +82,21 @@ def revoke_token(*, session: Session, token_id: int) -> Token:
 
 
 def authenticate(*, session: Session, secret: str) -> Principal | None:
+    """The principal a secret stands for, or None. The secret is never compared: its hash
+    is looked up (an indexed equality on a value an attacker cannot steer byte by byte),
+    then checked again with ``hmac.compare_digest``."""
     if not secret.startswith(TOKEN_PREFIX):
         return None
+    digest = hash_token(secret)
     token = session.scalars(
-        select(Token).where(Token.token_hash == hash_token(secret), Token.revoked_at.is_(None))
+        select(Token).where(Token.token_hash == digest, Token.revoked_at.is_(None))
     ).one_or_none()
-    if token is None:
+    if token is None or not hmac.compare_digest(token.token_hash, digest):
         return None
-    return Principal(token_id=token.id, name=token.name, role=token.role)
+    return Principal(
+        token_id=token.id,
+        name=token.name,
+        role=token.role,
+        suspended=token.suspended_at is not None,
+        trusted=token.trusted,
+    )

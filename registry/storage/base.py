@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import IO, NamedTuple, Self
 
 from registry.errors import ServiceUnavailable
+from registry.storage.owners import OwnerLock, is_claimed, reap_dead
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 KEY_PREFIX = "sha256/"
@@ -89,6 +91,14 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def size(self, key: str) -> int:
         """The blob's size in bytes; ``FileNotFoundError`` if it is absent."""
+
+    def modified(self, key: str) -> dt.datetime:
+        """The blob's last-modified time (UTC), the age the garbage collector judges by;
+        ``FileNotFoundError`` if it is absent. (Stores override this listing scan.)"""
+        for blob in self.list_blobs():
+            if blob.key == key:
+                return blob.modified
+        raise FileNotFoundError(key)
 
     @abc.abstractmethod
     def iter_range(
@@ -181,9 +191,18 @@ class StagingFile:
     file is complete and ``hexdigest()``/``size`` describe it.
     """
 
-    def __init__(self, fh: IO[bytes], path: Path, *, sync_on_close: bool = False) -> None:
+    def __init__(
+        self,
+        fh: IO[bytes],
+        path: Path,
+        *,
+        sync_on_close: bool = False,
+        claim: OwnerLock | None = None,
+    ) -> None:
         self._fh = fh
         self.path = path
+        # The claim on the directory holding the file lives at least as long as the file.
+        self._claim = claim
         self.size = 0
         self._hash = hashlib.sha256()
         self._sync_on_close = sync_on_close
@@ -227,35 +246,111 @@ class Staging:
 
     Staging is always a local filesystem, whatever the blob store: validators read the
     file by path, and the local store commits by an atomic rename from here.
+
+    Each process writes into a directory of its own, ``<root>/proc-<random>/``, claimed
+    with a lock file beside it (``registry.storage.owners``) on its first upload. At start
+    (``remove_dead``) a server removes the directories of processes that are gone: the
+    staging files of uploads killed mid-way, which no request will ever finish, while the
+    directories of live processes sharing the root are left alone. What survives anyway
+    (files directly under the root, from before this layout) ``sweep`` removes after the
+    garbage collector's grace period.
     """
 
     PREFIX = "upload-"
+    OWNER_PREFIX = "proc-"
 
-    def __init__(self, directory: Path, *, sync_on_close: bool = False) -> None:
-        self.directory = Path(directory)
+    def __init__(self, root: Path, *, sync_on_close: bool = False) -> None:
+        self.root = Path(root)
         # Start flushing each finished file to disk in the background (for the local store,
         # which commits by renaming the very same file).
         self.sync_on_close = sync_on_close
+        self._owner: OwnerLock | None = None
+        self._owner_lock = threading.Lock()
+
+    @property
+    def directory(self) -> Path:
+        """This process's own staging directory, created and claimed on first use."""
+        with self._owner_lock:
+            if self._owner is None:
+                owner = OwnerLock.acquire(self.root, prefix=self.OWNER_PREFIX)
+                try:
+                    (self.root / owner.name).mkdir()
+                except BaseException:
+                    owner.release()
+                    raise
+                self._owner = owner
+            return self.root / self._owner.name
+
+    def open(self) -> list[Path]:
+        """At start: make sure the root is writable, and remove the staging files of
+        processes that are gone (``remove_dead``); returns those files."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _staging_unavailable(self.root, exc) from exc
+        return self.remove_dead()
+
+    def close(self) -> None:
+        """Remove this process's directory (no upload is in flight any more: the server
+        has stopped taking requests) and give up its claim."""
+        with self._owner_lock:
+            owner, self._owner = self._owner, None
+        if owner is not None:
+            shutil.rmtree(self.root / owner.name, ignore_errors=True)
+            owner.release()
+
+    def remove_dead(self) -> list[Path]:
+        """Remove the directories, and the staging files in them, of every process that
+        claimed one and is gone. Safe while other live processes share the root."""
+        removed: list[Path] = []
+
+        def remove(name: str) -> None:
+            directory = self.root / name
+            if directory.is_dir():
+                removed.extend(p for p in directory.iterdir() if p.name.startswith(self.PREFIX))
+                shutil.rmtree(directory, ignore_errors=True)
+
+        if not self.root.is_dir():
+            return removed
+        reap_dead(self.root, prefix=self.OWNER_PREFIX, on_dead=remove)
+        # A directory whose lock file is gone has no owner either (a claim is created before
+        # its directory and removed after it).
+        for directory in self.root.glob(f"{self.OWNER_PREFIX}*"):
+            if directory.is_dir() and not is_claimed(self.root, directory.name):
+                remove(directory.name)
+        return removed
 
     def new_file(self) -> StagingFile:
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=self.PREFIX, dir=self.directory)
+            directory = self.directory
+            fd, name = tempfile.mkstemp(prefix=self.PREFIX, dir=directory)
         except OSError as exc:
-            raise _staging_unavailable(self.directory, exc) from exc
+            raise _staging_unavailable(self.root, exc) from exc
         # Unbuffered: callers write large chunks, and a Python-side buffer would only
         # add a copy of each one.
         return StagingFile(
-            os.fdopen(fd, "wb", buffering=0), Path(name), sync_on_close=self.sync_on_close
+            os.fdopen(fd, "wb", buffering=0),
+            Path(name),
+            sync_on_close=self.sync_on_close,
+            claim=self._owner,
         )
 
     def files(self) -> list[Path]:
-        if not self.directory.is_dir():
+        """Every staging file under the root: this process's, other processes', and any
+        left directly in the root by an older layout."""
+        if not self.root.is_dir():
             return []
-        return [p for p in self.directory.iterdir() if p.name.startswith(self.PREFIX)]
+        found = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith(self.PREFIX) and entry.is_file():
+                found.append(entry)
+            elif entry.name.startswith(self.OWNER_PREFIX) and entry.is_dir():
+                found.extend(p for p in entry.iterdir() if p.name.startswith(self.PREFIX))
+        return found
 
     def sweep(self, *, older_than_seconds: float) -> list[Path]:
-        """Remove staging files left behind by a crashed process; returns what was removed."""
+        """Remove staging files older than the grace period, whoever wrote them (uploads
+        that died mid-way and were not removed at a start); returns what was removed."""
         cutoff = time.time() - older_than_seconds
         removed = []
         for path in self.files():

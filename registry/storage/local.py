@@ -108,6 +108,9 @@ class LocalBlobStore(BlobStore):
     def size(self, key: str) -> int:
         return self._path(key).stat().st_size
 
+    def modified(self, key: str) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._path(key).stat().st_mtime, dt.UTC)
+
     def iter_range(
         self, key: str, start: int = 0, stop: int | None = None, *, chunk_size: int = DEFAULT_CHUNK
     ) -> Iterator[bytes]:

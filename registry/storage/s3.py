@@ -4,6 +4,13 @@ Large blobs go up as multipart uploads from the staging file (boto3 reads each p
 disk as it sends it, so memory stays at part size x concurrency). S3's own multipart
 checksums are composites of the parts, not a sha256 of the object, which is why the
 content address always comes from the server's own hash of the staging file.
+
+An S3 that fails or goes away during an upload is a 503 ``storage_unavailable`` (with
+``Retry-After``), after boto3's own retries. Nothing half-written becomes visible: an
+object appears only when its single PUT or its multipart upload completes. A multipart
+upload that could not even be aborted (S3 was gone) keeps its parts on the server, out
+of sight; ``incomplete_uploads`` lists those and the garbage collector aborts them after
+its grace period (registry/services/gc.py), as an S3 lifecycle rule would.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from registry.errors import ServiceUnavailable
 from registry.storage.base import (
@@ -39,7 +46,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
-_MISSING = {"404", "NoSuchKey", "NotFound"}
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 
 
 def _is_missing(exc: Exception) -> bool:
@@ -65,6 +72,14 @@ def _storage_errors(action: str, bucket: str) -> Iterator[None]:
         ) from exc
 
 
+class IncompleteUpload(NamedTuple):
+    """A multipart upload begun under a blob key and never completed nor aborted."""
+
+    key: str
+    upload_id: str
+    initiated: dt.datetime  # UTC
+
+
 # S3's single-request CopyObject limit.
 _MAX_COPY_BYTES = 5 * 1024**3
 
@@ -80,6 +95,7 @@ class S3BlobStore(BlobStore):
         multipart_threshold: int = 64 << 20,
         multipart_chunksize: int = 64 << 20,
         max_concurrency: int = 4,
+        max_attempts: int = 5,
         client: S3Client | None = None,
     ) -> None:
         import boto3
@@ -95,7 +111,8 @@ class S3BlobStore(BlobStore):
                 endpoint_url=endpoint_url,
                 region_name=region,
                 config=Config(
-                    retries={"max_attempts": 5, "mode": "standard"},
+                    # Each request, with backoff, before S3 counts as unavailable (503).
+                    retries={"max_attempts": max_attempts, "mode": "standard"},
                     # Enough connections for the transfer threads plus concurrent downloads.
                     max_pool_connections=max(10, 2 * max_concurrency),
                     # Checksums only where S3 requires them: integrity is the server's own
@@ -174,6 +191,13 @@ class S3BlobStore(BlobStore):
             raise FileNotFoundError(key)
         return int(head["ContentLength"])
 
+    def modified(self, key: str) -> dt.datetime:
+        head = self._head(key)
+        if head is None:
+            raise FileNotFoundError(key)
+        modified: dt.datetime = head["LastModified"]
+        return modified.astimezone(dt.UTC)
+
     def iter_range(
         self, key: str, start: int = 0, stop: int | None = None, *, chunk_size: int = DEFAULT_CHUNK
     ) -> Iterator[bytes]:
@@ -199,6 +223,29 @@ class S3BlobStore(BlobStore):
         pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "sha256/")
         with _storage_errors("list blobs", self.bucket):
             yield from self._blobs_in(pages)
+
+    def incomplete_uploads(self) -> Iterator[IncompleteUpload]:
+        """Multipart uploads under the blob prefix that were neither completed nor aborted."""
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "sha256/")
+        with _storage_errors("list incomplete uploads", self.bucket):
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    key = upload["Key"][len(self.prefix) :]
+                    if digest_of_key(key) is None:
+                        continue
+                    initiated = upload["Initiated"].astimezone(dt.UTC)
+                    yield IncompleteUpload(key, upload["UploadId"], initiated)
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        """Abort an incomplete multipart upload and free its parts."""
+        try:
+            with _storage_errors("abort an incomplete upload", self.bucket):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._object(upload.key), UploadId=upload.upload_id
+                )
+        except FileNotFoundError:
+            pass  # NoSuchUpload: completed or aborted meanwhile
 
     def _blobs_in(self, pages: Any) -> Iterator[StoredBlob]:
         for page in pages:

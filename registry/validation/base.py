@@ -19,6 +19,7 @@ from registry.validation.safetensors_format import (
     SafetensorsHeader,
     read_header,
 )
+from registry.validation.text import text_problems
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,14 @@ def validate_base_config(data: bytes) -> BaseConfig:
         raise invalid(ErrorCode.CONFIG_INVALID, f"config.json is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise invalid(ErrorCode.CONFIG_INVALID, "config.json must be a JSON object")
+    # The config is stored in a row (and its name may become the revision's name).
+    unstorable = text_problems(config)
+    if unstorable:
+        raise invalid(
+            ErrorCode.CONFIG_INVALID,
+            f"config.json holds text that cannot be stored ({unstorable[0].path})",
+            [p.as_error() for p in unstorable],
+        )
     if "expert_schema" not in config:
         raise invalid(
             ErrorCode.EXPERT_SCHEMA_INVALID,

@@ -14,6 +14,15 @@
 The YAML is read with a safe loader that also refuses aliases (a few hundred bytes of
 nested aliases expand to billions of nodes when walked), duplicate keys (YAML keeps the
 last one silently) and implicit timestamps (``2024-01-01`` stays a string, as in JSON).
+Composing YAML recurses once per level of nesting, so the loader refuses nesting deeper
+than ``MAX_NESTING`` while composing, before a deeper level is entered; an integer literal
+longer than ``MAX_INT_LITERAL`` characters is refused before it is converted (Python
+refuses to convert more than 4,300 digits, and no datasheet number needs 100).
+
+Every string, key included, must be storable (registry/validation/text.py: no NUL, no lone
+surrogate from a ``"\ud800"`` escape), every integer must fit in 64 bits, and the markdown
+body holds no NUL: the name, domain, license and language are stored in columns, the text
+whole, and all of it is refused here, before any byte of the upload is committed.
 """
 
 from __future__ import annotations
@@ -31,21 +40,75 @@ import jsonschema
 import yaml
 
 from registry.validation.codes import ErrorCode, invalid, shorten, too_large
+from registry.validation.text import key_segment, text_problem
 
 DEFAULT_MAX_DATASHEET_BYTES = 1024 * 1024
 DEFAULT_MAX_SAMPLES_BYTES = 64 * 1024
+# The schema nests 3 levels (sources[i].name); x- extensions get ten times that.
+MAX_NESTING = 32
+MAX_INT_LITERAL = 100
+# Each of these is stored in a column of at most 200 characters (registry/db/models.py,
+# Expert.name, .license, .language: a list of languages joined with ", ").
+MAX_STORED_CHARS = 200
+_INT64 = (-(2**63), 2**63 - 1)
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML construct the loader refuses, at a JSON path of the front matter."""
+
+    def __init__(self, path: str, message: str, mark: yaml.Mark | None) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+        self.problem_mark = mark
 
 
 class _StrictSafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` minus aliases, duplicate keys and implicit timestamps."""
+    """``yaml.SafeLoader`` minus aliases, deep nesting, huge integer literals, duplicate
+    keys and implicit timestamps."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._path: list[str] = []  # the JSON path of the node being composed
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # Refused while scanning, a level past the limit: the scanner keeps one possible
+        # simple key per open flow level and re-checks all of them on every token, so a
+        # run of 1,000 '[' alone costs it a second before the composer sees any.
+        if self.flow_level >= MAX_NESTING:
+            raise _Refused(
+                "", f"nested deeper than {MAX_NESTING} levels of [ or {{", self.get_mark()
+            )
+        super().fetch_flow_collection_start(TokenClass)  # type: ignore[no-untyped-call]
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        segment = _segment(parent, index)
+        path = "".join([*self._path, segment])
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(
-                None, None, "YAML aliases (*name) are not allowed in datasheets", event.start_mark
+            raise _Refused(
+                path, "YAML aliases (*name) are not allowed in datasheets", event.start_mark
             )
-        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        if len(self._path) >= MAX_NESTING:
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise _Refused(path, f"nested deeper than {MAX_NESTING} levels", event.start_mark)
+        self._path.append(segment)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+        if (
+            isinstance(node, yaml.ScalarNode)
+            and node.tag == _INT_TAG
+            and len(node.value) > MAX_INT_LITERAL
+        ):
+            raise _Refused(
+                path,
+                f"an integer of {len(node.value)} characters (at most {MAX_INT_LITERAL})",
+                node.start_mark,
+            )
+        return node  # type: ignore[no-any-return]
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -68,6 +131,17 @@ _StrictSafeLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+def _segment(parent: yaml.Node | None, index: Any) -> str:
+    """The path segment of a node ``compose_node`` is about to compose."""
+    if parent is None:
+        return "$"
+    if isinstance(index, int):
+        return f"[{index}]"
+    if isinstance(index, yaml.ScalarNode):  # a mapping value: index is its key
+        return key_segment(index.value)
+    return ""  # a mapping key: reported at the mapping's path
 
 
 @dataclass(frozen=True)
@@ -140,12 +214,15 @@ def _split_front_matter(text: str) -> tuple[str, str]:
 
 
 def _json_problems(value: Any, path: str) -> list[dict[str, Any]]:
-    """Places where parsed YAML holds something JSON cannot (so the schema can't judge it)."""
+    """Places where parsed YAML holds something JSON cannot (so the schema can't judge it),
+    or a string or number no row can store. Nesting is bounded by the loader."""
     if isinstance(value, dict):
         out: list[dict[str, Any]] = []
         for k, v in value.items():
             if not isinstance(k, str):
                 out.append({"path": path, "message": f"key {shorten(repr(k), 60)} is not a string"})
+            elif (problem := text_problem(k)) is not None:
+                out.append({"path": f"{path}{key_segment(k)}", "message": f"the key {problem}"})
             else:
                 out += _json_problems(v, f"{path}.{k}")
         return out
@@ -153,9 +230,34 @@ def _json_problems(value: Any, path: str) -> list[dict[str, Any]]:
         return [p for i, v in enumerate(value) for p in _json_problems(v, f"{path}[{i}]")]
     if isinstance(value, float) and not math.isfinite(value):
         return [{"path": path, "message": "NaN and infinity are not allowed"}]
+    if isinstance(value, str) and (problem := text_problem(value)) is not None:
+        return [{"path": path, "message": problem}]
+    if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+        return [{"path": path, "message": "an integer beyond 64 bits"}]
     if value is None or isinstance(value, str | int | float | bool):
         return []
     return [{"path": path, "message": f"a {type(value).__name__} is not a JSON value"}]
+
+
+def _field_at(yaml_text: str, line: int) -> str:
+    """The top-level key whose value holds front matter line ``line`` (0-based), as a path;
+    for a refusal the scanner makes before the composer knows where it is."""
+    for text in reversed(yaml_text.split("\n")[: line + 1]):
+        key, colon, _ = text.partition(":")
+        if colon and key and not key[0].isspace() and key[0] not in "-#[{?":
+            return "$" + key_segment(key.strip().strip("'\""))
+    return "$"
+
+
+def _nul_problem(text: str, yaml_text: str) -> dict[str, Any] | None:
+    """A NUL anywhere in the datasheet (the text is stored whole): where, by line."""
+    at = text.find("\x00")
+    if at < 0:
+        return None
+    line = text.count("\n", 0, at) + 1
+    # The front matter is lines 2 .. len(yaml lines) + 1 (after the opening '---').
+    part = "front matter" if line <= yaml_text.count("\n") + 2 else "body"
+    return {"path": part, "message": f"a NUL character on line {line}"}
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:
@@ -186,8 +288,20 @@ def parse_datasheet(
         ) from None
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")
     yaml_text, body = _split_front_matter(text)
+    nul = _nul_problem(text, yaml_text)
+    if nul is not None:
+        raise invalid(ErrorCode.DATASHEET_INVALID, f"the datasheet holds {nul['message']}", [nul])
     try:
         front = yaml.load(yaml_text, Loader=_StrictSafeLoader)  # noqa: S506 (a SafeLoader)
+    except _Refused as exc:
+        mark = exc.problem_mark
+        where = f" (front matter line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        path = exc.path or _field_at(yaml_text, mark.line if mark else 0)
+        raise invalid(
+            ErrorCode.DATASHEET_FRONT_MATTER,
+            f"the front matter is refused at {path}: {exc.message}{where}",
+            [{"path": path, "message": exc.message}],
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" (front matter line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -204,7 +318,9 @@ def parse_datasheet(
     problems = _json_problems(front, "$")
     if problems:
         raise invalid(
-            ErrorCode.DATASHEET_INVALID, "the front matter holds non-JSON values", problems
+            ErrorCode.DATASHEET_INVALID,
+            "the front matter holds values that are not JSON or cannot be stored",
+            problems,
         )
     errors = _schema_problems(front)
     if errors:
@@ -214,6 +330,18 @@ def parse_datasheet(
             errors,
         )
     sheet = _to_datasheet(front, body)
+    stored_language = ", ".join(sheet.language)
+    if len(stored_language) > MAX_STORED_CHARS:
+        raise invalid(
+            ErrorCode.DATASHEET_INVALID,
+            f"language lists {len(stored_language)} characters; at most {MAX_STORED_CHARS}",
+            [
+                {
+                    "path": "$.language",
+                    "message": f"at most {MAX_STORED_CHARS} characters, joined with ', '",
+                }
+            ],
+        )
     if sheet.samples_bytes > max_samples_bytes:
         raise invalid(
             ErrorCode.SAMPLES_TOO_LARGE,

@@ -3,8 +3,10 @@
 An expert is accepted only if, in this order: it is within the size limit; its safetensors
 framing is exact; ``__metadata__`` says ``format = agora.expert/1`` and pins the base
 revision it was submitted for; ``layers``/``n_modules``/``dtype`` are well formed; the
-tensor names and shapes are exactly the schema's; all tensors share one dtype the base
-allows (and the metadata names); and every value is finite. Pure functions: no torch,
+tensor names and shapes are exactly the schema's; ``layers`` is the ascending list of the
+layers the tensor names hold (and ``n_modules`` their module count), whether or not the
+schema states them; all tensors share one dtype the base allows (and the metadata names);
+and every value is finite. Pure functions: no torch,
 no database; the caller resolves the base revision and passes its schema.
 """
 
@@ -36,6 +38,11 @@ _SAFETENSORS_TO_NAME: Mapping[str, str] = {v: k for k, v in EXPERT_DTYPES.items(
 DEFAULT_MAX_EXPERT_BYTES = 2 * 1024**3
 
 _POSITIVE_DECIMAL = re.compile(r"[1-9][0-9]{0,8}")
+# Tensor names place a tensor in a layer (and a module): layers.{i}.[modules.{j}.]...
+# (modelcore/experts.py). ASCII digits only, and few of them: int() of a name's digits
+# is cheap and never refused.
+_LAYER_NAME = re.compile(r"layers\.([0-9]{1,9})\.")
+_MODULE_NAME = re.compile(r"layers\.([0-9]{1,9})\.modules\.([0-9]{1,9})\.")
 
 
 def _is_int(value: Any) -> bool:
@@ -192,6 +199,7 @@ def validate_expert(
     header = read_header(path, max_header_bytes=max_header_bytes)
     layers, n_modules, meta_dtype = _check_metadata(header, schema, base_revision)
     _check_tensors(header, schema)
+    _check_metadata_against_names(header, layers, n_modules)
     dtype = _check_dtypes(header, schema, meta_dtype)
     non_finite = find_non_finite(path, header, chunk_bytes=chunk_bytes)
     if non_finite:
@@ -279,6 +287,47 @@ def _check_metadata(
     if problems:
         raise invalid(ErrorCode.METADATA_INVALID, "__metadata__ is invalid", problems)
     return layers, n_modules, meta_dtype
+
+
+def _check_metadata_against_names(
+    header: SafetensorsHeader, layers: tuple[int, ...], n_modules: int
+) -> None:
+    """``layers`` and ``n_modules`` must say what the tensor names say, whatever the base's
+    schema states: the worker reads the file's layers from its names and refuses a file
+    whose metadata differs (modelcore/experts.py, ``load_expert``), so an expert accepted
+    with other metadata would fail every job that uses it."""
+    covered = sorted(
+        {int(m.group(1)) for t in header.tensors if (m := _LAYER_NAME.match(t.name)) is not None}
+    )
+    problems: list[dict[str, Any]] = []
+    if list(layers) != covered:
+        problems.append(
+            {
+                "key": "layers",
+                "message": f"must be {json.dumps(covered)}: the layers the tensor names "
+                "hold, ascending",
+            }
+        )
+    modules: dict[int, set[int]] = {}
+    for t in header.tensors:
+        m = _MODULE_NAME.match(t.name)
+        if m is not None:
+            modules.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    wrong = sorted(i for i, found in modules.items() if found != set(range(n_modules)))
+    if wrong:
+        problems.append(
+            {
+                "key": "n_modules",
+                "message": f"the tensor names of layer {wrong[0]} hold modules "
+                f"{sorted(modules[wrong[0]])}, not 0 to {n_modules - 1}",
+            }
+        )
+    if problems:
+        raise invalid(
+            ErrorCode.METADATA_INVALID,
+            "__metadata__ disagrees with the tensors in the file",
+            problems,
+        )
 
 
 def _check_tensors(header: SafetensorsHeader, schema: ExpertSchema) -> None:

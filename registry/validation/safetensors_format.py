@@ -8,7 +8,10 @@ The header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end
 (offsets relative to the data section) plus an optional ``__metadata__`` of string pairs.
 We accept a file only if that description is exact: the tensors tile the data section
 from byte 0 to its last byte, with no gaps, overlaps or trailing bytes, so there is no
-room anywhere in the file for content the header does not account for.
+room anywhere in the file for content the header does not account for. And whatever we
+accept, the ``safetensors`` library reads identically: the same tensors, dtypes, shapes and
+bytes (tests/adversarial/test_differential_fuzz.py fuzzes that claim). Where the two
+parsers differ we refuse (``strict_json`` lists the JSON cases; shapes are bounded below).
 
 Finiteness is checked tensor by tensor, ``chunk_bytes`` (8 MiB) at a time over a read-only
 memory map, releasing each chunk's pages once scanned: validating a 1 GiB expert adds a
@@ -60,6 +63,13 @@ DTYPE_ITEMSIZE: Mapping[str, int] = {
 _HALF_EXPONENT_MASK: Mapping[str, int] = {"F16": 0x7C00, "BF16": 0x7F80}
 _FLOAT_NUMPY: Mapping[str, str] = {"F32": "<f4", "F64": "<f8"}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+# The readers of an accepted file must be able to hold each tensor's description: numpy
+# (what ``safetensors.numpy`` and the SDK load into) allows 32 dimensions before 2.0 and
+# sizes below 2**63 bytes, counting only the non-zero dims; the safetensors library's own
+# size arithmetic is in 64-bit integers.
+MAX_RANK = 32
+MAX_TENSOR_BYTES = 2**63 - 1
 
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 _PICKLE_PROTOCOL_BYTES = frozenset({2, 3, 4, 5})
@@ -196,6 +206,22 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _describes_too_many_bytes(shape: list[int], itemsize: int) -> bool:
+    """Whether itemsize times the product of the non-zero dims exceeds ``MAX_TENSOR_BYTES``.
+
+    Zero dims are skipped, as numpy does: ``[0, 2**62]`` holds no bytes, but neither numpy
+    nor the safetensors library (whose size arithmetic overflows on ``[2**40, 2**40, 0]``)
+    can read it, so a file that declares it is refused like one that would need the bytes.
+    """
+    size = itemsize
+    for dim in shape:
+        if dim:
+            size *= dim
+            if size > MAX_TENSOR_BYTES:
+                return True
+    return False
+
+
 def _check_entries(header: dict[str, Any]) -> tuple[TensorInfo, ...]:
     problems: list[dict[str, Any]] = []
     tensors: list[TensorInfo] = []
@@ -227,6 +253,12 @@ def _check_entries(header: dict[str, Any]) -> tuple[TensorInfo, ...]:
             continue
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             bad(name, "shape must be a list of non-negative integers")
+            continue
+        if len(shape) > MAX_RANK:
+            bad(name, f"shape has {len(shape)} dimensions; at most {MAX_RANK} are readable")
+            continue
+        if _describes_too_many_bytes(shape, DTYPE_ITEMSIZE[dtype]):
+            bad(name, f"shape describes more than {MAX_TENSOR_BYTES} bytes")
             continue
         if (
             not isinstance(offsets, list)

@@ -78,7 +78,11 @@ def tokens(app: FastAPI, client: TestClient) -> Tokens:
             ("moderator", "moderator"),
             ("worker", "worker"),
         ]:
-            _, secrets[name] = create_token(session=session, name=name, role=role)
+            # The operator's own worker: trusted, its outputs go active unchecked
+            # (tests/adversarial/test_lying_workers.py runs untrusted ones).
+            _, secrets[name] = create_token(
+                session=session, name=name, role=role, trusted=role == "worker"
+            )
     return Tokens(**secrets)
 
 

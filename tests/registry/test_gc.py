@@ -1,4 +1,6 @@
-"""Garbage collection of unreferenced blobs: rows, stored objects and stale staging files."""
+"""Garbage collection of unreferenced blobs (rows, stored objects, stale staging files,
+incomplete S3 uploads) and ``agora admin fsck``, which checks that every row's bytes are
+there, whole and unaltered."""
 
 from __future__ import annotations
 
@@ -256,3 +258,156 @@ def test_gc_looks_again_when_an_upload_races_for_a_row(
     report = collect_garbage(session=session, store=store, staging=staging, grace=GRACE)
     assert len(failures) == 1
     assert report.rows_deleted == 1
+
+
+def test_gc_keeps_an_object_refreshed_or_claimed_after_its_listing(
+    session: Session, store: BlobStore, staging: Staging, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing is old news by the time an object goes: an upload of the same bytes may
+    have refreshed it, or recorded its row, since. Each object is looked at again."""
+    refreshed = _orphan(store, staging, b"uploaded again while gc ran", age=2 * GRACE)
+    claimed = _orphan(store, staging, b"its row came while gc ran", age=2 * GRACE)
+    stale = _orphan(store, staging, b"nobody wants this one", age=2 * GRACE)
+    listing = list(store.list_blobs())
+    assert isinstance(store, LocalBlobStore)
+    os.utime(store.root / refreshed)  # what BlobStore.commit does to stored bytes
+    claimed_digest = claimed.replace("sha256/", "").replace("/", "")
+    with session.begin():
+        session.add(Blob(digest=claimed_digest, size=0, storage_key=claimed))
+    monkeypatch.setattr(store, "list_blobs", lambda: iter(listing))
+
+    report = collect_garbage(session=session, store=store, staging=staging, grace=GRACE)
+
+    assert report.objects_deleted == 1
+    assert store.exists(refreshed)
+    assert store.exists(claimed)
+    assert not store.exists(stale)
+
+
+def test_gc_aborts_incomplete_s3_uploads_once_older_than_the_grace(
+    session: Session, tmp_path: Path, s3_server: str, s3_storage_url: str
+) -> None:
+    from registry.storage.s3 import IncompleteUpload, S3BlobStore, parse_s3_url
+
+    bucket, prefix = parse_s3_url(s3_storage_url)
+    store = S3BlobStore(bucket=bucket, prefix=prefix, endpoint_url=s3_server)
+    key = f"sha256/ab/{'c' * 62}"
+    begun = store.client.create_multipart_upload(Bucket=bucket, Key=prefix + key)
+    upload_id = begun["UploadId"]
+    # moto reports every upload as begun in 2010; judge this one by when it really began.
+    now = dt.datetime.now(dt.UTC)
+    listed = [IncompleteUpload(key, upload_id, now)]
+    store.incomplete_uploads = lambda: iter(listed)  # type: ignore[method-assign]
+    staging = Staging(tmp_path / "staging")
+
+    young = collect_garbage(session=session, store=store, staging=staging, grace=GRACE, now=now)
+    assert young.uploads_aborted == 0
+    old = collect_garbage(
+        session=session, store=store, staging=staging, grace=GRACE, now=now + 2 * GRACE
+    )
+    assert old.uploads_aborted == 1
+    uploads = store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert upload_id not in [u["UploadId"] for u in uploads]
+    # Aborting an upload that is already gone is not an error.
+    store.abort_upload(listed[0])
+
+
+# -- agora admin fsck ----------------------------------------------------------------------
+
+
+def _fsck(api: Any, monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from agora.cli import build_app
+
+    settings = api.app.state.runtime.settings
+    monkeypatch.setenv("AGORA_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("AGORA_DATABASE_URL", settings.resolved_database_url)
+    return CliRunner().invoke(build_app(), ["admin", "fsck", *args])
+
+
+def test_fsck_finds_missing_truncated_and_altered_blobs_and_exits_1(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    weights = api.expert_bytes(seed=21)
+    expert_id = api.submit(weights=weights).json()["id"]
+    sound = _fsck(api, monkeypatch, "--json")
+    assert sound.exit_code == 0, sound.output
+    assert json.loads(sound.stdout)["clean"] is True
+    assert json.loads(sound.stdout)["blobs_checked"] == 4
+
+    root = api.app.state.runtime.store.root
+    key = {f: f"sha256/{d[:2]}/{d[2:]}" for f, d in _base_digests(api).items()}
+    (expert_key,) = [k for k in _keys(api) if k not in key.values()]
+    altered = bytearray((root / expert_key).read_bytes())
+    altered[-1] ^= 0xFF  # same size, one bit pattern changed
+    (root / expert_key).write_bytes(bytes(altered))
+    (root / key["config"]).write_bytes((root / key["config"]).read_bytes()[:-3])
+    (root / key["tokenizer"]).unlink()
+
+    found = _fsck(api, monkeypatch, "--json")
+    assert found.exit_code == 1, found.output
+    damaged = {d["storage_key"]: d for d in json.loads(found.stdout)["damaged"]}
+    assert damaged[expert_key]["problem"] == "digest_mismatch"
+    assert damaged[expert_key]["referenced_by"] == {"expert_versions.digest": 1}
+    assert damaged[key["config"]]["problem"] == "size_mismatch"
+    assert damaged[key["config"]]["referenced_by"] == {"base_models.config_digest": 1}
+    assert damaged[key["tokenizer"]]["problem"] == "missing"
+    assert key["weights"] not in damaged
+    human = _fsck(api, monkeypatch)
+    assert human.exit_code == 1
+    assert "3 DAMAGED" in human.output
+    assert f"digest_mismatch: sha256:{expert_key[7:9]}" in human.output
+    # It only looks: the damage is reported, not repaired or removed.
+    assert (root / expert_key).read_bytes() == bytes(altered)
+    assert api.client.get(f"/v1/experts/{expert_id}").status_code == 200
+
+
+def test_fsck_lists_leftovers_without_touching_them(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from registry.db.models import IdempotencyKey, Token
+    from registry.services.idempotency import PENDING
+
+    runtime = api.app.state.runtime
+    orphan = _orphan(runtime.store, runtime.staging, b"the row never came", age=2 * GRACE)
+    leftover = runtime.staging.new_file()
+    leftover.write(b"half an upload")
+    leftover.close()
+    with runtime.sessions() as session, session.begin():
+        token_id = session.scalars(select(Token.id)).first()
+        session.add(
+            IdempotencyKey(
+                token_id=token_id,
+                key="never-finished",
+                method="POST",
+                path="/v1/experts",
+                fingerprint="f" * 64,
+                status_code=PENDING,
+                response_body={},
+            )
+        )
+
+    result = _fsck(api, monkeypatch, "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert found["clean"] is True
+    assert [o["name"] for o in found["orphans"]] == [orphan]
+    assert found["orphans"][0]["age_seconds"] > GRACE.total_seconds()
+    assert [s["name"] for s in found["staging"]] == [str(leftover.path)]
+    assert [k["name"] for k in found["pending_keys"]] == [f"token #{token_id}: never-finished"]
+    assert runtime.store.exists(orphan)
+    assert leftover.path.exists()
+
+
+def _base_digests(api: Any) -> dict[str, str]:
+    files = api.client.get(f"/v1/base-models/{api.base.revision}").json()["files"]
+    return {field: f["digest"].removeprefix("sha256:") for field, f in files.items()}
+
+
+def _keys(api: Any) -> list[str]:
+    return [key for key, _ in api.app.state.runtime.store.list_keys()]

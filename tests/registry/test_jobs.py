@@ -101,7 +101,9 @@ def test_mixture_composition_round_trip(api: Api) -> None:
     leased = lease(api, kinds=["compose.mixture"]).json()["job"]
     assert leased["id"] == queued["job_id"]
     assert leased["attempts"] == 1
-    assert leased["fencing_token"] == 1
+    token = leased["fencing_token"]
+    assert isinstance(token, int)
+    assert 0 < token < 2**53
     payload = leased["payload"]
     assert [e["id"] for e in payload["experts"]] == [a, b]
     assert all(e["digest"].startswith("sha256:") for e in payload["experts"])
@@ -111,7 +113,7 @@ def test_mixture_composition_round_trip(api: Api) -> None:
 
     job_id = leased["id"]
     beat = worker_post(
-        api, f"/v1/jobs/{job_id}/heartbeat", {"fencing_token": 1, "progress": {"done": 1}}
+        api, f"/v1/jobs/{job_id}/heartbeat", {"fencing_token": token, "progress": {"done": 1}}
     )
     assert beat.status_code == 200, beat.text
     # The submitter sees progress; another contributor may not read the job.
@@ -122,11 +124,15 @@ def test_mixture_composition_round_trip(api: Api) -> None:
     problem(api.client.get(f"/v1/jobs/{job_id}", headers=auth(api.tokens.bob)), 403, "not_owner")
 
     result = {"weights": None, "metrics": {"bits_per_byte": 1.5, "base_bits_per_byte": 2.0}}
-    done = worker_post(api, f"/v1/jobs/{job_id}/complete", {"fencing_token": 1, "result": result})
+    done = worker_post(
+        api, f"/v1/jobs/{job_id}/complete", {"fencing_token": token, "result": result}
+    )
     assert done.status_code == 200, done.text
     assert done.json()["status"] == "succeeded"
     # A retried completion (the response was lost) is answered the same, applied once.
-    again = worker_post(api, f"/v1/jobs/{job_id}/complete", {"fencing_token": 1, "result": result})
+    again = worker_post(
+        api, f"/v1/jobs/{job_id}/complete", {"fencing_token": token, "result": result}
+    )
     assert again.status_code == 200
     assert again.json()["status"] == "succeeded"
 
@@ -151,7 +157,7 @@ def test_stale_worker_cannot_heartbeat_complete_or_fail(api: Api) -> None:
     second = lease(api).json()["job"]
     assert second["id"] == job_id
     assert second["attempts"] == 2
-    assert second["fencing_token"] == first["fencing_token"] + 1
+    assert second["fencing_token"] != first["fencing_token"]
     stale = {"fencing_token": first["fencing_token"]}
     problem(worker_post(api, f"/v1/jobs/{job_id}/heartbeat", stale), 409, "lease_lost")
     problem(
@@ -580,3 +586,112 @@ def test_evaluation_job_results_are_listed_per_expert(api: Api) -> None:
         400,
         "invalid_subject",
     )
+
+
+# -- defect 4: fencing tokens are secrets of the lease holder ------------------------------
+
+
+def another_worker(api: Api, name: str = "other-worker", role: str = "worker") -> str:
+    from registry.services.tokens import create_token
+
+    with api.app.state.runtime.sessions() as session, session.begin():
+        _, secret = create_token(session=session, name=name, role=role)
+    return secret
+
+
+def current_fencing_token(api: Api, job_id: str) -> int:
+    with api.app.state.runtime.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.fencing_token
+
+
+def test_the_fencing_token_is_shown_to_the_lease_holder_only(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    queued = compose(api, {"method": "mixture", "experts": [a]}).json()
+    job = lease(api).json()["job"]
+    token = job["fencing_token"]
+    assert token == current_fencing_token(api, job["id"])
+    other = another_worker(api)
+    path = f"/v1/jobs/{job['id']}"
+    assert api.client.get(path, headers=auth(api.tokens.worker)).json()["fencing_token"] == token
+    for reader in (other, api.tokens.admin, api.tokens.moderator, api.tokens.alice):
+        seen = api.client.get(path, headers=auth(reader)).json()
+        assert seen["status"] == "leased"
+        assert seen["fencing_token"] is None
+    for lister in (api.tokens.admin, api.tokens.moderator):
+        items = api.client.get("/v1/jobs", headers=auth(lister)).json()["items"]
+        assert [i["id"] for i in items] == [queued["job_id"]]
+        assert items[0]["fencing_token"] is None
+    # Once the lease is over the token is nobody's to see.
+    assert complete(api, job, {"weights": [1.0]}).json()["fencing_token"] is None
+    assert api.client.get(path, headers=auth(api.tokens.worker)).json()["fencing_token"] is None
+
+
+def test_a_worker_cannot_act_on_a_job_another_worker_holds(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    queued = compose(api, {"method": "mixture", "experts": [a]}).json()
+    job = lease(api).json()["job"]
+    stolen = current_fencing_token(api, job["id"])  # as if read from the database
+    for secret in (another_worker(api), api.tokens.admin):
+        for action, body in [
+            ("heartbeat", {"fencing_token": stolen}),
+            ("fail", {"fencing_token": stolen, "error": "x", "retryable": False}),
+            ("fail", {"fencing_token": stolen, "release": True}),
+            ("complete", {"fencing_token": stolen, "result": {"weights": [1.0]}}),
+        ]:
+            response = api.client.post(
+                f"/v1/jobs/{job['id']}/{action}", json=body, headers=auth(secret)
+            )
+            problem(response, 403, "not_lease_holder")
+            assert str(stolen) not in response.text
+    seen = api.client.get(f"/v1/jobs/{job['id']}", headers=auth(api.tokens.worker)).json()
+    assert (seen["status"], seen["attempts"], seen["fencing_token"]) == ("leased", 1, stolen)
+    pending = api.client.get(f"/v1/compositions/{queued['composition_id']}").json()
+    assert pending["status"] == "pending"
+    # The holder completes; the same completion from another token is no replay.
+    done = complete(api, job, {"weights": [1.0]})
+    assert done.status_code == 200, done.text
+    problem(
+        api.client.post(
+            f"/v1/jobs/{job['id']}/complete",
+            json={"fencing_token": stolen, "result": {"weights": [1.0]}},
+            headers=auth(another_worker(api, "third-worker")),
+        ),
+        403,
+        "not_lease_holder",
+    )
+
+
+def test_a_lost_lease_error_does_not_reveal_the_current_token(api: Api) -> None:
+    a = submit_expert(api, seed=1, name="alpha")
+    job_id = compose(api, {"method": "mixture", "experts": [a]}).json()["job_id"]
+    first = lease(api).json()["job"]
+    expire_lease(api, job_id)
+    second = lease(api).json()["job"]
+    for action in ("heartbeat", "fail", "complete"):
+        body = {"fencing_token": first["fencing_token"], "result": {"weights": [1.0]}}
+        response = worker_post(api, f"/v1/jobs/{job_id}/{action}", body)
+        problem(response, 409, "lease_lost")
+        assert str(second["fencing_token"]) not in response.text
+
+
+def test_an_accepted_completion_resets_the_refusal_count(api: Api) -> None:
+    from registry.db.models import Token
+
+    def refusals() -> int:
+        with api.app.state.runtime.sessions() as session:
+            row = session.scalars(select(Token).where(Token.name == "worker")).one()
+            return row.refusals
+
+    threshold = api.app.state.runtime.settings.worker_suspend_after_refusals
+    a = submit_expert(api, seed=1, name="alpha")
+    for _ in range(2):
+        compose(api, {"method": "mixture", "experts": [a]})
+        job = lease(api).json()["job"]
+        for expected in range(1, threshold):
+            problem(complete(api, job, {"with_base": True}), 422, "invalid_result")
+            assert refusals() == expected
+        assert complete(api, job, {"weights": [1.0]}).status_code == 200
+        assert refusals() == 0
+    assert lease(api).status_code == 204  # never suspended: 2 x (threshold - 1) refusals

@@ -47,7 +47,11 @@ def tokens(client: TestClient) -> dict[str, str]:
             ("moderator", "moderator"),
             ("worker", "worker"),
         ]:
-            _, secrets[name] = create_token(session=session, name=name, role=role)
+            # The operator's own worker: trusted, so what it produces goes active unchecked
+            # (tests/adversarial/test_lying_workers.py covers untrusted ones).
+            _, secrets[name] = create_token(
+                session=session, name=name, role=role, trusted=role == "worker"
+            )
     return secrets
 
 

@@ -7,7 +7,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from registry.client.cache import place
+from registry.client.cache import parse_digest, place
 from registry.client.errors import BadRequest
 from registry.client.models import BaseModelRevision
 from registry.client.transport import (
@@ -108,5 +108,5 @@ class Bases:
                 size=info.size,
                 progress=progress,
             )
-            place(path, target / filename)
+            place(path, target / filename, parse_digest(info.digest))
         return target

@@ -108,7 +108,8 @@ class Compositions:
         )
 
     def get(self, composition_id: str) -> Composition:
-        """The composition: ``status`` pending, ready (``manifest`` set) or failed."""
+        """The composition: ``status`` pending, verifying (an untrusted worker's output awaits
+        a second worker's check), ready (``manifest`` set) or failed."""
         return self._t.get(Composition, f"/v1/compositions/{seg(composition_id)}")
 
     def handle(self, composition_id: str) -> CompositionHandle:
@@ -163,7 +164,11 @@ class Compositions:
                 progress=progress,
             )
             if target is not None:
-                path = place(path, target / "experts" / expert_filename(ref.id, ref.version))
+                path = place(
+                    path,
+                    target / "experts" / expert_filename(ref.id, ref.version),
+                    parse_digest(ref.digest),
+                )
             files[ref.digest] = path
         raw = manifest.model_dump(mode="json", exclude_unset=True)
         if target is not None:

@@ -134,7 +134,10 @@ class Experts:
         Returns the cached file, or ``dest`` (a file path, or a directory that receives
         ``<id>-v<version>.safetensors``) when given. A blob already in the cache is
         re-hashed and returned without transferring it again; an interrupted download
-        resumes from its ``.part`` file.
+        resumes from its ``.part`` file. Raises ``DigestMismatch`` when the bytes do not
+        hash to the version's digest (twice; nothing is kept, ``dest`` is not touched) and
+        ``DownloadInterrupted`` when the transfer keeps breaking off (docs/sdk.md,
+        "Downloads").
         """
         expert = self.get(expert_id)
         number = version if version is not None else expert.latest_version
@@ -157,7 +160,7 @@ class Experts:
         target = Path(dest)
         if target.is_dir():
             target = target / f"{expert_id}-v{number}.safetensors"
-        return place(path, target)
+        return place(path, target, hexdigest)
 
 
 def datasheet_bytes(datasheet: str | os.PathLike[str]) -> bytes:

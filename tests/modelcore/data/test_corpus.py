@@ -149,7 +149,8 @@ def test_a_pinned_distribution_list_keeps_other_packages_out_of_the_corpus(
     assert paths.distributions == frozenset({"pyyaml", "numpy"})
     for domain in ("licenses", "package_readmes"):
         owners = {doc.id.split("/", 1)[0] for doc in list_sources(domain, paths)}
-        assert owners and owners <= {"pyyaml", "numpy"}, (domain, owners)
+        assert owners, domain
+        assert owners <= {"pyyaml", "numpy"}, (domain, owners)
     everything = SourcePaths(paths.stdlib, paths.include, None, None)
     assert len(list_sources("licenses", everything)) > len(list_sources("licenses", paths))
 

@@ -84,6 +84,8 @@ def test_public_surface_is_all_and_importable() -> None:
         "CompositionWarning",
         "Conflict",
         "DigestMismatch",
+        "DownloadIntegrityError",
+        "DownloadInterrupted",
         "Evaluation",
         "EvaluationScore",
         "Expert",

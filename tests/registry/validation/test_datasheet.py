@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,76 @@ def test_every_error_code_is_documented() -> None:
     for code in ErrorCode:
         status = "413" if code in TOO_LARGE_CODES else "422"
         assert f"| `{code.value}` | {status} |" in doc, code
+
+
+# -- hostile front matter: refused by validation, with the path of the field ----------------
+
+NAME = b"name: Tide-pool ecology notes"
+
+
+def _with(old: bytes, new: bytes) -> bytes:
+    data = make_datasheet()
+    assert data.count(old) == 1
+    return data.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "path"),
+    [
+        # Nesting: the scanner refuses a 33rd level of [ or { (a run of them cost it a
+        # second), the composer a 33rd level of any kind, before recursing into it.
+        (_with(NAME, b"name: " + b"[" * 250_000), "datasheet_front_matter", "$.name"),
+        (_with(NAME, b"name: " + b"[" * 400 + b"]" * 400), "datasheet_front_matter", "$.name"),
+        (
+            _with(NAME, b"name: x\nx-n:\n" + b"".join(b"  " * i + b"-\n" for i in range(1, 60))),
+            "datasheet_front_matter",
+            "$.x-n" + "[0]" * 31,
+        ),
+        # Integers: a literal Python would refuse to convert, and one beyond 64 bits.
+        (
+            _with(b"token_count: 1250000", b"token_count: " + b"9" * 4301),
+            "datasheet_front_matter",
+            "$.token_count",
+        ),
+        (
+            _with(b"token_count: 1250000", b"token_count: !!int '" + b"1" * 5000 + b"'"),
+            "datasheet_front_matter",
+            "$.token_count",
+        ),
+        (
+            _with(b"token_count: 1250000", b"token_count: 0x" + b"f" * 17),
+            "datasheet_invalid",
+            "$.token_count",
+        ),
+        # Text no row can hold, from YAML escapes.
+        (_with(NAME, b'name: "\\ud800"'), "datasheet_invalid", "$.name"),
+        (_with(NAME, b'name: "a\\0b"'), "datasheet_invalid", "$.name"),
+        (_with(NAME, b'name: x\nx-e: {"\\udc00": 1}'), "datasheet_invalid", "$.x-e['\\udc00']"),
+        (make_datasheet(body="# Notes\n\nA NUL \x00 in the body.\n"), "datasheet_invalid", "body"),
+        # Wider than the columns they are stored in.
+        (_with(NAME, b"name: " + b"n" * 201), "datasheet_invalid", "$.name"),
+        (
+            make_datasheet(language=[f"en-x{i:02d}" for i in range(40)]),
+            "datasheet_invalid",
+            "$.language",
+        ),
+        (_with(NAME, b"name: &a x\nx-b: [*a]"), "datasheet_front_matter", "$.x-b[0]"),
+    ],
+)
+def test_hostile_front_matter_names_the_field(data: bytes, code: str, path: str) -> None:
+    err = refused(data)
+    assert err.code == code
+    assert paths(err)[0] == path
+    # Error bodies quote what they refuse: they must be encodable themselves.
+    json.dumps(err.problem(), ensure_ascii=False).encode("utf-8")
+
+
+def test_nesting_and_names_within_the_limits_are_accepted() -> None:
+    nested: object = "leaf"
+    for _ in range(29):  # with the root and the key: 31 levels of the 32
+        nested = [nested]
+    sheet = parse_datasheet(make_datasheet(**{"x-nested": nested, "name": "n" * 200}))
+    assert sheet.name == "n" * 200
+    assert parse_datasheet(make_datasheet(name="\U0001f30a tide pools")).name.startswith(
+        "\U0001f30a"
+    )

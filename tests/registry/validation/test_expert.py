@@ -269,3 +269,55 @@ def test_a_bad_schema_is_reported_as_such(tmp_path, schema, revision) -> None:
     path = write_expert(tmp_path / "e", schema, base_revision=revision)
     err = refused(path, {**schema, "tensors": []}, revision)
     assert err.code == "expert_schema_invalid"
+
+
+# -- metadata against the tensor names (the worker reads layers from the names) ---------------
+
+
+@pytest.mark.parametrize("layers", ["[0]", "[1]", "[1,0]", "[1, 0]", "[0,1,2]", "[0,0,1]"])
+def test_layers_must_be_the_layers_the_tensors_hold(tmp_path, schema, revision, layers) -> None:
+    """The fixture schema states no layers; its tensors hold layers 0 and 1."""
+    assert "layers" not in schema
+    path = write_expert(
+        tmp_path / "e", schema, base_revision=revision, metadata_overrides={"layers": layers}
+    )
+    err = refused(path, schema, revision)
+    assert err.code == "metadata_invalid"
+    assert [e["key"] for e in err.errors or []] == ["layers"]
+
+
+def test_layers_out_of_order_are_refused_when_the_schema_states_them(
+    tmp_path, schema, revision
+) -> None:
+    stated = {**schema, "layers": [0, 1]}
+    path = write_expert(
+        tmp_path / "e", stated, base_revision=revision, metadata_overrides={"layers": "[1,0]"}
+    )
+    assert refused(path, stated, revision).code == "metadata_invalid"
+
+
+def _module_schema(n_modules: int, *, declared: int | None = None) -> dict[str, Any]:
+    """modelcore's layout: layers.{i}.modules.{j}.*, two layers of ``n_modules`` modules."""
+    tensors = [
+        {"name": f"layers.{i}.modules.{j}.{kind}", "shape": shape}
+        for i in range(2)
+        for j in range(n_modules)
+        for kind, shape in (("w_in", [4, 3]), ("router_row", [2]))
+    ]
+    schema: dict[str, Any] = {"format": "agora.expert/1", "dtypes": ["float32"], "tensors": tensors}
+    if declared is not None:
+        schema["n_modules"] = declared
+    return schema
+
+
+def test_n_modules_must_be_the_modules_the_tensors_hold(tmp_path, revision) -> None:
+    two = _module_schema(2, declared=2)
+    ok = write_expert(tmp_path / "ok", two, base_revision=revision)
+    assert validate_expert(ok, expert_schema=two, base_revision=revision).n_modules == 2
+    # A schema that names two modules per layer but leaves n_modules at its default (1):
+    # a file that says "1" holds two, which the worker would not load as described.
+    undeclared = _module_schema(2)
+    path = write_expert(tmp_path / "bad", undeclared, base_revision=revision)
+    err = refused(path, undeclared, revision)
+    assert err.code == "metadata_invalid"
+    assert [e["key"] for e in err.errors or []] == ["n_modules"]
