@@ -169,9 +169,7 @@ def fsck(
     ] = False,
     data_dir: server.DataDirOption = None,
 ) -> None:
-    """Check that every blob row's bytes are stored, whole and unaltered (each is read and
-    hashed), and list orphans, staging leftovers and unfinished Idempotency-Keys. Changes
-    nothing. Exit status 1 when a row names missing or damaged bytes, 0 otherwise."""
+    """Check that every blob row's bytes are stored and unaltered; list leftovers."""
     settings = server.existing_registry(data_dir, "admin fsck")
     from registry.db.engine import (
         DatabaseNotMigrated,
@@ -214,5 +212,14 @@ def group() -> typer.Typer:
     app.command("suspensions", rich_help_panel=SERVER_PANEL)(suspensions)
     app.command("lift-suspension", rich_help_panel=SERVER_PANEL)(lift_suspension)
     app.command("gc", rich_help_panel=SERVER_PANEL)(gc)
-    app.command("fsck", rich_help_panel=SERVER_PANEL)(fsck)
+    app.command(
+        "fsck",
+        rich_help_panel=SERVER_PANEL,
+        help=(
+            "Check that every blob row's bytes are stored and unaltered; list leftovers. "
+            "Each blob is read back and hashed; orphan blobs, staging leftovers and "
+            "unfinished Idempotency-Keys are listed. Changes nothing. Exit status 1 when a "
+            "row names missing or damaged bytes, 0 otherwise."
+        ),
+    )(fsck)
     return app
