@@ -144,7 +144,16 @@ def live(database_url: str, tmp_path: Path) -> Iterator[Live]:
     app = create_app(settings)
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", backlog=1024)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            backlog=1024,
+            # Longer than the test: uvicorn's 5 s default closed a pooled connection the
+            # client was reusing for a download (a reset), a keep-alive race, not storage.
+            timeout_keep_alive=300,
+        )
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
