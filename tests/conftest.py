@@ -132,22 +132,9 @@ def migrated_database_url(
 def database_url(migrated_database_url: str) -> Iterator[str]:
     """A migrated database, emptied after the test (tests commit, as the routes do)."""
     yield migrated_database_url
-    from sqlalchemy import delete, text
+    from helpers.databases import empty_tables
 
-    from registry.db.engine import make_engine
-    from registry.db.models import Base
-
-    engine = make_engine(migrated_database_url)
-    try:
-        with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-                connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-            else:
-                for table in reversed(Base.metadata.sorted_tables):
-                    connection.execute(delete(table))
-    finally:
-        engine.dispose()
+    empty_tables(migrated_database_url)
 
 
 @pytest.fixture(params=BACKENDS)

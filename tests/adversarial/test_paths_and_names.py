@@ -39,11 +39,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from helpers.adversarial import HEAVY, report
 from helpers.artifacts import make_base_files, make_datasheet, make_expert_bytes
-from sqlalchemy import delete, text
+from helpers.databases import empty_tables
 
 from registry.app import create_app
-from registry.db.engine import make_engine
-from registry.db.models import Base
 from registry.settings import Settings
 from registry.storage import BlobStore, digest_of_key
 
@@ -222,20 +220,6 @@ def _targets(p: Probe, *, writes_only: bool = False) -> list[Callable[[str], Non
     ]
 
 
-def _empty(url: str) -> None:
-    engine = make_engine(url)
-    try:
-        with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-                connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-            else:
-                for table in reversed(Base.metadata.sorted_tables):
-                    connection.execute(delete(table))
-    finally:
-        engine.dispose()
-
-
 def _entries_named_after_the_mark(roots: list[tuple[Path, bool]]) -> list[str]:
     found = []
     for root, recursive in roots:
@@ -324,9 +308,9 @@ def _check_disk(settings: Settings, tmp: Path) -> None:
 
 @pytest.fixture
 def clean_database(migrated_database_url: str) -> Iterator[str]:
-    _empty(migrated_database_url)
+    empty_tables(migrated_database_url)
     yield migrated_database_url
-    _empty(migrated_database_url)
+    empty_tables(migrated_database_url)
 
 
 def _finish(probe: Probe, name: str, keys: list[str]) -> None:

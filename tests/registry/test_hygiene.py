@@ -26,11 +26,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from helpers.artifacts import make_base_files, make_datasheet, make_expert_bytes
-from sqlalchemy import delete, func, select, text
+from helpers.databases import empty_tables
+from sqlalchemy import func, select
 
 from registry.api.deps import SessionDep
 from registry.app import create_app
-from registry.db.engine import make_engine
 from registry.db.models import Base, Expert
 from registry.settings import MiB, Settings
 
@@ -79,27 +79,11 @@ class Env:
         )
 
 
-def _empty(url: str) -> None:
-    """What tests/conftest.py's ``database_url`` does after each test: the next module
-    starts from empty tables."""
-    engine = make_engine(url)
-    try:
-        with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-                connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-            else:
-                for table in reversed(Base.metadata.sorted_tables):
-                    connection.execute(delete(table))
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def env(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     from registry.services.tokens import create_token
 
-    _empty(migrated_database_url)
+    empty_tables(migrated_database_url)
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("hygiene") / "agora",
         database_url=migrated_database_url,
@@ -144,7 +128,7 @@ def env(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) ->
             assert first.status_code == 201, first.text
             yield Env(app, client, admin, alice, worker, revision, schema, first.json()["id"])
     finally:
-        _empty(migrated_database_url)
+        empty_tables(migrated_database_url)
 
 
 def refused(
