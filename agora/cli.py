@@ -19,6 +19,7 @@ from agora.commands import (
     admin,
     base,
     compose,
+    data,
     db,
     evaluate,
     expert,
@@ -35,6 +36,7 @@ from agora.common import (
     SERVER_PANEL,
     deprecated_command,
 )
+from agora.modeling import DataCommand
 
 HELP = "Agora: a registry and compute service for a decentralized, modular language model."
 
@@ -61,6 +63,7 @@ def build_app() -> typer.Typer:
     root.add_typer(job.group(), name="job", rich_help_panel=REGISTRY_PANEL)
 
     root.add_typer(local.group(), name="local", rich_help_panel=LOCAL_PANEL)
+    root.add_typer(data.group(), name="data", rich_help_panel=LOCAL_PANEL)
 
     root.add_typer(expert.group(), name="expert", rich_help_panel=ARTIFACTS_PANEL)
     root.add_typer(base.group(), name="base", rich_help_panel=ARTIFACTS_PANEL)
@@ -71,7 +74,9 @@ def build_app() -> typer.Typer:
     root.add_typer(admin.group(), name="admin", rich_help_panel=SERVER_PANEL)
 
     root.command("version")(_version)
-    root.command("eval", hidden=True)(deprecated_command(local.eval_command, "eval", "local eval"))
+    root.command("eval", hidden=True, cls=DataCommand)(
+        deprecated_command(local.eval_command, "eval", "local eval")
+    )
     return root
 
 

@@ -111,6 +111,20 @@ def covered_layers(tensors: Mapping[str, Any]) -> list[int]:
     return sorted(layers)
 
 
+def check_layers(layers: Iterable[int], n_layers: int) -> list[int]:
+    """``layers`` as a sorted list of distinct MoE layer indices of a base with
+    ``n_layers`` layers; ``ValueError`` names a layer the base does not have."""
+    out = sorted({int(i) for i in layers})
+    if not out:
+        raise ValueError("layers must name at least one MoE layer")
+    bad = [i for i in out if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(
+            f"layer {bad[0]} does not exist: the base has MoE layers 0..{n_layers - 1}"
+        )
+    return out
+
+
 # -- operations on a model ------------------------------------------------------------------
 def _layer_indices(model: Any, idx_per_layer: Sequence[int]) -> list[tuple[int, int]]:
     if len(idx_per_layer) != len(model.ffn_layers):
@@ -123,18 +137,26 @@ def add_modules(
     tensors: Mapping[str, torch.Tensor] | None = None,
     *,
     generator: torch.Generator | None = None,
+    layers: Iterable[int] | None = None,
 ) -> list[int]:
-    """Append one module to each MoE layer (fresh, or from an expert's tensors).
+    """Append one module to MoE layers (fresh, or from an expert's tensors).
 
-    With ``tensors`` only the layers the expert covers get a module. Returns the new
-    module's index per layer, -1 for a layer left untouched. A fresh module is initialised
-    like the base's modules; its router row is the mean of the layer's active rows, so it
-    starts with an average logit instead of a random one.
+    ``layers``: the layers that get a module; by default every layer without ``tensors``
+    and the layers the expert covers with them. A layer in ``layers`` that ``tensors``
+    does not cover gets a fresh module; a layer ``tensors`` covers outside ``layers``
+    gets none. Returns the new module's index per layer, -1 for a layer left untouched.
+    A fresh module is initialised like the base's modules; its router row is the mean of
+    the layer's active rows, so it starts with an average logit instead of a random one.
     """
     config: ModelConfig = model.config
+    given: set[int] = set()
     if tensors is not None:
-        layers = covered_layers(tensors)
-        _check_against_schema(tensors, expert_schema(config, layers=layers))
+        given = set(covered_layers(tensors))
+        _check_against_schema(tensors, expert_schema(config, layers=sorted(given)))
+    if layers is not None:
+        layers = check_layers(layers, config.n_layers)
+    elif tensors is not None:
+        layers = sorted(given)
     else:
         layers = list(range(config.n_layers))
     std = config.init_std
@@ -144,7 +166,7 @@ def add_modules(
     for i in layers:
         ffn = model.ffn_layers[i]
         bias: float | torch.Tensor = 0.0
-        if tensors is not None:
+        if tensors is not None and i in given:
             pre = f"layers.{i}.modules.0."
             w_in, w_out, row = (tensors[pre + k] for k in ("w_in", "w_out", "router_row"))
             bias = tensors.get(pre + "router_bias", OPTIONAL_TENSORS["router_bias"])

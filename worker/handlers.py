@@ -25,6 +25,11 @@ and params with the method's spec (``MethodSpec.check_params``: the bounds and d
 the registry checked the request against); results are its ``ComposeResult`` and
 ``EvaluationResult``, the shapes the registry validates.
 
+Experts may cover different MoE layers; every kind takes them as they are (a layer an
+expert does not cover is the base there for that expert; the merged and the distilled
+expert cover the union of the inputs' layers: docs/composition.md, "Experts in some
+layers only").
+
 ``metrics`` of every compose job is base vs composition bits per byte on the payload
 texts (``ComposedModel.bits_per_byte``, ``modelcore.eval`` accounting), or None when
 there are no texts.
@@ -58,7 +63,7 @@ from modelcore.compose.ensemble import ExpertEnsemble, estimate_prior
 from modelcore.compose.merge import merge_files
 from modelcore.data.batches import eval_batches, token_batches, token_stream
 from modelcore.eval import evaluate
-from modelcore.experts import DTYPES, load_expert, save_expert
+from modelcore.experts import DTYPES, covered_layers, load_expert, save_expert
 from registry.protocol import (
     AVERAGE,
     BASE_WEIGHT,
@@ -513,6 +518,7 @@ def compose_distill(job: ComposeJob, inputs: JobInputs, ctx: JobContext) -> Outc
         teacher_bits = teacher_model.bits_per_byte(texts)["bits_per_byte"]
     details = {
         **describe(result),
+        "layers": covered_layers(tensors),
         "seq_len": used_len,
         "teacher_bits_per_byte": teacher_bits,
         "teacher_prior": expert_shares + ([] if base_share is None else [base_share]),

@@ -14,8 +14,9 @@ from typing import Annotated
 
 import typer
 
-from agora.commands import local, train
+from agora.commands import datasheet, local, train
 from agora.common import LOCAL_PANEL, REGISTRY_PANEL, deprecated_command
+from agora.modeling import DataCommand
 from agora.remote import (
     DEFAULT_URL,
     BaseRevisionOption,
@@ -192,7 +193,12 @@ def group() -> typer.Typer:
         help="Train an expert here; submit, list, download and moderate the registry's.",
         no_args_is_help=True,
     )
-    app.command("train", rich_help_panel=LOCAL_PANEL)(train.expert_train)
+    # DataCommand: `--data A B` is `--data A --data B` (agora/modeling.py)
+    app.command("train", rich_help_panel=LOCAL_PANEL, cls=DataCommand)(train.expert_train)
+    app.command("datasheet", rich_help_panel=LOCAL_PANEL, cls=DataCommand)(
+        datasheet.expert_datasheet
+    )
+    app.command("check", rich_help_panel=LOCAL_PANEL)(datasheet.expert_check)
     for name, command in REGISTRY_COMMANDS.items():
         app.command(name, rich_help_panel=REGISTRY_PANEL)(command)
     for name in MOVED_TO_LOCAL:

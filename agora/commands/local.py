@@ -38,6 +38,7 @@ from agora.methods import (
 from agora.modeling import (
     DEFAULT_BYTES,
     BaseDirOption,
+    DataCommand,
     Device,
     ExpertPaths,
     LegacyBaseOption,
@@ -91,14 +92,36 @@ def eval_command(
     domains: Annotated[
         list[str] | None, typer.Option("--domain", help="Only these domains (repeatable).")
     ] = None,
+    data: modeling.DataPaths = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split",
+            help="--data: heldout (default: what `expert train --data` held out) or all.",
+            show_default=False,
+        ),
+    ] = None,
+    heldout_share: Annotated[
+        float | None,
+        typer.Option(
+            "--heldout-share",
+            help="--data: the share held out, as given to `expert train` (default 0.1).",
+            show_default=False,
+        ),
+    ] = None,
+    text_field: modeling.TextField = "text",
+    strict_utf8: modeling.StrictUtf8 = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not a table.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     max_bytes_per_domain: MaxBytes = DEFAULT_BYTES,
     device: Device = None,
     legacy_base: LegacyBaseOption = None,
 ) -> None:
-    """Held-out bits per byte and perplexity per domain, of a base or a composition."""
+    """Held-out bits per byte and perplexity per domain, of a base or a composition.
+
+    The text: the corpus domains, or your own (--data PATH...)."""
     _check_method(method, LOCAL_EVAL_METHODS)
+    _check_data_options(data, domains, split, heldout_share)
     bundle_dir = modeling.base_dir_of(base_dir, legacy_base)
     require_extra("model", "local eval")
     from modelcore.compose.evaluate import METHODS, evaluate_composition
@@ -124,11 +147,22 @@ def eval_command(
         given = _path_weights(given, len(loaded), base_path)
     if loaded:
         _warn_cautions(method)
-    corpus = modeling.corpus(max_bytes_per_domain)
-    try:
-        texts = recipes.heldout_by_domain(corpus, domains or None)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--domain") from exc
+    data_report: dict[str, Any] | None = None
+    if data:
+        share = modeling.DEFAULT_HELDOUT_SHARE if heldout_share is None else heldout_share
+        texts, data_report = _data_texts(
+            data,
+            split=split or DATA_SPLITS[0],
+            heldout_share=share,
+            text_field=text_field,
+            strict_utf8=strict_utf8,
+        )
+    else:
+        corpus = modeling.corpus(max_bytes_per_domain)
+        try:
+            texts = recipes.heldout_by_domain(corpus, domains or None)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--domain") from exc
     try:
         results = evaluate_composition(
             bundle.model,
@@ -153,6 +187,8 @@ def eval_command(
             for name, r in results.items()
         },
     }
+    if data_report is not None:
+        report["data"] = data_report
     if ensemble and loaded:
         report["with_base"] = base_path
         # One per expert, then (with the base) the base path's: the posterior's mean.
@@ -171,6 +207,55 @@ def eval_command(
     for name, r in report["domains"].items():
         table.add_row(name, f"{r['bits_per_byte']:.4f}", f"{r['perplexity']:.2f}", str(r["tokens"]))
     Console(file=sys.stdout).print(table)
+
+
+# `--split` of `local eval --data`: held out by default, so that evaluating an expert on the
+# text it was trained from never scores its own training documents (docs/data.md).
+DATA_SPLITS = ("heldout", "all")
+
+
+def _check_data_options(
+    data: list[Path] | None,
+    domains: list[str] | None,
+    split: str | None,
+    heldout_share: float | None,
+) -> None:
+    if data and domains:
+        raise typer.BadParameter("give --domain or --data, not both", param_hint="--data")
+    if not data:
+        for given, flag in ((split, "--split"), (heldout_share, "--heldout-share")):
+            if given is not None:
+                raise typer.BadParameter("only with --data PATH...", param_hint=flag)
+        return
+    if split is not None and split not in DATA_SPLITS:
+        raise typer.BadParameter(f"must be {' or '.join(DATA_SPLITS)}", param_hint="--split")
+    if heldout_share is not None:
+        if split == "all":
+            raise typer.BadParameter("only with --split heldout", param_hint="--heldout-share")
+        modeling.check_heldout_share(heldout_share)
+
+
+def _data_texts(
+    paths: list[Path], *, split: str, heldout_share: float, text_field: str, strict_utf8: bool
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """``--data``'s documents (the held-out ones, or all) as one text set, ``data``."""
+    docs, read, parts = modeling.read_data(
+        paths,
+        text_field=text_field,
+        strict_utf8=strict_utf8,
+        heldout_share=heldout_share if split == "heldout" else None,
+    )
+    chosen = parts.heldout if parts is not None else docs
+    about: dict[str, Any] = {
+        "paths": [str(p) for p in paths],
+        "split": split,
+        "heldout_share": heldout_share if split == "heldout" else None,
+        "text_field": text_field,
+        "strict_utf8": strict_utf8,
+        "evaluated_documents": len(chosen),
+        **read.to_dict(),
+    }
+    return {modeling.DATA_TEXT_SET: [d.text for d in chosen]}, about
 
 
 def _path_weights(weights: list[float], n_experts: int, base_path: bool) -> list[float]:
@@ -447,5 +532,7 @@ def group() -> typer.Typer:
         no_args_is_help=True,
     )
     for name, command in COMMANDS.items():
-        app.command(name, rich_help_panel=LOCAL_PANEL)(command)
+        # DataCommand: `--data A B` is `--data A --data B` (agora/modeling.py)
+        cls = DataCommand if command is eval_command else None
+        app.command(name, rich_help_panel=LOCAL_PANEL, cls=cls)(command)
     return app

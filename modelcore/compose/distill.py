@@ -10,7 +10,10 @@ the ensemble back into one model for deployment). Two students:
 
 * ``expert``: one new module per MoE layer inserted into the same frozen base, exactly
   like ``train.train_expert`` (same router calibration, same freezing), but trained on
-  the teacher's probabilities instead of the one-hot next token;
+  the teacher's probabilities instead of the one-hot next token. It covers the layers
+  the teacher's experts cover together (``ExpertEnsemble.layers``; ``layers=`` to
+  choose): a layer no teacher expert covers is the base in every path, and the student
+  is no larger than its inputs (docs/composition.md, "Experts in some layers only");
 * ``dense``: a smaller standalone ``ModularLM`` (fewer layers, narrower; one FFN module,
   i.e. dense) on the base's tokenizer, for deployment without the base.
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,8 +179,12 @@ def distill(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> DistillResult:
     """Train a student (``settings.student``) on the teacher's distributions.
+
+    ``layers`` (expert student): the MoE layers it covers; None: those the teacher's
+    experts cover (``teacher.layers``).
 
     ``make_batches()`` must return the same (B, T+1) stream every call (a seeded
     generator): resuming skips the batches already consumed. The base is not modified
@@ -194,7 +201,9 @@ def distill(
 
         student: nn.Module = copy.deepcopy(base)
         generator = torch.Generator().manual_seed(settings.seed)
-        module_idx = expert_ops.add_modules(student, None, generator=generator)
+        module_idx = expert_ops.add_modules(
+            student, None, generator=generator, layers=teacher.layers if layers is None else layers
+        )
         # Same calibration as train_expert, on batches that are not consumed (a fresh
         # stream), so the training batches are identical with and without resume.
         calib = make_batches()

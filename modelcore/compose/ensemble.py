@@ -20,7 +20,9 @@ One computation, not k models: path j of token n is "the base with module E+j
 appended", so every MoE layer stacks the base's E modules and the P experts' modules into
 one ``(E2, D, F)`` tensor, masks the router so that path j may choose among the base's
 active modules and module E+j only, and runs ONE routing plan and two grouped matmuls
-(``backend.grouped_mm``) over all P*B*T tokens. Embeddings and the first block's
+(``backend.grouped_mm``) over all P*B*T tokens. In a layer expert j does not cover, path
+j may choose the base's modules only: there it is the base (docs/composition.md,
+"Experts in some layers only"). Embeddings and the first block's
 attention see identical inputs on every path, so they run once on B rows and are
 broadcast to the P paths just before the first MoE layer; from there the paths differ.
 
@@ -96,13 +98,16 @@ class ExpertEnsemble(nn.Module):
         self.rows: list[torch.Tensor] = []
         self.biases: list[torch.Tensor] = []  # per layer (E2,): router bias of every module
         self.allowed: list[torch.Tensor] = []  # per layer (P, E2) bool
+        covered: set[int] = set()
         for tensors in experts:
             try:
-                check_expert(tensors, config)
+                covered.update(check_expert(tensors, config))
             except ValueError as exc:
                 raise ValueError(
                     f"expert tensors do not match the base's expert schema: {exc}"
                 ) from exc
+        # The MoE layers some expert covers (a distilled student covers these).
+        self.layers: list[int] = sorted(covered)
         for i, ffn in enumerate(model.ffn_layers):
             w_in_EDF, w_out_EFD = (w.detach() for w in ffn.weights())
             rows_ER = ffn.router.expert_rows().detach()

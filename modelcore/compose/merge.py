@@ -16,6 +16,13 @@ Uniform and weighted averaging are running means in float32 (exact for identical
 see ``_linear``); TIES works in float64 and casts once at the end. Inputs are summed in a
 canonical order (``_canonical_order``), so permuting the experts (with their weights)
 gives the same bits.
+
+Experts may cover different MoE layers (docs/composition.md, "Experts in some layers
+only"). Each layer is merged over the experts that cover it, with their weights
+renormalised over them (``_layer_plan``), so the ratios between those experts are the
+ones given; a layer one expert covers is that expert's (for uniform and weighted, bit
+for bit). The merged expert covers the union of the layers, less any layer whose
+experts all have weight 0.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -230,6 +238,84 @@ def normalise_weights(weights: Sequence[float] | None, n: int) -> torch.Tensor:
     return w / w.sum()
 
 
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return None if m is None else int(m.group(1))
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One tensor of the merged expert: which inputs hold it and their weights there."""
+
+    holders: list[int]  # indices into the (canonically ordered) inputs
+    weights: torch.Tensor  # float64, summing to 1 over the holders
+
+
+def _layer_plan(
+    shapes: Sequence[Mapping[str, Sequence[int]]], w: torch.Tensor, labels: Sequence[str]
+) -> tuple[dict[str, _Part], list[int]]:
+    """Per tensor of the merged expert, the experts that cover its layer and their weights
+    renormalised over them (all experts: ``w`` itself, so full experts merge as before);
+    and the merged expert's layers. Within a layer every expert that covers it must hold
+    the same names and shapes. A layer whose experts all have weight 0 is left out."""
+    groups: list[dict[int | None, dict[str, list[int]]]] = []
+    for tensors in shapes:
+        by_layer: dict[int | None, dict[str, list[int]]] = {}
+        for name, shape in tensors.items():
+            by_layer.setdefault(_layer_of(name), {})[name] = list(shape)
+        groups.append(by_layer)
+    every = sorted({k for g in groups for k in g}, key=lambda k: -1 if k is None else k)
+    plan: dict[str, _Part] = {}
+    layers: list[int] = []
+    for layer in every:
+        holders = [e for e, g in enumerate(groups) if layer in g]
+        first = groups[holders[0]][layer]
+        for e in holders[1:]:
+            if groups[e][layer] != first:
+                where = "outside the layers" if layer is None else f"in layer {layer}"
+                raise ValueError(
+                    f"{labels[e]} does not have the tensors of {labels[holders[0]]} {where}"
+                )
+        if len(holders) == len(shapes):
+            part_w = w
+        else:
+            sub = w[holders]
+            total = float(sub.sum())
+            if total <= 0:
+                continue  # only experts of weight 0 cover it: nothing to average there
+            part_w = sub / total
+        for name in first:
+            plan[name] = _Part(holders, part_w)
+        if layer is not None:
+            layers.append(layer)
+    if not plan:
+        raise ValueError("nothing to merge: every tensor has weight 0")
+    return plan, layers
+
+
+def _per_layer_weights(
+    plan: Mapping[str, _Part], order: Sequence[int], n: int
+) -> dict[str, list[float]] | None:
+    """The weights each layer was averaged with, in the caller's order of the experts (0
+    for an expert that does not cover it), when some layer is not covered by all."""
+    if all(len(part.holders) == n for part in plan.values()):
+        return None
+    out: dict[str, list[float]] = {}
+    for name, part in plan.items():
+        layer = _layer_of(name)
+        key = "none" if layer is None else str(layer)
+        if key in out:
+            continue
+        given = [0.0] * n
+        for holder, weight in zip(part.holders, part.weights.tolist(), strict=True):
+            given[order[holder]] = weight
+        out[key] = given
+    return out
+
+
 def merge_tensors(
     experts: Sequence[Mapping[str, torch.Tensor]],
     method: str = "uniform",
@@ -238,28 +324,34 @@ def merge_tensors(
     reference: Mapping[str, torch.Tensor] | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
-    """Merge in-memory experts (same names and shapes) into one; output in the first's dtype."""
+    """Merge in-memory experts into one, layer by layer over the experts that cover each
+    layer (module docstring); output in the dtype of the first that holds a tensor."""
     m = get_method(method)
     if not experts:
         raise ValueError("nothing to merge")
     _check_weights_allowed(m, weights)
-    names = sorted(experts[0])
-    for e in experts[1:]:
-        if sorted(e) != names or any(e[n].shape != experts[0][n].shape for n in names):
-            raise ValueError("experts to merge must have the same tensor names and shapes")
     w = normalise_weights(weights, len(experts))
     # The first 4 KiB of the tensors' raw bytes in name order: what ``_data_prefix`` reads
     # from a file (safetensors lays same-dtype tensors out by name), so a merge in memory
     # and one over files sum in the same order. Raw bytes, so bfloat16 (no numpy) works.
-    keys = [_bytes_prefix([e[n] for n in names]) for e in experts]
+    keys = [_bytes_prefix([e[n] for n in sorted(e)]) for e in experts]
     order = _canonical_order(w, keys)
     experts = [experts[i] for i in order]
     w = w[order]
+    labels = [f"expert {i}" for i in order]
+    plan, _ = _layer_plan([{n: list(t.shape) for n, t in e.items()} for e in experts], w, labels)
     out = {}
-    for name in names:
-        ref = None if reference is None else reference[name]
-        merged = m([e[name] for e in experts], w, ref, **params)
-        out[name] = merged.to(experts[0][name].dtype)
+    for name in sorted(plan):
+        part = plan[name]
+        ref = None
+        if reference is not None:
+            if name not in reference or list(reference[name].shape) != list(
+                experts[part.holders[0]][name].shape
+            ):
+                raise ValueError(f"the reference expert does not have {name} as the inputs do")
+            ref = reference[name]
+        merged = m([experts[e][name] for e in part.holders], part.weights, ref, **params)
+        out[name] = merged.to(experts[part.holders[0]][name].dtype)
     return out
 
 
@@ -312,8 +404,11 @@ def merge_files(
 ) -> dict[str, str]:
     """Merge expert files into ``out`` (atomic: a failure leaves nothing), streaming.
 
-    The inputs must be experts of one base (same ``base_revision``, names and shapes).
-    Returns the output's metadata (the inputs', plus ``merge``: method, weights, params).
+    The inputs must be experts of one base (same ``base_revision``; in each layer, the
+    same names and shapes in every expert that covers it). Each layer is merged over the
+    experts that cover it (module docstring). Returns the output's metadata (``layers``:
+    the merged expert's, ``merge``: method, weights, params, and ``layer_weights`` when
+    some layer was averaged over fewer than all the experts).
     """
     m = get_method(method)
     if not paths:
@@ -321,18 +416,12 @@ def merge_files(
     _check_weights_allowed(m, weights)
     files = [os.fspath(p) for p in paths]
     headers = [_header(p) for p in files]
-    meta0, tensors0 = headers[0]
-    for p, (meta, tensors) in zip(files, headers, strict=True):
+    meta0 = headers[0][0]
+    for p, (meta, _tensors) in zip(files, headers, strict=True):
         if meta.get("format") != EXPERT_FORMAT:
             raise ValueError(f"{p} is not an {EXPERT_FORMAT} file")
         if meta.get("base_revision") != meta0.get("base_revision"):
             raise ValueError(f"{p} was trained against another base than {files[0]}")
-        if {k: v[1] for k, v in tensors.items()} != {k: v[1] for k, v in tensors0.items()}:
-            raise ValueError(f"{p} does not have the tensors of {files[0]}")
-    if reference is not None:
-        _, ref_tensors = _header(os.fspath(reference))
-        if {k: v[1] for k, v in ref_tensors.items()} != {k: v[1] for k, v in tensors0.items()}:
-            raise ValueError("the reference expert does not have the tensors of the inputs")
     out_dtype_name = dtype or meta0.get("dtype", "float32")
     if out_dtype_name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
@@ -340,25 +429,37 @@ def merge_files(
     given = normalise_weights(weights, len(files))  # in the caller's order, for metadata
     order = _canonical_order(given, [_data_prefix(p) for p in files])
     files, w = [files[i] for i in order], given[order]
+    shapes = [{k: v[1] for k, v in headers[i][1].items()} for i in order]
+    plan, layers = _layer_plan(shapes, w, files)
+    if reference is not None:
+        _, ref_tensors = _header(os.fspath(reference))
+        lacking = sorted(
+            n
+            for n, part in plan.items()
+            if n not in ref_tensors or ref_tensors[n][1] != shapes[part.holders[0]][n]
+        )
+        if lacking:
+            raise ValueError(
+                f"the reference expert does not have the tensors of the inputs: {lacking[:4]}"
+            )
     merged_params = {**m.params, **params}
+    record: dict[str, Any] = {"method": m.name, "weights": given.tolist(), "params": merged_params}
+    per_layer = _per_layer_weights(plan, order, len(files))
+    if per_layer is not None:
+        record["layer_weights"] = per_layer
     metadata = {
-        **{
-            k: v
-            for k, v in meta0.items()
-            if k in ("format", "base_revision", "layers", "n_modules")
-        },
+        **{k: v for k, v in meta0.items() if k in ("format", "base_revision", "n_modules")},
+        "layers": _layers_metadata(meta0.get("layers"), layers),
         "dtype": out_dtype_name,
-        "merge": json.dumps(
-            {"method": m.name, "weights": given.tolist(), "params": merged_params}, sort_keys=True
-        ),
+        "merge": json.dumps(record, sort_keys=True),
         **(extra_metadata or {}),
     }
-    names = sorted(tensors0)
+    names = sorted(plan)
     itemsize = torch.empty((), dtype=out_dtype).element_size()
     entries: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name in names:
-        shape = tensors0[name][1]
+        shape = shapes[plan[name].holders[0]][name]
         nbytes = math.prod(shape) * itemsize
         entries[name] = {
             "dtype": _ST_DTYPE[out_dtype],
@@ -386,7 +487,7 @@ def merge_files(
                     inputs,
                     fd,
                     ref_in=ref_in,
-                    w=w,
+                    plan=plan,
                     params=params,
                     entries=entries,
                     names=names,
@@ -395,14 +496,28 @@ def merge_files(
                 )
                 return
             for name in names:
-                parts = [x.read(name) for x in inputs]
+                part = plan[name]
+                parts = [inputs[e].read(name) for e in part.holders]
                 ref = None if ref_in is None else ref_in.read(name)
-                merged = m(parts, w, ref, **params).to(out_dtype)
+                merged = m(parts, part.weights, ref, **params).to(out_dtype)
                 _pwrite_all(fd, _bytes_of(merged), data_start + entries[name]["data_offsets"][0])
                 del parts, ref, merged
 
     _atomic_write(Path(out), write)
     return metadata
+
+
+def _layers_metadata(first: str | None, layers: Sequence[int]) -> str:
+    """The merged expert's ``layers`` metadata: the first input's own string when it says
+    the same (so merging full experts writes what it always did), else as ``save_expert``
+    writes it."""
+    if first is not None:
+        try:
+            if json.loads(first) == list(layers):
+                return first
+        except ValueError:
+            pass
+    return json.dumps(list(layers))
 
 
 def _merge_blocks(
@@ -411,7 +526,7 @@ def _merge_blocks(
     fd: int,
     *,
     ref_in: _ExpertReader | None,
-    w: torch.Tensor,
+    plan: Mapping[str, _Part],
     params: Mapping[str, Any],
     entries: Mapping[str, Any],
     names: Sequence[str],
@@ -426,7 +541,7 @@ def _merge_blocks(
     tasks: list[tuple[str, int, int]] = []
     step_bytes = step_elems = 0
     for name in names:
-        n_rows, row_bytes = inputs[0].rows(name)
+        n_rows, row_bytes = inputs[plan[name].holders[0]].rows(name)
         step = max(1, _BLOCK_BYTES // max(1, row_bytes))
         step_bytes = max(step_bytes, min(step, n_rows) * row_bytes)
         row_elems = math.prod(entries[name]["shape"][1:])
@@ -442,14 +557,16 @@ def _merge_blocks(
     def work(i: int, state: tuple[list[torch.Tensor], torch.Tensor]) -> None:
         name, r0, r1 = tasks[i]
         raw, mean = state
+        part = plan[name]
+        holders = [inputs[e] for e in part.holders]
         if _MAPPED:
-            parts = [x.mapped(name, r0, r1) for x in inputs]
+            parts = [x.mapped(name, r0, r1) for x in holders]
             ref = None if ref_in is None else ref_in.mapped(name, r0, r1)
         else:
-            parts = [x.read(name, r0, r1, into=raw[j]) for j, x in enumerate(inputs)]
+            parts = [x.read(name, r0, r1, into=raw[j]) for j, x in enumerate(holders)]
             ref = None if ref_in is None else ref_in.read(name, r0, r1, into=raw[-1])
         buf = mean[: parts[0].numel()].view(parts[0].shape)
-        merged = m(parts, w, ref, out=buf, **params).to(out_dtype)
+        merged = m(parts, part.weights, ref, out=buf, **params).to(out_dtype)
         row_out = math.prod(parts[0].shape[1:]) * out_item
         offset = data_start + entries[name]["data_offsets"][0] + r0 * row_out
         _pwrite_all(fd, _bytes_of(merged), offset)

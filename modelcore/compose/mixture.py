@@ -3,9 +3,11 @@
 Shape legend: L MoE layers, P experts inserted.
 
 Each expert adds one module (and its router row) to every layer it covers
-(``experts.add_modules``); the router then picks the top-k of the base's active modules
-and the inserted ones for every token (ModuleFormer section 4.3; DEMix section 3 routes
-by domain, ModuleFormer's router learns it). Removal is the exact inverse
+(``experts.add_modules``) and nothing to the others: a layer an expert does not cover
+computes what it would without that expert (docs/composition.md, "Experts in some
+layers only"). The router then picks the top-k of the base's active modules and the
+inserted ones for every token (ModuleFormer section 4.3; DEMix section 3 routes by
+domain, ModuleFormer's router learns it). Removal is the exact inverse
 (``experts.remove_modules``, last inserted first), so a base that had experts inserted
 and removed computes bit for bit what it computed before, and forgetting a domain is
 removing its expert.
@@ -38,11 +40,13 @@ def insert_experts(
 
 
 def remove_experts(model: nn.Module, added: Sequence[Sequence[int]]) -> None:
-    """Remove experts inserted by ``insert_experts`` (any subset of its result, in the
-    order returned): last inserted first, so the recorded indices stay valid."""
-    order = sorted(range(len(added)), key=lambda e: max(added[e]), reverse=True)
-    for e in order:
-        expert_ops.remove_modules(model, added[e])
+    """Remove experts inserted by ``insert_experts`` (any subset of its result): layer by
+    layer, highest module index first, so the recorded indices stay valid. (Per layer,
+    not per expert: experts covering different layers can be ordered differently in two
+    layers, docs/composition.md, "Experts in some layers only".)"""
+    for layer in range(len(model.ffn_layers)):  # type: ignore[arg-type]
+        for j in sorted((int(idx[layer]) for idx in added if idx[layer] >= 0), reverse=True):
+            model.ffn_layers[layer].remove_module(j)  # type: ignore[index]
 
 
 def remove_expert(model: nn.Module, added: list[list[int]], which: int) -> None:

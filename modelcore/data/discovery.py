@@ -116,6 +116,40 @@ class DomainDiscovery:
         """Nearest centroid of each text, unconstrained (balance is a training-time need)."""
         return np.asarray(self.distances(texts).argmin(1))
 
+    def top_terms(
+        self, texts: Sequence[str], *, labels: np.ndarray | None = None, n: int = 8
+    ) -> list[list[str]]:
+        """Per cluster, the ``n`` terms whose mean TF-IDF weight over its texts most exceeds
+        their mean over all the other texts (the plain mean when there is one cluster).
+
+        ``texts``: the texts this discovery was fitted on, in order (``labels`` is theirs;
+        another labelling of them, e.g. a coarser ``tree.cut``, may be given instead).
+        Why not the plain mean, or the centroids mapped back through the SVD basis (both
+        ranked the same words): they put "the", "of", "my" among a Perl cluster's first
+        eight; the difference lists "license, gnu, program, public" (docs/data.md)."""
+        labels = self.labels if labels is None else np.asarray(labels)
+        if len(texts) != labels.shape[0]:
+            raise ValueError("texts must be the texts the clusters label, in order")
+        x_NV = self._vectorizer.transform(list(texts))
+        names = self.vocabulary()
+        out: list[list[str]] = []
+        for j in range(int(labels.max()) + 1 if labels.size else 0):
+            inside = labels == j
+            score_V = np.asarray(x_NV[inside].mean(0)).ravel()
+            if not inside.all():
+                score_V = score_V - np.asarray(x_NV[~inside].mean(0)).ravel()
+            # Stable: equal scores keep vocabulary order, so the list is deterministic.
+            order = np.argsort(-score_V, kind="stable")[:n]
+            out.append([names[i] for i in order if score_V[i] > 0])
+        return out
+
+    def vocabulary(self) -> list[str]:
+        """The TF-IDF terms, by column."""
+        terms = [""] * len(self._vectorizer.vocabulary_)
+        for term, idx in self._vectorizer.vocabulary_.items():
+            terms[idx] = term
+        return terms
+
     def weights(
         self, texts: Sequence[str], *, temperature: float = 0.1, top_k: int | None = None
     ) -> np.ndarray:
@@ -212,10 +246,7 @@ def save_discovery(found: DomainDiscovery, path: str | Path) -> None:
     """Write a fitted discovery as safetensors (never pickle): centroids, SVD basis, idf and
     labels as tensors; the vocabulary and method in ``__metadata__``. What a c-BTM expert
     set needs to route new text to its clusters on another machine."""
-    vocab = found._vectorizer.vocabulary_
-    terms = [""] * len(vocab)
-    for term, idx in vocab.items():
-        terms[idx] = term
+    terms = found.vocabulary()
     tensors = {
         "centroids": np.ascontiguousarray(found.centroids, dtype=np.float64),
         "components": np.ascontiguousarray(found._components, dtype=np.float64),

@@ -1,6 +1,7 @@
 """Expert training by insertion against a frozen base (ModuleFormer section 4.3).
 
-One new FFN module is appended to every MoE layer, with its router row (the module's
+One new FFN module is appended to every MoE layer (or to the ``layers`` asked for: an
+expert may cover some layers only, docs/composition.md), with its router row (the module's
 "expert embedding"); everything else, including the router's input projection and all
 old modules, is frozen, so the base is bit-identical afterwards and the expert is only
 the new tensors. An optional routing regularization ``w * ||rows of the new modules||``
@@ -44,6 +45,13 @@ class ExpertTraining:
     # per covered layer, the router-bias calibration on general text after training
     # (``lanes.calibrate_router_bias``: share_before, share_after, bias); {} without it
     lanes: dict[int, dict[str, float]] = field(default_factory=dict)
+    # parameters (elements) the optimizer trained: the new modules' weights and router rows
+    trainable_parameters: int = 0
+
+    @property
+    def layers(self) -> list[int]:
+        """The MoE layers the expert covers."""
+        return [i for i, j in enumerate(self.module_idx) if j >= 0]
 
 
 @torch.no_grad()
@@ -133,6 +141,7 @@ def train_expert(
     *,
     routing_reg: float = 0.0,
     init_from: Mapping[str, torch.Tensor] | None = None,
+    layers: Sequence[int] | None = None,
     seed: int = 0,
     progress: bool = True,
     warmup: int | None = None,
@@ -146,7 +155,14 @@ def train_expert(
     calibration_batches: int = 8,
     recalibrate_every: int = 0,
 ) -> ExpertTraining:
-    """Insert one module per MoE layer into ``model``, train only those on ``batches``.
+    """Insert one module per MoE layer of ``layers`` into ``model``, train only those on
+    ``batches``.
+
+    ``layers``: the MoE layers the expert covers (docs/composition.md, "Experts in some
+    layers only"); the others get no module and stay exactly the base. ``None``: every
+    layer, or with ``init_from`` the layers that expert covers. With both, the new expert
+    covers ``layers``: a layer ``init_from`` covers starts from its tensors, any other
+    from a fresh (calibrated) module, and ``init_from``'s other layers are not used.
 
     The modules stay inserted (evaluate the model as base + this expert right away;
     ``experts.remove_modules(model, result.module_idx)`` restores the base). The
@@ -177,14 +193,18 @@ def train_expert(
     before = {id(p): p.requires_grad for p in model.parameters()}
     # The fresh module's initial weights are drawn here: seed them too.
     generator = torch.Generator().manual_seed(seed)
-    module_idx = experts.add_modules(
-        model, dict(init_from) if init_from is not None else None, generator=generator
-    )
+    init = dict(init_from) if init_from is not None else None
+    if layers is not None:
+        layers = experts.check_layers(layers, len(model.ffn_layers))  # type: ignore[arg-type]
+    module_idx = experts.add_modules(model, init, generator=generator, layers=layers)
     try:
-        if init_from is None and calibrate > 0:
+        # Fresh modules (every one without init_from, else those of layers it lacks).
+        inherited = set(experts.covered_layers(init)) if init is not None else set()
+        fresh_idx = [-1 if i in inherited else j for i, j in enumerate(module_idx)]
+        if calibrate > 0 and any(j >= 0 for j in fresh_idx):
             iterator = iter(batches)
             first = list(itertools.islice(iterator, calibrate))
-            calibrate_new_rows(model, module_idx, first, coverage=coverage, general=calib)
+            calibrate_new_rows(model, fresh_idx, first, coverage=coverage, general=calib)
             batches = itertools.chain(first, iterator)
         on_step = None
         if recalibrate_every > 0 and calib is not None and max_general_share is not None:
@@ -239,4 +259,10 @@ def train_expert(
         name: t.detach().to("cpu").clone()
         for name, t in experts.extract_expert(model, module_idx).items()
     }
-    return ExpertTraining(tensors=tensors, module_idx=module_idx, result=result, lanes=report)
+    return ExpertTraining(
+        tensors=tensors,
+        module_idx=module_idx,
+        result=result,
+        lanes=report,
+        trainable_parameters=sum(p.numel() for p in trainable),
+    )

@@ -47,6 +47,7 @@ class ErrorCode(StrEnum):
     DATASHEET_FRONT_MATTER = "datasheet_front_matter"
     DATASHEET_INVALID = "datasheet_invalid"
     SAMPLES_TOO_LARGE = "samples_too_large"
+    DATASHEET_UNFILLED = "datasheet_unfilled"
 
 
 # The codes that mean "too big" rather than "malformed" (HTTP 413 instead of 422).

@@ -23,6 +23,12 @@ Every string, key included, must be storable (registry/validation/text.py: no NU
 surrogate from a ``"\ud800"`` escape), every integer must fit in 64 bits, and the markdown
 body holds no NUL: the name, domain, license and language are stored in columns, the text
 whole, and all of it is refused here, before any byte of the upload is committed.
+
+A string value that begins with ``UNFILLED_MARKER`` (``FILL IN:``) is a field its author
+has still to write: ``agora expert datasheet`` leaves one for every human field not given
+by a flag, with what to write after the marker. Once everything else passes, any such
+value, at any depth, refuses the datasheet (``datasheet_unfilled``), each one listed by
+JSON path with its instruction (docs/validation.md, "Datasheet").
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ MAX_INT_LITERAL = 100
 # Expert.name, .license, .language: a list of languages joined with ", ").
 MAX_STORED_CHARS = 200
 _INT64 = (-(2**63), 2**63 - 1)
+# A value that begins with this (after leading whitespace) is a placeholder still to fill in.
+UNFILLED_MARKER = "FILL IN:"
 _INT_TAG = "tag:yaml.org,2002:int"
 
 
@@ -209,7 +217,9 @@ def _split_front_matter(text: str) -> tuple[str, str]:
         )
     for i in range(1, len(lines)):
         if lines[i].rstrip() in ("---", "..."):
-            return "\n".join(lines[1:i]), "\n".join(lines[i + 1 :])
+            # The YAML keeps the line break before the closing line: a last value written
+            # as a block (``|``) ends with it, as in any YAML file.
+            return "".join(f"{line}\n" for line in lines[1:i]), "\n".join(lines[i + 1 :])
     raise invalid(ErrorCode.DATASHEET_FRONT_MATTER, "the front matter has no closing '---' line")
 
 
@@ -255,8 +265,9 @@ def _nul_problem(text: str, yaml_text: str) -> dict[str, Any] | None:
     if at < 0:
         return None
     line = text.count("\n", 0, at) + 1
-    # The front matter is lines 2 .. len(yaml lines) + 1 (after the opening '---').
-    part = "front matter" if line <= yaml_text.count("\n") + 2 else "body"
+    # The front matter is lines 2 .. len(yaml lines) + 1 (after the opening '---'); each
+    # YAML line ends with its line break.
+    part = "front matter" if line <= yaml_text.count("\n") + 1 else "body"
     return {"path": part, "message": f"a NUL character on line {line}"}
 
 
@@ -348,7 +359,39 @@ def parse_datasheet(
             f"samples hold {sheet.samples_bytes} bytes of UTF-8; the limit is {max_samples_bytes}",
             [{"path": "$.samples", "message": f"at most {max_samples_bytes} bytes in total"}],
         )
+    unfilled = unfilled_fields(front)
+    if unfilled:
+        paths = ", ".join(p["path"] for p in unfilled)
+        raise invalid(
+            ErrorCode.DATASHEET_UNFILLED,
+            shorten(
+                f"{len(unfilled)} field(s) still to fill in: {paths} (each value that begins "
+                f"with {UNFILLED_MARKER!r} says what to write there)",
+                500,
+            ),
+            unfilled,
+        )
     return sheet
+
+
+def unfilled_fields(front: Any, path: str = "$") -> list[dict[str, Any]]:
+    """Every string value of the front matter (lists and extensions included) that is still
+    a placeholder beginning with ``UNFILLED_MARKER``: its JSON path and what to write there.
+    Nesting is bounded by the loader."""
+    if isinstance(front, dict):
+        return [p for k, v in front.items() for p in unfilled_fields(v, path + key_segment(k))]
+    if isinstance(front, list):
+        return [p for i, v in enumerate(front) for p in unfilled_fields(v, f"{path}[{i}]")]
+    if isinstance(front, str) and front.lstrip().startswith(UNFILLED_MARKER):
+        instruction = front.lstrip()[len(UNFILLED_MARKER) :].strip() or "write this field"
+        return [
+            {
+                "path": path,
+                "message": f"not filled in: {shorten(instruction, 200)} (replace the whole "
+                f"value, {UNFILLED_MARKER!r} included)",
+            }
+        ]
+    return []
 
 
 def _schema_problems(front: dict[str, Any]) -> list[dict[str, Any]]:

@@ -2,11 +2,14 @@
 
 An expert is accepted only if, in this order: it is within the size limit; its safetensors
 framing is exact; ``__metadata__`` says ``format = agora.expert/1`` and pins the base
-revision it was submitted for; ``layers``/``n_modules``/``dtype`` are well formed; the
-tensor names and shapes are exactly the schema's; ``layers`` is the ascending list of the
-layers the tensor names hold (and ``n_modules`` their module count), whether or not the
-schema states them; all tensors share one dtype the base allows (and the metadata names);
-and every value is finite. Pure functions: no torch,
+revision it was submitted for; ``layers``/``n_modules``/``dtype`` are well formed, and
+every declared layer is one the schema has tensors for (and, if the schema states
+``layers``, one of those); the tensor names and shapes are exactly the schema's tensors of
+the declared layers (an expert may cover some layers only: docs/composition.md, "Experts
+in some layers only"); ``layers`` is the ascending list of the layers the tensor names
+hold (and ``n_modules`` their module count), whether or not the schema states them; all
+tensors share one dtype the base allows (and the metadata names); and every value is
+finite. Pure functions: no torch,
 no database; the caller resolves the base revision and passes its schema.
 """
 
@@ -142,6 +145,23 @@ class ExpertSchema:
             n_modules=n_modules,
         )
 
+    def tensor_layers(self) -> list[int]:
+        """The layers the schema has tensors for (``layers.{i}.`` names), ascending."""
+        return sorted(
+            {int(m.group(1)) for t in self.tensors if (m := _LAYER_NAME.match(t.name)) is not None}
+        )
+
+    def for_layers(self, layers: tuple[int, ...]) -> tuple[TensorSpec, ...]:
+        """The tensors an expert covering ``layers`` holds: the schema's tensors of those
+        layers (and any tensor named outside a layer, which every expert holds)."""
+        chosen = set(layers)
+        out = []
+        for t in self.tensors:
+            m = _LAYER_NAME.match(t.name)
+            if m is None or int(m.group(1)) in chosen:
+                out.append(t)
+        return tuple(out)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "format": self.format,
@@ -198,7 +218,7 @@ def validate_expert(
         )
     header = read_header(path, max_header_bytes=max_header_bytes)
     layers, n_modules, meta_dtype = _check_metadata(header, schema, base_revision)
-    _check_tensors(header, schema)
+    _check_tensors(header, schema, layers)
     _check_metadata_against_names(header, layers, n_modules)
     dtype = _check_dtypes(header, schema, meta_dtype)
     non_finite = find_non_finite(path, header, chunk_bytes=chunk_bytes)
@@ -256,11 +276,22 @@ def _check_metadata(
         problems.append({"key": "layers", "message": message})
     else:
         layers = tuple(parsed)
-        if schema.layers is not None and sorted(layers) != sorted(schema.layers):
+        # A subset of the base's layers (docs/composition.md, "Experts in some layers
+        # only"): each one the schema has tensors for, and one it allows if it says.
+        known = schema.tensor_layers()
+        allowed = known if schema.layers is None else sorted(set(known) & set(schema.layers))
+        allowed_set = set(allowed)  # a long list in the metadata is checked in linear time
+        absent = [i for i in layers if i not in allowed_set]
+        if absent:
+            if absent[0] not in known:
+                why = f"the base's expert_schema has tensors for layers {known} only"
+            else:
+                why = f"the base's experts may cover layers {allowed} only"
             problems.append(
                 {
                     "key": "layers",
-                    "message": f"the base's experts cover layers {list(schema.layers)}",
+                    "message": f"layer {absent[0]} is not a layer of the base: {why}; "
+                    "list only the layers whose tensors the file holds",
                 }
             )
     n_modules = 0
@@ -330,22 +361,40 @@ def _check_metadata_against_names(
         )
 
 
-def _check_tensors(header: SafetensorsHeader, schema: ExpertSchema) -> None:
+def _check_tensors(
+    header: SafetensorsHeader, schema: ExpertSchema, layers: tuple[int, ...]
+) -> None:
+    """The tensors must be exactly the schema's tensors of the declared ``layers``."""
     present = header.by_name()
-    expected = {t.name: t for t in schema.tensors}
+    specs = schema.for_layers(layers)
+    expected = {t.name: t for t in specs}
+    in_schema = {t.name for t in schema.tensors}
+    declared = json.dumps(sorted(layers))
     missing = [n for n in expected if n not in present]
     unexpected = sorted(n for n in present if n not in expected)
     if missing or unexpected:
         raise invalid(
             ErrorCode.TENSOR_SET_MISMATCH,
-            f"tensor names differ from the base's expert_schema: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected",
+            f"tensor names differ from the base's expert_schema for the declared layers "
+            f"{declared}: {len(missing)} missing, {len(unexpected)} unexpected",
             [
-                {"tensor": n, "problem": "missing", "message": "required by the base"}
+                {
+                    "tensor": n,
+                    "problem": "missing",
+                    "message": f"required by the base for the declared layers {declared}",
+                }
                 for n in missing
             ]
             + [
-                {"tensor": shorten(n), "problem": "unexpected", "message": "not in the schema"}
+                {
+                    "tensor": shorten(n),
+                    "problem": "unexpected",
+                    "message": (
+                        f"in a layer __metadata__ layers {declared} does not declare"
+                        if n in in_schema
+                        else "not in the schema"
+                    ),
+                }
                 for n in unexpected
             ],
         )
@@ -356,7 +405,7 @@ def _check_tensors(header: SafetensorsHeader, schema: ExpertSchema) -> None:
             "actual": list(present[spec.name].shape),
             "message": f"shape {list(present[spec.name].shape)}, expected {list(spec.shape)}",
         }
-        for spec in schema.tensors
+        for spec in specs
         if present[spec.name].shape != spec.shape
     ]
     if wrong:

@@ -54,20 +54,7 @@ def _wait_ready(process: subprocess.Popen[str], url: str) -> None:
         time.sleep(0.3)
 
 
-def test_readme_quickstart_round_trips_an_expert(tmp_path: Path) -> None:
-    readme = (ROOT / "README.md").read_text()
-    quickstart = _block(readme, "bash", "agora base upload")
-    snippet = _block(readme, "python", "from registry.client import Agora")
-    assert quickstart.splitlines()[0].strip() == ". .venv/bin/activate"
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    (tmp_path / "quickstart.py").write_text(snippet.replace("http://127.0.0.1:8000", url))
-    script = quickstart.replace(
-        ". .venv/bin/activate", f'export PATH="{Path(sys.executable).parent}:$PATH"', 1
-    )
-
+def _environment(tmp_path: Path, url: str) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
@@ -79,6 +66,15 @@ def test_readme_quickstart_round_trips_an_expert(tmp_path: Path) -> None:
         AGORA_CACHE_DIR=str(tmp_path / "cache"),
         PYTHONUNBUFFERED="1",
     )
+    return env
+
+
+def _serve_and_run(
+    tmp_path: Path, url: str, port: int, script: str
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run ``script`` with bash in ``tmp_path`` against a real ``agora serve``; returns the
+    script's result and the server's log (the server is stopped with SIGTERM)."""
+    env = _environment(tmp_path, url)
     server = subprocess.Popen(
         [sys.executable, "-m", "agora.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=tmp_path,
@@ -106,6 +102,24 @@ def test_readme_quickstart_round_trips_an_expert(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             server_log, _ = server.communicate()
+    return run, server_log
+
+
+def test_readme_quickstart_round_trips_an_expert(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    quickstart = _block(readme, "bash", "agora base upload")
+    snippet = _block(readme, "python", "from registry.client import Agora")
+    assert quickstart.splitlines()[0].strip() == ". .venv/bin/activate"
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    (tmp_path / "quickstart.py").write_text(snippet.replace("http://127.0.0.1:8000", url))
+    script = quickstart.replace(
+        ". .venv/bin/activate", f'export PATH="{Path(sys.executable).parent}:$PATH"', 1
+    )
+
+    run, server_log = _serve_and_run(tmp_path, url, port, script)
 
     assert run.returncode == 0, run.stdout + run.stderr + server_log
     # The snippet downloaded exactly the bytes `agora expert train` wrote.
@@ -129,7 +143,7 @@ def test_readme_quickstart_round_trips_an_expert(tmp_path: Path) -> None:
     tokens = subprocess.run(
         [sys.executable, "-m", "agora.cli", "admin", "list-tokens"],
         cwd=tmp_path,
-        env=env,
+        env=_environment(tmp_path, url),
         capture_output=True,
         text=True,
         timeout=60,
@@ -138,3 +152,47 @@ def test_readme_quickstart_round_trips_an_expert(tmp_path: Path) -> None:
     embedded = [line for line in tokens.splitlines() if "embedded-worker" in line]
     assert embedded, tokens
     assert all("revoked" in line for line in embedded), tokens
+
+
+def test_readme_contribute_section_runs_as_written(tmp_path: Path) -> None:
+    """ "Contribute an expert from your own text": discover, train, datasheet, check and
+    submit, as written, after the quickstart's token, base and upload lines."""
+    readme = (ROOT / "README.md").read_text()
+    quickstart = _block(readme, "bash", "agora base upload")
+    contribute = _block(readme, "bash", "agora data discover")
+    assert contribute.splitlines()[0].strip() == ". .venv/bin/activate"
+    setup = [
+        line
+        for line in quickstart.splitlines()
+        if any(cmd in line for cmd in ("create-token", "agora base init", "agora base upload"))
+    ]
+    assert len(setup) == 3, quickstart
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    for folder in ("docs", "examples"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    activate = f'export PATH="{Path(sys.executable).parent}:$PATH"'
+    script = "\n".join([activate, *setup, contribute.replace(". .venv/bin/activate", "", 1)])
+
+    run, server_log = _serve_and_run(tmp_path, url, port, script)
+
+    assert run.returncode == 0, run.stdout + run.stderr + server_log
+    clusters = json.loads((tmp_path / "domains" / "clusters.json").read_text())
+    assert len(clusters["clusters"]) == 2
+    # The train summary: held-out numbers of the base and of the expert on cluster 0.
+    summary = next(json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"'))
+    # The quickstart's base is untrained, so the expert cannot move them much (that an
+    # expert on your own text helps is tests/modelcore/train/test_own_data.py's claim).
+    heldout = summary["heldout_bits_per_byte"]
+    assert 0 < heldout["expert"] < 20, heldout
+    assert 0 < heldout["base"] < 20, heldout
+    assert summary["split"]["heldout_documents"] >= 1
+    # The datasheet was generated complete (every human field from a flag), the offline
+    # check passed, and the registry accepted the pair.
+    from registry.validation.datasheet import parse_datasheet
+
+    sheet = parse_datasheet((tmp_path / "mine.md").read_bytes())  # raises if any is unfilled
+    assert sheet.name == "Agora design notes"
+    assert sheet.token_count == summary["split"]["train_tokens"]
+    submitted = re.findall(r"submitted (ex_[0-9a-z]{26}) version 1", run.stdout)
+    assert len(submitted) == 1, run.stdout

@@ -59,3 +59,14 @@ def make_tiny_base(
         save_expert(path, tensors, base_revision=revision)
         experts[name] = path
     return {"root": root, "base": root / "base", "revision": revision, "experts": experts}
+
+
+def subset_expert(source: Path, out: Path, layers: Sequence[int]) -> Path:
+    """The expert file ``source`` restricted to ``layers``: an expert of some MoE layers
+    only (docs/composition.md, "Experts in some layers only"), same base revision."""
+    from modelcore.experts import load_expert, save_expert
+
+    tensors, meta = load_expert(source)
+    keep = {k: v for k, v in tensors.items() if int(k.split(".")[1]) in set(layers)}
+    save_expert(out, keep, base_revision=meta["base_revision"], dtype=meta["dtype"])
+    return out

@@ -12,7 +12,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from modelcore.artifacts import save_base
 from modelcore.config import ModelConfig
-from modelcore.experts import add_modules, extract_expert, save_expert
+from modelcore.experts import (
+    add_modules,
+    extract_expert,
+    load_expert,
+    save_expert,
+    write_canonical,
+)
 from modelcore.model import ModularLM
 
 pytestmark = pytest.mark.skipif(
@@ -108,8 +114,14 @@ def test_corrupted_artifacts_are_refused(base: tuple[Path, str, ModularLM], tmp_
         validate_expert(path, expert_schema=schema, base_revision=revision)
     assert exc.value.code == "non_finite_values"
 
-    only_layer0 = extract_expert(model, [1, -1])  # the base's schema asks for every layer
+    # An expert of layer 0 only is accepted (docs/composition.md, "Experts in some layers
+    # only") ...
+    only_layer0 = extract_expert(model, [1, -1])
     save_expert(path, only_layer0, base_revision=revision)
+    assert validate_expert(path, expert_schema=schema, base_revision=revision).layers == (0,)
+    # ... but not when it declares a layer whose tensors it lacks.
+    _, metadata = load_expert(path)
+    write_canonical(path, only_layer0, metadata={**metadata, "layers": "[0, 1]"})
     with pytest.raises(ValidationFailed) as exc:
         validate_expert(path, expert_schema=schema, base_revision=revision)
     assert exc.value.code == "tensor_set_mismatch"

@@ -651,3 +651,75 @@ def test_a_missing_reference_has_one_code_wherever_it_appears(api) -> None:
     for response in refusals:
         assert (response.status_code, response.json()["code"]) == (404, "version_not_found")
         assert "its versions are 1 to 1" in response.json()["detail"]
+
+
+# -- experts of some layers only (docs/composition.md, "Experts in some layers only") ------
+
+
+def _layer_tensors(api, layer: int) -> list[str]:
+    return sorted(
+        t["name"] for t in api.base.schema["tensors"] if t["name"].startswith(f"layers.{layer}.")
+    )
+
+
+def test_an_expert_of_some_layers_is_accepted_and_shows_its_layers(api) -> None:
+    # The test base has MoE layers 0 and 1; this expert covers layer 1 only.
+    full = api.expert_bytes(seed=3)
+    subset = api.expert_bytes(
+        seed=3,
+        metadata_overrides={"layers": "[1]"},
+        tensor_overrides=dict.fromkeys(_layer_tensors(api, 0)),
+    )
+    assert len(subset) < len(full)
+    response = api.submit(weights=subset)
+    assert response.status_code == 201, response.text
+    expert_id = response.json()["id"]
+    versions = api.client.get(f"/v1/experts/{expert_id}/versions").json()["items"]
+    assert [v["layers"] for v in versions] == [[1]]
+    detail = api.client.get(f"/v1/experts/{expert_id}").json()
+    assert detail["versions"][0]["layers"] == [1]
+    assert api.client.get(f"/v1/experts/{expert_id}/weights").content == subset
+
+
+def test_an_expert_whose_tensors_are_not_its_declared_layers_is_refused(api) -> None:
+    before = api.leftovers()
+    # Declares layer 1 but holds layer 0's tensors too: they are named as unexpected.
+    response = api.submit(weights=api.expert_bytes(metadata_overrides={"layers": "[1]"}))
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "tensor_set_mismatch"
+    assert sorted(e["tensor"] for e in body["errors"]) == _layer_tensors(api, 0)
+    assert {e["problem"] for e in body["errors"]} == {"unexpected"}
+    # Declares layers 0 and 1 but holds layer 1 only: layer 0's are named as missing.
+    response = api.submit(
+        weights=api.expert_bytes(tensor_overrides=dict.fromkeys(_layer_tensors(api, 0)))
+    )
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "tensor_set_mismatch"
+    assert sorted(e["tensor"] for e in body["errors"]) == _layer_tensors(api, 0)
+    assert {e["problem"] for e in body["errors"]} == {"missing"}
+    assert api.leftovers() == before
+
+
+def test_an_expert_of_a_layer_the_base_lacks_is_refused(api) -> None:
+    before = api.leftovers()
+    # Layer 1's tensors renamed to layer 7 (the base has 0 and 1), metadata to match.
+    renamed = {n.replace("layers.1.", "layers.7.", 1): None for n in _layer_tensors(api, 1)}
+    shapes = {t["name"]: t["shape"] for t in api.base.schema["tensors"]}
+    tensors = {
+        **dict.fromkeys(_layer_tensors(api, 1)),
+        **{
+            new: np.zeros(shapes[new.replace("layers.7.", "layers.1.", 1)], np.float32)
+            for new in renamed
+        },
+    }
+    response = api.submit(
+        weights=api.expert_bytes(metadata_overrides={"layers": "[0,7]"}, tensor_overrides=tensors)
+    )
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["code"] == "metadata_invalid"
+    assert body["errors"][0]["key"] == "layers"
+    assert "layer 7 is not a layer of the base" in body["errors"][0]["message"]
+    assert api.leftovers() == before

@@ -552,10 +552,12 @@ def test_hostile_datasheets_are_refused_before_any_blob(env: Env, case: str) -> 
 
 
 @pytest.mark.parametrize(
-    "layers", ["[0]", "[1, 0]", "[0, 1, 2]", "[1]", "[0, 0, 1]", "[0, 1.0]", '"0,1"', "{}", "0"]
+    "layers", ["[1, 0]", "[0, 1, 2]", "[0, 0, 1]", "[0, 1.0]", '"0,1"', "{}", "0"]
 )
 def test_layers_that_disagree_with_the_tensors(env: Env, layers: str) -> None:
-    """The base's schema states no layers; the file holds layers 0 and 1."""
+    """The base's schema states no layers; the file holds layers 0 and 1. (Declaring
+    fewer layers, "[0]", makes the other layer's tensors unexpected: a tensor_set_mismatch
+    naming them, tests/registry/test_experts.py.)"""
     assert "layers" not in env.schema
     before = env.state()
     response = env.submit(weights=env.expert(seed=31, metadata_overrides={"layers": layers}))

@@ -89,3 +89,23 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """The ``agora`` command in-process, with its own corpus cache; arguments may be paths
+    or numbers."""
+    from typer.testing import CliRunner
+
+    from agora.cli import build_app
+
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    runner = CliRunner()
+    app = build_app()
+
+    def run(*args):
+        # Wide enough that rich never wraps an error message inside its box.
+        env = {"XDG_CACHE_HOME": str(cache), "COLUMNS": "400"}
+        return runner.invoke(app, [str(a) for a in args], env=env)
+
+    return run

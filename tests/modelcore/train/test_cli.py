@@ -9,29 +9,13 @@ import math
 import re
 
 import pytest
-from typer.testing import CliRunner
 
-from agora.cli import build_app
 from modelcore.artifacts import compute_revision
 from modelcore.experts import load_expert
 
 SMALL = ["--max-bytes-per-domain", "16384"]
 FAST = ["--batch-size", "2", "--seq-len", "32", "--no-progress"]
 REVISION = re.compile(r"^[0-9a-f]{64}$")
-
-
-@pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xdg-cache")
-    runner = CliRunner()
-    app = build_app()
-
-    def run(*args: str):
-        # Wide enough that rich never wraps an error message inside its box.
-        env = {"XDG_CACHE_HOME": str(cache), "COLUMNS": "400"}
-        return runner.invoke(app, list(args), env=env)
-
-    return run
 
 
 @pytest.fixture(scope="module")

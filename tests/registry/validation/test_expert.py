@@ -274,9 +274,10 @@ def test_a_bad_schema_is_reported_as_such(tmp_path, schema, revision) -> None:
 # -- metadata against the tensor names (the worker reads layers from the names) ---------------
 
 
-@pytest.mark.parametrize("layers", ["[0]", "[1]", "[1,0]", "[1, 0]", "[0,1,2]", "[0,0,1]"])
+@pytest.mark.parametrize("layers", ["[1,0]", "[1, 0]", "[0,1,2]", "[0,0,1]"])
 def test_layers_must_be_the_layers_the_tensors_hold(tmp_path, schema, revision, layers) -> None:
-    """The fixture schema states no layers; its tensors hold layers 0 and 1."""
+    """The fixture schema states no layers; its tensors hold layers 0 and 1. (A file that
+    declares fewer layers than it holds is refused for its tensors: below.)"""
     assert "layers" not in schema
     path = write_expert(
         tmp_path / "e", schema, base_revision=revision, metadata_overrides={"layers": layers}
@@ -321,3 +322,97 @@ def test_n_modules_must_be_the_modules_the_tensors_hold(tmp_path, revision) -> N
     err = refused(path, undeclared, revision)
     assert err.code == "metadata_invalid"
     assert [e["key"] for e in err.errors or []] == ["n_modules"]
+
+
+# -- experts of some layers only (docs/composition.md, "Experts in some layers only") -------
+
+
+def _layer_names(schema: dict[str, Any], layer: int) -> set[str]:
+    return {t["name"] for t in schema["tensors"] if t["name"].startswith(f"layers.{layer}.")}
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_an_expert_of_one_layer_is_accepted(tmp_path, schema, revision, layer) -> None:
+    other = 1 - layer
+    path = write_expert(
+        tmp_path / "e",
+        schema,
+        base_revision=revision,
+        metadata_overrides={"layers": f"[{layer}]"},
+        tensor_overrides=dict.fromkeys(_layer_names(schema, other)),
+    )
+    info = validate_expert(path, expert_schema=schema, base_revision=revision)
+    assert info.layers == (layer,)
+    assert {t.name for t in info.tensors} == _layer_names(schema, layer)
+
+
+def test_tensors_of_an_undeclared_layer_are_refused_by_name(tmp_path, schema, revision) -> None:
+    # Declares layer 0 and holds both layers: layer 1's tensors are unexpected.
+    path = write_expert(
+        tmp_path / "e", schema, base_revision=revision, metadata_overrides={"layers": "[0]"}
+    )
+    err = refused(path, schema, revision)
+    assert err.code == "tensor_set_mismatch"
+    assert {(e["tensor"], e["problem"]) for e in err.errors or []} == {
+        (n, "unexpected") for n in _layer_names(schema, 1)
+    }
+    assert all("does not declare" in e["message"] for e in err.errors or [])
+
+
+def test_a_declared_layer_without_its_tensors_is_refused_by_name(tmp_path, schema, revision):
+    # Declares layers 0 and 1, holds layer 0 and only the router row of layer 1.
+    dropped = {n for n in _layer_names(schema, 1) if n != ROUTER}
+    path = write_expert(
+        tmp_path / "e",
+        schema,
+        base_revision=revision,
+        tensor_overrides=dict.fromkeys(dropped),
+    )
+    err = refused(path, schema, revision)
+    assert err.code == "tensor_set_mismatch"
+    assert {(e["tensor"], e["problem"]) for e in err.errors or []} == {
+        (n, "missing") for n in dropped
+    }
+    assert "declared layers [0, 1]" in err.detail
+
+
+def test_a_layer_the_base_does_not_have_is_refused_by_number(tmp_path, schema, revision):
+    # The file's own tensors are renamed to layer 5 so names and metadata agree.
+    tensors = {n: None for n in _layer_names(schema, 1)}
+    tensors["layers.5.moe.router_row"] = np.zeros((1, 8), np.float32)
+    path = write_expert(
+        tmp_path / "e",
+        schema,
+        base_revision=revision,
+        metadata_overrides={"layers": "[0,5]"},
+        tensor_overrides=tensors,
+    )
+    err = refused(path, schema, revision)
+    assert err.code == "metadata_invalid"
+    [problem] = err.errors or []
+    assert problem["key"] == "layers"
+    assert "layer 5 is not a layer of the base" in problem["message"]
+    assert "[0, 1]" in problem["message"]
+
+
+def test_a_schema_that_states_layers_bounds_the_subsets(tmp_path, schema, revision) -> None:
+    # The base's experts may cover layer 1 only: a layer-1 expert passes, layer 0 does not.
+    stated = {**schema, "layers": [1]}
+    ok = write_expert(
+        tmp_path / "ok",
+        stated,
+        base_revision=revision,
+        metadata_overrides={"layers": "[1]"},
+        tensor_overrides=dict.fromkeys(_layer_names(schema, 0)),
+    )
+    assert validate_expert(ok, expert_schema=stated, base_revision=revision).layers == (1,)
+    bad = write_expert(
+        tmp_path / "bad",
+        stated,
+        base_revision=revision,
+        metadata_overrides={"layers": "[0]"},
+        tensor_overrides=dict.fromkeys(_layer_names(schema, 1)),
+    )
+    err = refused(bad, stated, revision)
+    assert err.code == "metadata_invalid"
+    assert "may cover layers [1] only" in (err.errors or [{}])[0]["message"]
