@@ -90,6 +90,8 @@ EMBEDDED_WORKER_RUNS = "embedded-workers"
 EMBEDDED_WORKER_PREFIX = "embedded-worker-"
 # The one name every run's token had before runs were told apart.
 LEGACY_EMBEDDED_WORKER = "embedded-worker"
+# The actor of the audit log entries of the embedded worker's token (docs/governance.md).
+SERVE_ACTOR = "agora serve"
 
 
 def http_protocol(header_timeout: float) -> type[asyncio.Protocol] | str:
@@ -178,7 +180,7 @@ def revoke_dead_embedded_workers(settings: Settings, runtime: Runtime) -> int:
                 select(Token.id).where(Token.name == name, Token.revoked_at.is_(None))
             ).all()
             for token_id in stale:
-                revoke_token(session=session, token_id=token_id)
+                revoke_token(session=session, token_id=token_id, actor=SERVE_ACTOR)
         revoked += len(stale)
 
     reap_dead(

@@ -11,7 +11,17 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from registry.api import base_models, compositions, experts, health, jobs, moderation, search
+from registry.api import (
+    audit,
+    base_models,
+    compositions,
+    experts,
+    health,
+    jobs,
+    moderation,
+    search,
+    tokens,
+)
 from registry.api.deps import optional_principal
 from registry.api.docs import install_docs
 from registry.api.hygiene import RequestHygiene
@@ -133,5 +143,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(compositions.router)
     app.include_router(experts.router)
     app.include_router(jobs.router)
+    app.include_router(audit.router)
+    app.include_router(tokens.router)
     install_methods(app)
     return app

@@ -1,7 +1,8 @@
 """``agora admin create-token|list-tokens|revoke-token|gc|fsck`` and worker suspensions
 (``suspensions|lift-suspension``): maintenance of an existing registry, on its database
 directly (run where the registry's data is, or point at it with ``--data-dir`` /
-``AGORA_DATA_DIR``; see agora/server.py)."""
+``AGORA_DATA_DIR``; see agora/server.py). ``audit`` and ``audit-verify`` read the audit
+log over HTTP instead (``--registry``, ``--token``: a moderator's or an admin's)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from typing import Annotated
 import typer
 
 from agora import server
-from agora.common import SERVER_PANEL, echo_err
+from agora.common import REGISTRY_PANEL, SERVER_PANEL, echo_err
+from agora.remote import DEFAULT_URL, RegistryOption, TokenOption, client
 
 ROLE_HELP = "contributor, moderator, admin or worker"
+# The actor of the audit log entries these commands append (docs/governance.md).
+ACTOR = "agora admin"
 
 
 def create_token(
@@ -34,7 +38,9 @@ def create_token(
     runtime = server.runtime(settings)
     try:
         with runtime.sessions() as session, session.begin():
-            token, secret = make_token(session=session, name=name, role=role, trusted=trusted)
+            token, secret = make_token(
+                session=session, name=name, role=role, trusted=trusted, actor=ACTOR
+            )
             token_id = token.id
     except AgoraError as exc:
         echo_err(f"error: {exc.detail}")
@@ -67,9 +73,10 @@ def list_tokens(data_dir: server.DataDirOption = None) -> None:
 
 def revoke_token(
     token_id: Annotated[int, typer.Argument(help="The #id `list-tokens` shows.")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit log).")] = "",
     data_dir: server.DataDirOption = None,
 ) -> None:
-    """Revoke a token; requests presenting it are refused from now on."""
+    """Revoke a token; requests presenting it are refused from now on. Audited."""
     settings = server.existing_registry(data_dir, "admin revoke-token")
     from registry.errors import AgoraError
     from registry.services.tokens import revoke_token as revoke
@@ -77,7 +84,7 @@ def revoke_token(
     runtime = server.runtime(settings)
     try:
         with runtime.sessions() as session, session.begin():
-            token = revoke(session=session, token_id=token_id)
+            token = revoke(session=session, token_id=token_id, actor=ACTOR, reason=reason)
             name, role = token.name, token.role
     except AgoraError as exc:
         echo_err(f"error: {exc.detail}")
@@ -120,7 +127,7 @@ def lift_suspension(
     runtime = server.runtime(settings)
     try:
         with runtime.sessions() as session, session.begin():
-            token = lift(session=session, token_id=token_id, actor="agora admin", note=note)
+            token = lift(session=session, token_id=token_id, actor=ACTOR, note=note)
             name, role = token.name, token.role
     except AgoraError as exc:
         echo_err(f"error: {exc.detail}")
@@ -202,9 +209,50 @@ def fsck(
         raise typer.Exit(code=1)
 
 
+def audit(
+    *,
+    target: Annotated[
+        str | None, typer.Option(help="Only entries on this: expert:ID, token:ID.")
+    ] = None,
+    actor: Annotated[str | None, typer.Option(help="Only this actor's entries.")] = None,
+    action: Annotated[
+        str | None, typer.Option(help="Only this action, e.g. expert.disable.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many entries.")] = 50,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """List the audit log, newest first: seq, time, actor, action, target, reason."""
+    with client(registry, token) as agora:
+        entries = list(agora.audit.list(target=target, actor=actor, action=action, limit=limit))
+    if not entries:
+        typer.echo("no audit entries")
+    for e in entries:
+        at = e.at.replace("T", " ")[:19]
+        typer.echo(f"#{e.seq}\t{at}\t{e.actor}\t{e.action}\t{e.target}\t{e.reason}")
+
+
+def audit_verify(*, registry: RegistryOption = DEFAULT_URL, token: TokenOption = None) -> None:
+    with client(registry, token) as agora:
+        report = agora.audit.verify()
+    head = f"#{report.head.seq} {report.head.hash}" if report.head else "none (empty log)"
+    broken = report.first_break
+    if broken is None:
+        typer.echo(f"ok: {report.count} entries chain up to the head; head {head}")
+        return
+    typer.echo(
+        f"BROKEN at entry {broken.seq} (position {broken.position}): {broken.problem}: "
+        f"{broken.detail}; expected {broken.expected}, found {broken.found}; "
+        f"{report.count} entries verified before it; head {head}"
+    )
+    raise typer.Exit(code=1)
+
+
 def group() -> typer.Typer:
     app = typer.Typer(
-        name="admin", help="Administration: tokens and maintenance.", no_args_is_help=True
+        name="admin",
+        help="Administration: tokens, maintenance and the audit log.",
+        no_args_is_help=True,
     )
     app.command("create-token", rich_help_panel=SERVER_PANEL)(create_token)
     app.command("list-tokens", rich_help_panel=SERVER_PANEL)(list_tokens)
@@ -222,4 +270,16 @@ def group() -> typer.Typer:
             "row names missing or damaged bytes, 0 otherwise."
         ),
     )(fsck)
+    app.command("audit", rich_help_panel=REGISTRY_PANEL)(audit)
+    app.command(
+        "audit-verify",
+        rich_help_panel=REGISTRY_PANEL,
+        help=(
+            "Have the registry recompute the audit log's hash chain. Prints the number "
+            "of entries and the head's hash (keep it: a later run must still reach it), "
+            "or the first break: a deleted entry (sequence_gap) or an altered one "
+            "(hash_mismatch, prev_hash_mismatch). Exit status 1 on a break. "
+            "docs/governance.md shows how to check the chain without the registry."
+        ),
+    )(audit_verify)
     return app

@@ -87,7 +87,11 @@ def _serve_with_worker(uvicorn_server: Any, settings: Settings, url: str) -> Non
     try:
         with runtime.sessions() as session, session.begin():
             token, secret = make_token(
-                session=session, name=claim.name, role="worker", trusted=True
+                session=session,
+                name=claim.name,
+                role="worker",
+                trusted=True,
+                actor=server.SERVE_ACTOR,
             )
             token_id = token.id
     except BaseException:
@@ -113,7 +117,7 @@ def _serve_with_worker(uvicorn_server: Any, settings: Settings, url: str) -> Non
         runtime = server.runtime(settings)
         try:
             with runtime.sessions() as session, session.begin():
-                revoke_token(session=session, token_id=token_id)
+                revoke_token(session=session, token_id=token_id, actor=server.SERVE_ACTOR)
             revoked.set()
             claim.release()
         finally:

@@ -11,6 +11,8 @@ part of the API, each an attribute of ``Agora``:
     agora.evaluations   create, list
     agora.jobs          get, handle, list; the worker's lease, heartbeat, complete, fail
     agora.moderation    disable, enable
+    agora.audit         page, list, verify (moderators and admins)
+    agora.tokens        create, list, revoke (admins)
 
 ``Agora``'s own methods (``submit_expert``, ``search``, ``compose``, ...) are the same
 calls under their long-standing names and delegate to the resources.
@@ -46,6 +48,7 @@ from registry.client.models import (
 )
 from registry.client.resources import (
     DEFAULT_TEMPERATURE,
+    Audit,
     Bases,
     Compositions,
     Evaluations,
@@ -54,6 +57,7 @@ from registry.client.resources import (
     Jobs,
     Moderation,
     Retrieval,
+    Tokens,
 )
 from registry.client.transport import DEFAULT_TIMEOUT, ProgressCallback, Transport
 
@@ -99,6 +103,8 @@ class Agora:
         self.compositions = Compositions(self._transport, self.bases, self.jobs)
         self.evaluations = Evaluations(self._transport, self.jobs)
         self.moderation = Moderation(self._transport)
+        self.audit = Audit(self._transport)
+        self.tokens = Tokens(self._transport)
 
     # -- the transport's settings ----------------------------------------------------------
 

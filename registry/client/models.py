@@ -118,6 +118,73 @@ class ModerationAction(_Model):
     at: datetime | None = None
 
 
+class AuditEntry(_Model):
+    """One entry of the audit log, exactly as hashed (docs/governance.md, "Audit log"):
+    ``at`` stays the served text so that the entry can be re-hashed."""
+
+    seq: int
+    at: str
+    actor: str
+    action: str
+    target: str
+    reason: str
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditPage(_Model):
+    items: list[AuditEntry]
+    next_cursor: str | None = None
+
+
+class ChainHead(_Model):
+    seq: int
+    hash: str
+
+
+class ChainBreak(_Model):
+    """The first entry where the chain fails: ``problem`` is ``sequence_gap`` (a deleted
+    entry), ``prev_hash_mismatch`` or ``hash_mismatch`` (an altered entry), or
+    ``unreadable`` (a value not of its column's type)."""
+
+    seq: int
+    position: int
+    problem: str
+    expected: str
+    found: str
+    detail: str
+
+
+class AuditVerification(_Model):
+    """The answer of ``GET /v1/audit/verify``: ``ok``, the entries verified, the newest
+    stored entry, and the first break (``break`` on the wire)."""
+
+    ok: bool
+    count: int
+    head: ChainHead | None = None
+    first_break: ChainBreak | None = Field(default=None, alias="break")
+
+
+class TokenInfo(_Model):
+    """A token as an admin lists it: never its secret."""
+
+    id: int
+    name: str
+    role: str
+    trusted: bool = False
+    prefix: str
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
+    suspended_at: datetime | None = None
+
+
+class CreatedToken(TokenInfo):
+    """A token just made: ``secret`` is in this answer only."""
+
+    secret: str
+
+
 # -- jobs, compositions, evaluations ----------------------------------------------------------
 
 FINAL_JOB_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "dead"})

@@ -344,14 +344,23 @@ class Evaluation(Base):
 
 
 class AuditEvent(Base):
-    """Something done to or by an account that an operator may need to answer for later
-    (a worker suspended, a suspension lifted): append-only, never updated."""
+    """One entry of the audit log: a governance action (a submission, a disable, a token
+    made or revoked, a worker suspended...), append-only and hash-chained
+    (registry/services/audit.py; docs/governance.md, "Audit log"). On PostgreSQL,
+    triggers refuse UPDATE, DELETE and TRUNCATE of the table."""
 
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The entry's place in the chain: 1, 2, ... with no gaps (a gap is a deleted entry).
+    seq: Mapped[int] = mapped_column(Integer, index=True, unique=True)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    actor: Mapped[str] = mapped_column(String(100))
+    actor: Mapped[str] = mapped_column(String(100), index=True)
     action: Mapped[str] = mapped_column(String(40), index=True)
-    subject: Mapped[str] = mapped_column(String(200))
+    # What the action was done to: "expert:ex_...", "token:12".
+    target: Mapped[str] = mapped_column(String(200), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="", server_default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # sha256 hex of the previous entry ("0" * 64 before the first) and of this one.
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

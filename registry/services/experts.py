@@ -34,6 +34,7 @@ from registry.errors import (
 )
 from registry.faults import crash_point
 from registry.protocol.refs import INT32_MAX
+from registry.services import audit
 from registry.services.base_models import get_base_model
 from registry.services.blobs import record_blob
 from registry.services.idempotency import IdempotentRequest, StoredResponse, reserves_key
@@ -56,6 +57,9 @@ REJECTED = "rejected"
 STATUSES = (ACTIVE, QUARANTINED, DISABLED, REJECTED)
 MAX_PAGE = 100
 DEFAULT_PAGE = 50
+# Audit log actions (registry/services/audit.py) of a submission.
+SUBMIT_ACTION = "expert.submit"
+NEW_VERSION_ACTION = "expert.new_version"
 
 
 @dataclass(frozen=True)
@@ -318,8 +322,9 @@ def submit_expert(
     version: int | None = None,
 ) -> StoredResponse:
     """Validate the staged files, commit the weights blob, then record the expert (or its
-    new version) and its retrieval vectors in one transaction: 201. The owner's repeat of
-    a stored version (no ``expert_id``): 200 with that version, nothing written.
+    new version), its retrieval vectors and its audit entry in one transaction: 201. The
+    owner's repeat of a stored version (no ``expert_id``): 200 with that version, nothing
+    written.
     ``version``: the number the new version must get (409 ``version_conflict`` if a
     concurrent upload took it). The crash points are registry/faults.py's."""
     crash_point("upload.after_staging")
@@ -390,6 +395,20 @@ def submit_expert(
         )
         runtime.retrieval.record_vectors(
             session=s, expert_id=expert.id, version=row.version, vectors=vectors
+        )
+        audit.append(
+            s,
+            actor=principal.name,
+            action=SUBMIT_ACTION if expert_id is None else NEW_VERSION_ACTION,
+            target=f"expert:{expert.id}",
+            detail={
+                "version": row.version,
+                "digest": f"sha256:{row.digest}",
+                "datasheet_digest": f"sha256:{row.datasheet_digest}",
+                "base_revision": row.base_revision,
+                "name": expert.name,
+                "actor_token": principal.token_id,
+            },
         )
         crash_point("upload.in_row_transaction")
         return StoredResponse(201, submitted_view(expert, row))

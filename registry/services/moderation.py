@@ -2,8 +2,8 @@
 
 A disabled expert is withdrawn at once: its datasheet and weights answer 451 and it leaves
 the search index in the same request (``moderate`` syncs the index after the commit).
-Every action is a row of ``moderation_actions``; the hash-chained audit log and user
-reports build on these rows later.
+Every action is a row of ``moderation_actions`` and an entry of the hash-chained audit
+log (registry/services/audit.py: ``expert.disable`` / ``expert.enable``, with the reason).
 
 ``moderate`` is the write sequence of the disable / enable routes and owns its transaction
 (registry/api/deps.py); the other functions take the caller's session and never commit.
@@ -20,6 +20,7 @@ from registry.db.models import Expert, ModerationAction, utcnow
 from registry.errors import BadRequest, Conflict
 from registry.retrieval import store as retrieval_store
 from registry.retrieval.service import Retrieval
+from registry.services import audit
 from registry.services.experts import get_expert
 from registry.services.idempotency import IdempotentRequest, StoredResponse, reserves_key
 from registry.services.tokens import Principal
@@ -50,6 +51,7 @@ def set_status(
     if expert.status == target:
         raise Conflict(f"expert {expert.id} is already {target}", code="status_unchanged")
     now = utcnow()
+    previous = expert.status
     expert.status = target
     expert.updated_at = now
     row = ModerationAction(
@@ -58,6 +60,19 @@ def set_status(
     session.add(row)
     session.flush()
     retrieval_store.bump(session=session, expert_id=expert.id)
+    audit.append(
+        session,
+        actor=principal.name,
+        action=f"expert.{action}",
+        target=f"expert:{expert.id}",
+        reason=text,
+        detail={
+            "status": target,
+            "previous_status": previous,
+            "moderation_action": row.id,
+            "actor_token": principal.token_id,
+        },
+    )
     return expert, row
 
 

@@ -7,8 +7,8 @@ token (``not_lease_holder``), or a verification that contradicts the worker's ou
 accepted completion resets the count. At ``threshold`` consecutive refusals (the
 ``worker_suspend_after_refusals`` setting) the token is suspended: every worker route
 answers it 403 ``token_suspended``, the jobs it holds go back to the queue, and an
-``audit_events`` row records who, why and the refusals. Only ``worker`` tokens are
-counted: an admin acting on the queue is the operator.
+entry of the audit log (registry/services/audit.py) records who, why and the refusals.
+Only ``worker`` tokens are counted: an admin acting on the queue is the operator.
 
 ``record_refusal``, ``reset_refusals``, ``suspend`` and ``lift_suspension`` take the
 caller's session and never commit; ``record_refusal_now`` owns its transaction, for a
@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from registry.db.models import AuditEvent, Job, Token, utcnow
 from registry.errors import Conflict, Forbidden, NotFound
+from registry.services import audit as audit_log
 
 log = logging.getLogger("agora.registry")
 
@@ -45,13 +46,19 @@ class TokenSuspended(Forbidden):
 
 
 def audit(
-    *, session: Session, actor: str, action: str, subject: str, detail: dict[str, Any]
+    *,
+    session: Session,
+    actor: str,
+    action: str,
+    subject: str,
+    detail: dict[str, Any],
+    reason: str = "",
 ) -> AuditEvent:
-    """Append one row to ``audit_events`` (never updated nor deleted)."""
-    event = AuditEvent(at=utcnow(), actor=actor, action=action, subject=subject, detail=detail)
-    session.add(event)
-    session.flush()
-    return event
+    """Append one entry to the audit log, on ``subject`` (its target): the chain's one
+    way in, registry/services/audit.py."""
+    return audit_log.append(
+        session, actor=actor, action=action, target=subject, reason=reason, detail=detail
+    )
 
 
 def _subject(token_id: int) -> str:
@@ -146,6 +153,7 @@ def suspend(
         action=SUSPEND_ACTION,
         subject=_subject(token_id),
         detail={"reason": reason, "refusals": refusals, "requeued_jobs": sorted(requeued)},
+        reason=reason[:MAX_REASON_CHARS],
     )
     return True
 
@@ -172,6 +180,7 @@ def lift_suspension(*, session: Session, token_id: int, actor: str, note: str = 
         action=LIFT_ACTION,
         subject=_subject(token_id),
         detail={"note": note[:MAX_REASON_CHARS], "lifted": previous},
+        reason=note[:MAX_REASON_CHARS],
     )
     return token
 
@@ -183,7 +192,7 @@ def suspended_tokens(*, session: Session) -> list[Token]:
 
 
 def audit_events(*, session: Session, subject: str | None = None) -> list[AuditEvent]:
-    stmt = select(AuditEvent).order_by(AuditEvent.id)
+    stmt = select(AuditEvent).order_by(AuditEvent.seq)
     if subject is not None:
-        stmt = stmt.where(AuditEvent.subject == subject)
+        stmt = stmt.where(AuditEvent.target == subject)
     return list(session.scalars(stmt))

@@ -175,7 +175,10 @@ class World:
     def audited(self, who: str) -> list[dict[str, Any]]:
         with self.app.state.runtime.sessions() as session:
             rows = session.scalars(
-                select(AuditEvent).where(AuditEvent.subject == f"token:{self.token_ids[who]}")
+                select(AuditEvent).where(
+                    AuditEvent.target == f"token:{self.token_ids[who]}",
+                    AuditEvent.action != "token.create",
+                )
             ).all()
             return [{"action": r.action, **r.detail} for r in rows]
 

@@ -103,7 +103,8 @@ def _seed(database_url: str, data_dir: Path) -> Seeded:
         runtime = app.state.runtime
         with runtime.sessions() as session, session.begin():
             for role in ("admin", "contributor", "worker"):
-                _, tokens[role] = create_token(session=session, name=f"{role}-1", role=role)
+                row, tokens[role] = create_token(session=session, name=f"{role}-1", role=role)
+                token_id = row.id  # the worker's: DELETE /v1/tokens/{token_id}'s example
 
         def auth(role: str) -> dict[str, str]:
             return {"Authorization": f"Bearer {tokens[role]}"}
@@ -148,6 +149,7 @@ def _seed(database_url: str, data_dir: Path) -> Seeded:
             "composition_id": composition.json()["composition_id"],
             "job_id": composition.json()["job_id"],
             "experts": experts,
+            "token_id": token_id,
         },
     )
 

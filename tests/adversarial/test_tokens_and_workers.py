@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 
 from registry.app import create_app
 from registry.db.models import AuditEvent, Job, JobResult, Token
+from registry.services import audit
 from registry.services import jobs as jobs_svc
 from registry.services import tokens as tokens_svc
 from registry.services.tokens import TOKEN_PREFIX, create_token
@@ -177,7 +178,7 @@ def test_no_plaintext_token_is_stored(world: World, caplog: pytest.LogCaptureFix
     # A control: a canary written into a JSON column last is found by the same scan.
     canary = TOKEN_PREFIX + "canary-" + hashlib.sha256(rogue.encode()).hexdigest()[:20]
     with world.runtime.sessions() as session, session.begin():
-        session.add(AuditEvent(actor="test", action="canary", subject="-", detail={"c": canary}))
+        audit.append(session, actor="test", action="canary", target="-", detail={"c": canary})
     dumped = dump_database(world)
     assert canary in dumped
     # The dump holds the tokens (hashes, prefixes, the audit row): the scan is not vacuous.
@@ -399,8 +400,11 @@ def test_repeated_refusals_suspend_the_worker_audited(world: World) -> None:
     assert sorted([retaken["id"], other["id"]]) == sorted(job_ids)
     # The audit row: who, why, how many refusals, which jobs were handed back.
     with world.runtime.sessions() as session:
-        events = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
-    assert [(e.actor, e.action, e.subject) for e in events] == [
+        # Every entry but the tokens' creation (audited too).
+        events = session.scalars(
+            select(AuditEvent).where(AuditEvent.action != "token.create").order_by(AuditEvent.seq)
+        ).all()
+    assert [(e.actor, e.action, e.target) for e in events] == [
         ("registry", "token.suspend", f"token:{bad_id}")
     ]
     assert events[0].detail["refusals"] == threshold
@@ -417,7 +421,7 @@ def test_repeated_refusals_suspend_the_worker_audited(world: World) -> None:
         lifted = session.scalars(
             select(AuditEvent).where(AuditEvent.action == "token.lift_suspension")
         ).one()
-    assert lifted.subject == f"token:{bad_id}"
+    assert lifted.target == f"token:{bad_id}"
     assert lifted.detail["note"] == "rotated the host"
     assert world.lease(bad).status_code == 204  # authorised again; nothing runnable left
     report(

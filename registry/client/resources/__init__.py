@@ -4,6 +4,7 @@
 its own methods (``agora.submit_expert(...)``) delegate to them.
 """
 
+from registry.client.resources.audit import Audit
 from registry.client.resources.bases import Bases
 from registry.client.resources.compositions import Compositions, ExpertSpec
 from registry.client.resources.evaluations import Evaluations
@@ -11,9 +12,11 @@ from registry.client.resources.experts import Experts
 from registry.client.resources.jobs import Jobs
 from registry.client.resources.moderation import Moderation
 from registry.client.resources.retrieval import DEFAULT_TEMPERATURE, Retrieval
+from registry.client.resources.tokens import Tokens
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
+    "Audit",
     "Bases",
     "Compositions",
     "Evaluations",
@@ -22,4 +25,5 @@ __all__ = [
     "Jobs",
     "Moderation",
     "Retrieval",
+    "Tokens",
 ]
