@@ -19,6 +19,7 @@ from registry.api import (
     health,
     jobs,
     moderation,
+    reports,
     search,
     tokens,
 )
@@ -140,6 +141,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(base_models.router)
     app.include_router(search.router)
     app.include_router(moderation.router)
+    app.include_router(reports.router)
     app.include_router(compositions.router)
     app.include_router(experts.router)
     app.include_router(jobs.router)

@@ -175,6 +175,32 @@ def enable(
     typer.echo(f"{done.expert_id} is {done.status} ({done.action} by {done.actor})")
 
 
+def withdraw(
+    *,
+    expert_id: Annotated[str, typer.Argument(help="Expert id (ex_...).")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded).")] = None,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Withdraw your own expert, and everything derived from it."""
+    with client(registry, token) as agora:
+        done = agora.withdraw_expert(expert_id, reason)
+    typer.echo(f"{done.expert_id} is {done.status} ({done.action} by {done.actor})")
+
+
+def restore(
+    *,
+    expert_id: Annotated[str, typer.Argument(help="Expert id (ex_...).")],
+    reason: Annotated[str | None, typer.Option("--reason", help="Why (recorded).")] = None,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """Restore your own withdrawn expert."""
+    with client(registry, token) as agora:
+        done = agora.restore_expert(expert_id, reason)
+    typer.echo(f"{done.expert_id} is {done.status} ({done.action} by {done.actor})")
+
+
 REGISTRY_COMMANDS: dict[str, Callable[..., None]] = {
     "submit": submit,
     "list": list_experts,
@@ -182,6 +208,8 @@ REGISTRY_COMMANDS: dict[str, Callable[..., None]] = {
     "init": init,
     "disable": disable,
     "enable": enable,
+    "withdraw": withdraw,
+    "restore": restore,
 }
 # Old names of `agora local ...` commands, hidden from the help until they are removed.
 MOVED_TO_LOCAL = tuple(name for name in local.COMMANDS if name != "eval")

@@ -18,6 +18,7 @@ from registry.db.models import Expert
 from registry.errors import Forbidden, Unauthenticated
 from registry.protocol.refs import INT32_MAX, VersionNumber
 from registry.runtime import Runtime
+from registry.services import audit
 from registry.services import experts as svc
 from registry.services.blobs import get_blob
 from registry.services.idempotency import IdempotentRequest, StoredResponse
@@ -219,7 +220,7 @@ class MarkdownResponse(PlainTextResponse):
 _ARTIFACT_PROBLEMS = {
     404: "expert_not_found, version_not_found",
     409: "expert_quarantined (awaiting its checks; readable by its owner and staff)",
-    451: "expert_disabled",
+    451: "expert_disabled (the problem's cause names the expert), digest_disabled",
 }
 _VERSION_HEADER = {
     "description": "the version served (the latest unless ?version=)",
@@ -233,11 +234,37 @@ _WEIGHTS_HEADERS = {
 }
 
 
-def _servable(expert: Expert, principal: Principal | None) -> None:
-    """451 for a withdrawn expert; 409 ``expert_quarantined`` for a quarantined one, but
-    to its owner, moderators, admins and workers (docs/architecture.md, "Workers that
-    lie")."""
+def _servable(
+    session: Session, expert: Expert, principal: Principal | None, digest: str | None = None
+) -> None:
+    """451 for a withdrawn expert (naming the cause), or weights a disabled expert carries
+    (``digest_disabled``); 409 ``expert_quarantined`` for a quarantined one, but to its
+    owner, moderators, admins and workers (docs/architecture.md, "Workers that lie").
+    Moderators and admins read withdrawn experts for review: call ``_audit_review``."""
     svc.check_artifacts_readable(expert=expert, principal=principal)
+    if digest is not None and not svc.is_reviewer(principal):
+        svc.check_digest_not_disabled(session=session, digest=digest, expert_id=expert.id)
+
+
+def _audit_review(
+    session: Session, expert: Expert, principal: Principal | None, what: str, version: int
+) -> None:
+    """A moderator's or admin's read of a withdrawn expert is an audit entry
+    (``expert.review_download``; docs/governance.md)."""
+    if principal is None or expert.status in (svc.ACTIVE, svc.QUARANTINED):
+        return
+    audit.append(
+        session,
+        actor=principal.name,
+        action="expert.review_download",
+        target=f"expert:{expert.id}",
+        detail={
+            "artifact": what,
+            "version": version,
+            "status": expert.status,
+            "actor_token": principal.token_id,
+        },
+    )
 
 
 @router.get(
@@ -257,8 +284,9 @@ def get_datasheet(
 ) -> MarkdownResponse:
     with session.begin():
         expert = svc.get_expert(session=session, expert_id=expert_id)
-        _servable(expert, principal)
+        _servable(session, expert, principal)
         row = svc.get_version(session=session, expert=expert, version=version)
+        _audit_review(session, expert, principal, "datasheet", row.version)
         return MarkdownResponse(row.datasheet, headers={"X-Agora-Version": str(row.version)})
 
 
@@ -294,8 +322,11 @@ def download_weights(
 ) -> Response:
     with session.begin():
         expert = svc.get_expert(session=session, expert_id=expert_id)
-        _servable(expert, principal)
+        _servable(session, expert, principal)
         row = svc.get_version(session=session, expert=expert, version=version)
+        _servable(session, expert, principal, row.digest)
+        if request.method == "GET":
+            _audit_review(session, expert, principal, "weights", row.version)
         blob = get_blob(session=session, digest=row.digest)
     response = blob_response(
         runtime=runtime,

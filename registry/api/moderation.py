@@ -1,5 +1,6 @@
 """Moderation routes: disable / re-enable an expert (moderator or admin, reason required),
-and the list of actions taken on one expert."""
+withdraw / restore one's own expert (its owner or an admin), an expert's lineage, and the
+list of actions taken on one expert (docs/governance.md, "States")."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from registry.api.common import idempotent_request, json_response
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.openapi import problems
 from registry.runtime import Runtime
+from registry.services import governance, verification
 from registry.services import moderation as svc
-from registry.services import verification
 from registry.services.experts import get_expert
 from registry.services.tokens import Principal
 
@@ -134,9 +135,113 @@ async def enable_expert(
     )
 
 
-# The status each recorded action left the expert in: a moderator's, or a check's
-# (registry/services/verification.py).
-_STATUS_AFTER = {**svc.ACTIONS, **verification.ACTIONS}
+Owner = Annotated[Principal, Depends(require_roles("contributor", "admin"))]
+
+
+class OwnerReasonIn(BaseModel):
+    reason: str | None = Field(default=None, description="why (optional)")
+
+
+@router.post(
+    "/{expert_id}/withdraw",
+    summary="Withdraw one's own expert (owner/admin), with everything derived from it",
+    response_model=ModerationOut,
+    responses=problems({403: "not_owner", 409: "status_unchanged (not withdrawable)"}),
+)
+async def withdraw_expert(
+    *,
+    expert_id: str,
+    request: Request,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    principal: Owner,
+    body: Annotated[OwnerReasonIn | None, Body()] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    return await _owner_action(
+        request, runtime, session, principal, expert_id, "withdraw", body, idempotency_key
+    )
+
+
+@router.post(
+    "/{expert_id}/restore",
+    summary="Restore one's own withdrawn expert (owner/admin)",
+    response_model=ModerationOut,
+    responses=problems({403: "not_owner", 409: "status_unchanged (not withdrawn)"}),
+)
+async def restore_expert(
+    *,
+    expert_id: str,
+    request: Request,
+    runtime: RuntimeDep,
+    session: SessionDep,
+    principal: Owner,
+    body: Annotated[OwnerReasonIn | None, Body()] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    return await _owner_action(
+        request, runtime, session, principal, expert_id, "restore", body, idempotency_key
+    )
+
+
+async def _owner_action(  # noqa: PLR0917 (the route's parameters, passed on)
+    request: Request,
+    runtime: Runtime,
+    session: Session,
+    principal: Principal,
+    expert_id: str,
+    action: str,
+    body: OwnerReasonIn | None,
+    idempotency_key: str | None,
+) -> JSONResponse:
+    reason = body.reason if body is not None else None
+    fingerprint = hashlib.sha256(
+        json.dumps({"expert_id": expert_id, "reason": reason}, sort_keys=True).encode()
+    ).hexdigest()
+    idem = idempotent_request(request, principal, idempotency_key, fingerprint)
+    response = await run_in_threadpool(
+        lambda: svc.moderate(
+            session=session,
+            retrieval=runtime.retrieval,
+            principal=principal,
+            expert_id=expert_id,
+            action=action,
+            reason=reason,
+            idem=idem,
+        )
+    )
+    return json_response(response)
+
+
+class LineageNodeOut(BaseModel):
+    id: str
+    name: str
+    status: str
+    withdrawn_cause: str | None = Field(
+        description="withdrawn_by_lineage: the disabled or withdrawn ancestor"
+    )
+
+
+class LineageOut(LineageNodeOut):
+    parents: list[LineageNodeOut]
+    children: list[LineageNodeOut]
+
+
+@router.get(
+    "/{expert_id}/lineage",
+    summary="An expert's parents and children (average, distill), with their states",
+    response_model=LineageOut,
+    responses=problems({404: "expert_not_found"}),
+)
+def get_lineage(expert_id: str, session: SessionDep) -> dict[str, Any]:
+    with session.begin():
+        expert = get_expert(session=session, expert_id=expert_id)
+        return governance.lineage_view(session, expert)
+
+
+# The status each recorded action left the expert in: a moderator's, an owner's, or a
+# check's (registry/services/verification.py).
+_STATUS_AFTER = {**svc.ACTIONS, **svc.OWNER_ACTIONS, **verification.ACTIONS}
 
 
 @router.get(

@@ -13,6 +13,7 @@ part of the API, each an attribute of ``Agora``:
     agora.moderation    disable, enable
     agora.audit         page, list, verify (moderators and admins)
     agora.tokens        create, list, revoke (admins)
+    agora.reports       create, list, get, resolve (reports of experts)
 
 ``Agora``'s own methods (``submit_expert``, ``search``, ``compose``, ...) are the same
 calls under their long-standing names and delegate to the resources.
@@ -56,6 +57,7 @@ from registry.client.resources import (
     ExpertSpec,
     Jobs,
     Moderation,
+    Reports,
     Retrieval,
     Tokens,
 )
@@ -105,6 +107,7 @@ class Agora:
         self.moderation = Moderation(self._transport)
         self.audit = Audit(self._transport)
         self.tokens = Tokens(self._transport)
+        self.reports = Reports(self._transport)
 
     # -- the transport's settings ----------------------------------------------------------
 
@@ -252,6 +255,14 @@ class Agora:
     def enable_expert(self, expert_id: str, reason: str) -> ModerationAction:
         """``agora.moderation.enable``: re-enable a disabled expert (moderator or admin)."""
         return self.moderation.enable(expert_id, reason)
+
+    def withdraw_expert(self, expert_id: str, reason: str | None = None) -> ModerationAction:
+        """``agora.experts.withdraw``: withdraw one's own expert (its owner or an admin)."""
+        return self.experts.withdraw(expert_id, reason)
+
+    def restore_expert(self, expert_id: str, reason: str | None = None) -> ModerationAction:
+        """``agora.experts.restore``: restore one's own withdrawn expert."""
+        return self.experts.restore(expert_id, reason)
 
     # -- base models: agora.bases ----------------------------------------------------------
 

@@ -12,6 +12,7 @@ with httpx and pydantic only. ::
     ├── NotFound                    404
     ├── Conflict                    409
     │   └── LeaseLost               409 lease_lost (a worker's lease on a job is gone)
+    │       └── JobCancelled        409 job_cancelled (an expert it uses was withdrawn)
     ├── PayloadTooLarge             413
     ├── UnsupportedMediaType        415
     ├── RangeNotSatisfiable         416 (.size: the blob's length, from Content-Range)
@@ -112,6 +113,13 @@ class LeaseLost(Conflict):
     took it, or it ended): stop working on it and never complete it."""
 
     default_code = "lease_lost"
+
+
+class JobCancelled(LeaseLost):
+    """The job was cancelled: an expert it consumes was disabled or withdrawn
+    (docs/governance.md). Stop working on it; nothing it sends is stored."""
+
+    default_code = "job_cancelled"
 
 
 class PayloadTooLarge(AgoraError):
@@ -264,6 +272,7 @@ def warn_at_caller(warning: Warning) -> None:
 # Codes that have a class of their own, more specific than their status's.
 _BY_CODE: dict[tuple[int, str], type[AgoraError]] = {
     (409, "lease_lost"): LeaseLost,
+    (409, "job_cancelled"): JobCancelled,
 }
 
 _BY_STATUS: dict[int, type[AgoraError]] = {

@@ -118,6 +118,22 @@ class ModerationAction(_Model):
     at: datetime | None = None
 
 
+class Report(_Model):
+    """A report of an expert and its outcome (docs/governance.md, "Reports")."""
+
+    id: int
+    expert_id: str
+    reporter: str
+    reason: str
+    evidence: str = ""
+    status: str
+    resolution: str | None = None
+    resolved_by: str | None = None
+    resolved_at: datetime | None = None
+    moderation_action: int | None = None
+    created_at: datetime | None = None
+
+
 class AuditEntry(_Model):
     """One entry of the audit log, exactly as hashed (docs/governance.md, "Audit log"):
     ``at`` stays the served text so that the entry can be re-hashed."""

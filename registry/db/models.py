@@ -123,11 +123,15 @@ class Expert(Base):
     license: Mapped[str] = mapped_column(String(200))
     language: Mapped[str] = mapped_column(String(200))
     owner: Mapped[str] = mapped_column(String(100), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True, default="active")
+    status: Mapped[str] = mapped_column(String(24), index=True, default="active")
     base_revision: Mapped[str] = mapped_column(ForeignKey("base_models.revision"), index=True)
     latest_version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # ``withdrawn_by_lineage``: the disabled or withdrawn ancestor that withdrew it, and
+    # the status it returns to once none does (registry/services/governance.py).
+    withdrawn_cause: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    lineage_prior_status: Mapped[str | None] = mapped_column(String(24), nullable=True)
 
 
 class ExpertVersion(Base):
@@ -221,6 +225,28 @@ class ModerationAction(Base):
     reason: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(100))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ExpertReport(Base):
+    """Someone's report of an expert, and a moderator's resolution of it
+    (registry/services/reports.py; docs/governance.md, "Reports")."""
+
+    __tablename__ = "expert_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), index=True)
+    reporter: Mapped[str] = mapped_column(String(100), index=True)
+    reporter_token_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # open, dismissed, or disabled (resolved by disabling the expert).
+    status: Mapped[str] = mapped_column(String(16), index=True, default="open")
+    resolution: Mapped[str | None] = mapped_column(Text, nullable=True)
+    resolved_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The disable that resolved it (moderation_actions.id; a plain record).
+    moderation_action: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Job(Base):

@@ -61,6 +61,7 @@ from registry.protocol import (
     ParamError,
     method_cautions,
 )
+from registry.services import governance
 from registry.services.base_models import get_base_model
 from registry.services.experts import QUARANTINED, REJECTED
 from registry.services.ids import new_id
@@ -121,10 +122,7 @@ def resolve_expert(
             code="expert_quarantined",
         )
     if expert.status != "active":
-        raise UnavailableForLegalReasons(
-            f"expert {expert_id} is {expert.status}; it cannot be composed or evaluated",
-            code="expert_disabled",
-        )
+        raise governance.unavailable(expert, what="it cannot be composed or evaluated")
     number = expert.latest_version if version is None else version
     row = session.get(ExpertVersion, (expert.id, number))
     if row is None:

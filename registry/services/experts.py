@@ -27,14 +27,13 @@ from registry.errors import (
     BadRequest,
     Conflict,
     Forbidden,
-    UnavailableForLegalReasons,
     ValidationFailed,
     expert_not_found,
     version_not_found,
 )
 from registry.faults import crash_point
 from registry.protocol.refs import INT32_MAX
-from registry.services import audit
+from registry.services import audit, governance
 from registry.services.base_models import get_base_model
 from registry.services.blobs import record_blob
 from registry.services.idempotency import IdempotentRequest, StoredResponse, reserves_key
@@ -54,7 +53,11 @@ ACTIVE = "active"
 QUARANTINED = "quarantined"
 DISABLED = "disabled"
 REJECTED = "rejected"
-STATUSES = (ACTIVE, QUARANTINED, DISABLED, REJECTED)
+# Withdrawn by its owner, or because an ancestor is disabled or withdrawn
+# (registry/services/governance.py; docs/governance.md, "States").
+WITHDRAWN = governance.WITHDRAWN
+WITHDRAWN_BY_LINEAGE = governance.WITHDRAWN_BY_LINEAGE
+STATUSES = (ACTIVE, QUARANTINED, DISABLED, REJECTED, WITHDRAWN, WITHDRAWN_BY_LINEAGE)
 MAX_PAGE = 100
 DEFAULT_PAGE = 50
 # Audit log actions (registry/services/audit.py) of a submission.
@@ -154,8 +157,11 @@ def may_read_quarantined(*, expert: Expert, principal: Principal | None) -> bool
 def check_artifacts_readable(*, expert: Expert, principal: Principal | None) -> None:
     """An active expert's artifacts are everyone's; a quarantined one's only
     ``may_read_quarantined`` callers' (409 ``expert_quarantined``); any other state's
-    nobody's (451 ``expert_disabled``)."""
+    only moderators' and admins', for review (451 ``expert_disabled`` naming the cause
+    for everyone else)."""
     if expert.status == ACTIVE:
+        return
+    if is_reviewer(principal) and expert.status != QUARANTINED:
         return
     if expert.status == QUARANTINED:
         if may_read_quarantined(expert=expert, principal=principal):
@@ -165,10 +171,24 @@ def check_artifacts_readable(*, expert: Expert, principal: Principal | None) -> 
             "until then only its owner, moderators, admins and workers read it",
             code="expert_quarantined",
         )
-    raise UnavailableForLegalReasons(
-        f"expert {expert.id} is {expert.status}; its artifacts are withdrawn",
-        code="expert_disabled",
-    )
+    raise governance.unavailable(expert, what="its artifacts are withdrawn")
+
+
+def is_reviewer(principal: Principal | None) -> bool:
+    """Moderators and admins read withdrawn experts (their downloads are audited)."""
+    return principal is not None and principal.role in ("moderator", "admin")
+
+
+def check_digest_not_disabled(*, session: Session, digest: str, expert_id: str | None) -> None:
+    """451 ``digest_disabled`` when a disabled expert (other than ``expert_id``) carries
+    these weights: a disable is not undone by uploading the same bytes again."""
+    holder = governance.disabled_holder(session, digest)
+    if holder is not None and holder.id != expert_id:
+        raise governance.Withdrawn(
+            f"these weights (sha256:{digest}) are those of disabled expert {holder.id}",
+            code="digest_disabled",
+            cause={"expert_id": holder.id, "status": holder.status},
+        )
 
 
 def record_version(
@@ -350,6 +370,7 @@ def submit_expert(
             current = get_expert(session=session, expert_id=expert_id)
             check_owner(expert=current, principal=principal)
             check_next_version(expert=current, version=version)
+        check_digest_not_disabled(session=session, digest=weights.sha256, expert_id=None)
         again = repeated(session)
     if again is not None:
         already: StoredResponse = again
@@ -379,6 +400,8 @@ def submit_expert(
                 digest=weights.sha256,
                 datasheet_digest=sheet_digest,
             )
+        # A disable committed while this one validated.
+        check_digest_not_disabled(session=s, digest=weights.sha256, expert_id=None)
         # The same repeat, committed by a concurrent request while this one validated.
         raced = repeated(s)
         if raced is not None:

@@ -39,8 +39,10 @@ from registry.services.ids import new_id
 
 # Every kind a worker can run: one compose.<method> per method spec, and evaluate.
 KINDS = JOB_KINDS
-STATUSES = ("queued", "leased", "succeeded", "failed", "dead")
-FINAL = ("succeeded", "failed", "dead")
+# ``cancelled``: an expert it consumes was disabled or withdrawn
+# (registry/services/governance.py).
+STATUSES = ("queued", "leased", "succeeded", "failed", "dead", "cancelled")
+FINAL = ("succeeded", "failed", "dead", "cancelled")
 MIN_LEASE_SECONDS = 2
 MAX_LEASE_SECONDS = 3600
 MAX_ERROR_CHARS = 4000
@@ -283,6 +285,9 @@ def check_holder(job: Job, fencing_token: int, token_id: int) -> None:
     """The caller may act on the job's lease: the fencing token is current (else 409
     ``lease_lost``: a worker whose lease ended) and the caller's bearer token holds the
     lease (else 403 ``not_lease_holder``: someone who learned another lease's token)."""
+    if job.status == "cancelled":
+        # Its own code: the worker stops and nothing it sends is stored.
+        raise Conflict(f"job {job.id} was {job.error}", code="job_cancelled")
     if job.status != "leased" or not same_fencing_token(job.fencing_token, fencing_token):
         raise LeaseLost(job)
     if job.lease_token_id is None or job.lease_token_id != token_id:

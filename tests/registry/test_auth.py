@@ -194,6 +194,7 @@ def _path_values(api) -> dict[str, str]:
         "composition_id": queued.json()["composition_id"],
         "job_id": queued.json()["job_id"],
         "token_id": "1",  # the admin's (tests/registry/conftest.py makes it first)
+        "report_id": "1",
     }
 
 

@@ -1,4 +1,5 @@
-"""Experts: submit a version, list and read them, download their weights (verified)."""
+"""Experts: submit a version, list and read them, download their weights (verified),
+withdraw and restore one's own."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from registry.client.cache import parse_digest, place
 from registry.client.errors import NotFound
-from registry.client.models import Expert, ExpertPage, SubmittedExpert
+from registry.client.models import Expert, ExpertPage, ModerationAction, SubmittedExpert
 from registry.client.transport import (
     ProgressCallback,
     Transport,
@@ -121,6 +122,19 @@ class Experts:
         path = f"/v1/experts/{seg(expert_id)}/datasheet"
         return self._t.request("GET", path, params=params).text
 
+    def withdraw(self, expert_id: str, reason: str | None = None) -> ModerationAction:
+        """Withdraw one's own expert (its owner, or an admin): it and everything derived
+        from it leave search, compositions and downloads until ``restore``."""
+        return self._owner(expert_id, "withdraw", reason)
+
+    def restore(self, expert_id: str, reason: str | None = None) -> ModerationAction:
+        """Bring back one's own withdrawn expert, and what it withdrew."""
+        return self._owner(expert_id, "restore", reason)
+
+    def _owner(self, expert_id: str, action: str, reason: str | None) -> ModerationAction:
+        path = f"/v1/experts/{seg(expert_id)}/{action}"
+        return self._t.post(ModerationAction, path, {"reason": reason})
+
     def download(
         self,
         expert_id: str,
@@ -145,9 +159,18 @@ class Experts:
         if entry is None:
             raise NotFound(f"expert {expert_id} has no version {number}", code="version_not_found")
         hexdigest = parse_digest(entry.digest)
-        # Only an active expert is served from the cache: for a disabled one the registry
-        # must get the chance to answer 451 (or serve it to a moderator).
-        cached = self._t.cache.lookup(hexdigest) if expert.status == "active" else None
+        cached = self._t.cache.lookup(hexdigest)
+        if cached is not None:
+            # A cached blob is handed out only once the registry said yes, every time,
+            # failing closed: a one-byte ranged GET of the weights answers 451 when the
+            # expert, an ancestor, or a disabled expert with the same weights withdrew
+            # them (docs/governance.md, "Downloads and the local cache").
+            self._t.request(
+                "GET",
+                f"/v1/experts/{seg(expert_id)}/weights",
+                params={"version": number},
+                headers={"Range": "bytes=0-0"},
+            )
         path = cached or self._t.fetch_blob(
             f"/v1/experts/{seg(expert_id)}/weights",
             params={"version": number},

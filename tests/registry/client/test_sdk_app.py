@@ -87,7 +87,10 @@ def test_second_download_transfers_nothing(alice: Agora, base, wire, tmp_path: P
     first = alice.download(expert_id)
     assert len(wire.weights()) == 1
     second = alice.download(expert_id, dest=tmp_path / "again.safetensors")
-    assert len(wire.weights()) == 1  # served from the cache
+    # Served from the cache, once the registry confirmed it still serves the expert: a
+    # one-byte ranged request (docs/governance.md, "Downloads and the local cache").
+    revalidation = wire.weights()[1:]
+    assert [(e.status, e.range, e.body_bytes) for e in revalidation] == [(206, "bytes=0-0", 1)]
     assert second.read_bytes() == first.read_bytes() == weights.read_bytes()
 
 
