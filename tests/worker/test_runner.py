@@ -254,16 +254,23 @@ def test_kinds_filter_leaves_other_jobs_queued(world, tiny, texts) -> None:
     assert alice.get_job(handle.job_id).status == "queued"
 
 
-def test_a_disabled_expert_fails_the_job_for_good(world, tiny, texts) -> None:
-    alice, a = world["alice"], world["experts"]["a"]
+def test_a_disabled_expert_cancels_its_queued_job_before_any_worker_leases_it(
+    world, tiny, texts
+) -> None:
+    # A disable is total at once (docs/governance.md): the queued job that uses the expert
+    # is cancelled in the disable's transaction, so no worker spends a lease on a 451.
+    alice, a, b = world["alice"], world["experts"]["a"], world["experts"]["b"]
     handle = alice.compose("mixture", base_revision=tiny["revision"], experts=[a.id], texts=texts)
+    other = alice.compose("mixture", base_revision=tiny["revision"], experts=[b.id], texts=texts)
     world["moderator"].disable_expert(a.id, "license problem")
+    job = alice.get_job(handle.job_id)
+    assert job.status == "cancelled"
+    assert "disabled" in (job.error or "")
     worker = _worker(world, max_jobs=1)
     worker.run()
-    assert worker.outcomes == ["failed"]
-    job = alice.get_job(handle.job_id)
-    assert job.status == "failed"
-    assert "disabled" in (job.error or "")
+    assert worker.outcomes == ["succeeded"]  # the other job, not the cancelled one
+    assert alice.get_job(other.job_id).status == "succeeded"
+    assert alice.get_job(handle.job_id).status == "cancelled"
 
 
 def test_an_unexpected_error_is_retried(world, tiny, texts, monkeypatch) -> None:
