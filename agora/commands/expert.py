@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -29,6 +29,9 @@ from agora.remote import (
     shorten,
     stdout_console,
 )
+
+if TYPE_CHECKING:
+    from registry.client import ModerationAction
 
 
 def submit(
@@ -159,6 +162,10 @@ def disable(
     """Disable an expert (moderator): gone from search and downloads at once."""
     with client(registry, token) as agora:
         done = agora.disable_expert(expert_id, reason)
+    _echo_moderation(done)
+
+
+def _echo_moderation(done: ModerationAction) -> None:
     typer.echo(f"{done.expert_id} is {done.status} ({done.action} by {done.actor})")
 
 
@@ -172,7 +179,7 @@ def enable(
     """Re-enable a disabled expert (moderator)."""
     with client(registry, token) as agora:
         done = agora.enable_expert(expert_id, reason)
-    typer.echo(f"{done.expert_id} is {done.status} ({done.action} by {done.actor})")
+    _echo_moderation(done)
 
 
 def withdraw(
@@ -185,7 +192,7 @@ def withdraw(
     """Withdraw your own expert, and everything derived from it."""
     with client(registry, token) as agora:
         done = agora.withdraw_expert(expert_id, reason)
-    typer.echo(f"{done.expert_id} is {done.status} ({done.action} by {done.actor})")
+    _echo_moderation(done)
 
 
 def restore(
@@ -198,7 +205,7 @@ def restore(
     """Restore your own withdrawn expert."""
     with client(registry, token) as agora:
         done = agora.restore_expert(expert_id, reason)
-    typer.echo(f"{done.expert_id} is {done.status} ({done.action} by {done.actor})")
+    _echo_moderation(done)
 
 
 REGISTRY_COMMANDS: dict[str, Callable[..., None]] = {
