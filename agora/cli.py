@@ -25,6 +25,7 @@ from agora.commands import (
     expert,
     job,
     local,
+    report,
     search,
     serve,
     worker,
@@ -61,6 +62,7 @@ def build_app() -> typer.Typer:
     root.command("compose", rich_help_panel=REGISTRY_PANEL)(compose.compose)
     root.command("evaluate", rich_help_panel=REGISTRY_PANEL)(evaluate.evaluate)
     root.add_typer(job.group(), name="job", rich_help_panel=REGISTRY_PANEL)
+    root.add_typer(report.group(), name="report", rich_help_panel=REGISTRY_PANEL)
 
     root.add_typer(local.group(), name="local", rich_help_panel=LOCAL_PANEL)
     root.add_typer(data.group(), name="data", rich_help_panel=LOCAL_PANEL)

@@ -4,16 +4,22 @@ reporter, moderators, admins), resolve one (moderators, admins): docs/governance
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
 
+from registry.api.common import idempotent_request, json_response
 from registry.api.deps import RuntimeDep, SessionDep, require_roles
 from registry.api.openapi import problems
 from registry.protocol.refs import INT32_MAX, NOT_BLANK
 from registry.services import reports as svc
+from registry.services.idempotency import StoredResponse
 from registry.services.tokens import ROLES, Principal
 
 router = APIRouter(tags=["reports"])
@@ -21,6 +27,11 @@ router = APIRouter(tags=["reports"])
 AnyToken = Annotated[Principal, Depends(require_roles(*ROLES))]
 Moderator = Annotated[Principal, Depends(require_roles("moderator", "admin"))]
 ReportId = Annotated[int, Path(ge=1, le=INT32_MAX)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+
+def _fingerprint(**fields: Any) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 class ReportIn(BaseModel):
@@ -73,18 +84,35 @@ class ReportListOut(BaseModel):
         {400: "missing_reason, reason_too_long, evidence_too_long", 404: "expert_not_found"}
     ),
 )
-def file_report(
-    expert_id: str, body: ReportIn, session: SessionDep, principal: AnyToken
-) -> dict[str, Any]:
-    with session.begin():
+async def file_report(
+    *,
+    expert_id: str,
+    body: ReportIn,
+    request: Request,
+    session: SessionDep,
+    principal: AnyToken,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """With an Idempotency-Key, a retry answers the first report instead of filing a
+    second one."""
+    idem = idempotent_request(
+        request,
+        principal,
+        idempotency_key,
+        _fingerprint(expert_id=expert_id, reason=body.reason, evidence=body.evidence),
+    )
+
+    def write(s: Session) -> StoredResponse:
         report = svc.file_report(
-            session=session,
+            session=s,
             principal=principal,
             expert_id=expert_id,
             reason=body.reason,
             evidence=body.evidence,
         )
-        return svc.report_view(report)
+        return StoredResponse(201, svc.report_view(report))
+
+    return json_response(await run_in_threadpool(idem.commit_or_replay, session, write))
 
 
 @router.get(
@@ -130,24 +158,38 @@ def get_report(report_id: ReportId, session: SessionDep, principal: AnyToken) ->
     ),
 )
 async def resolve_report(
+    *,
     report_id: ReportId,
     body: ResolveIn,
+    request: Request,
     runtime: RuntimeDep,
     session: SessionDep,
     principal: Moderator,
-) -> dict[str, Any]:
-    def write() -> dict[str, Any]:
-        with session.begin():
-            report = svc.resolve(
-                session=session,
-                principal=principal,
-                report_id=report_id,
-                resolution=body.resolution,
-                note=body.note,
-            )
-            view = svc.report_view(report)
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """With an Idempotency-Key, a retry answers the first resolution (not 409
+    ``report_resolved``)."""
+    idem = idempotent_request(
+        request,
+        principal,
+        idempotency_key,
+        _fingerprint(report_id=report_id, resolution=body.resolution, note=body.note),
+    )
+
+    def write(s: Session) -> StoredResponse:
+        report = svc.resolve(
+            session=s,
+            principal=principal,
+            report_id=report_id,
+            resolution=body.resolution,
+            note=body.note,
+        )
+        return StoredResponse(200, svc.report_view(report))
+
+    def run() -> StoredResponse:
+        response = idem.commit_or_replay(session, write)
         # A disable leaves this replica's search index before the answer.
         runtime.retrieval.sync()
-        return view
+        return response
 
-    return await run_in_threadpool(write)
+    return json_response(await run_in_threadpool(run))

@@ -8,6 +8,7 @@ Every report and resolution is an audit log entry (``expert.report``,
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import select
@@ -26,6 +27,8 @@ OPEN = "open"
 RESOLUTIONS = {"dismiss": "dismissed", "disable": "disabled"}
 STATUSES = (OPEN, *RESOLUTIONS.values())
 MAX_PAGE = 100
+# The reporter of the registry's own flags (arrival checks, monitoring).
+REGISTRY = "registry"
 
 
 def _text(value: str | None, *, field: str, limit: int, required: bool) -> str:
@@ -70,6 +73,35 @@ def file_report(
             "evidence_chars": len(evidence_text),
             "actor_token": principal.token_id,
         },
+    )
+    return report
+
+
+def flag(
+    *, session: Session, expert_id: str, reason: str, numbers: dict[str, Any]
+) -> ExpertReport:
+    """The registry's own report of an expert, into the moderators' queue: a check on
+    arrival or a monitoring run found a problem. ``numbers`` (the measurements behind it)
+    are kept as the evidence, as JSON."""
+    evidence = json.dumps(numbers, sort_keys=True, allow_nan=False)
+    report = ExpertReport(
+        expert_id=expert_id,
+        reporter=REGISTRY,
+        reporter_token_id=None,
+        reason=reason[:MAX_REASON_CHARS],
+        evidence=evidence[:MAX_EVIDENCE_CHARS],
+        status=OPEN,
+        created_at=utcnow(),
+    )
+    session.add(report)
+    session.flush()
+    audit.append(
+        session,
+        actor=REGISTRY,
+        action="expert.flag",
+        target=f"expert:{expert_id}",
+        reason=report.reason,
+        detail={"report": report.id, "numbers": numbers},
     )
     return report
 
@@ -138,6 +170,17 @@ def resolve(
             principal=principal,
         )
         action_id = row.id
+    else:
+        # A flag of an arrival check, dismissed, releases its version
+        # (registry/services/arrival.py, which imports this module).
+        from registry.services import arrival
+
+        arrival.on_dismiss(
+            session=session,
+            report_id=report.id,
+            actor=principal.name,
+            actor_token=principal.token_id,
+        )
     report.status = RESOLUTIONS[resolution]
     report.resolution = note_text
     report.resolved_by = principal.name
