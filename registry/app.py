@@ -16,9 +16,11 @@ from registry.api import (
     base_models,
     compositions,
     experts,
+    forgetting,
     health,
     jobs,
     moderation,
+    monitoring,
     reports,
     search,
     tokens,
@@ -144,6 +146,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(reports.router)
     app.include_router(compositions.router)
     app.include_router(experts.router)
+    app.include_router(forgetting.router)
+    app.include_router(monitoring.router)
     app.include_router(jobs.router)
     app.include_router(audit.router)
     app.include_router(tokens.router)

@@ -207,6 +207,52 @@ class Settings(BaseSettings):
             "differ; also between their reported weights."
         ),
     )
+    # Checks on arrival (registry/services/arrival.py; docs/governance.md, "Checks on
+    # arrival").
+    arrival_checks: bool = Field(
+        default=True,
+        description=(
+            "A submitted expert or version stays quarantined until an evaluate job measures "
+            "it on its own datasheet samples against the base; off: it is active at once."
+        ),
+    )
+    arrival_min_gain: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "The relative improvement over the base, (base - expert) / base in bits per "
+            "byte on its own samples, an arriving version must exceed to become active "
+            "(0: strictly better than the base); otherwise it is flagged to moderators."
+        ),
+    )
+    # Monitoring (docs/governance.md, "Monitoring").
+    monitor_max_worsening: float = Field(
+        default=0.02,
+        ge=0,
+        le=10,
+        description=(
+            "A monitored expert whose own-domain bits per byte exceed its reference's by "
+            "more than this share (0.02: 2%) is flagged."
+        ),
+    )
+    monitor_max_repetition: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description=(
+            "A monitored expert whose greedy continuations repeat more than this share of "
+            "their 4-grams, and more than the base's, is flagged."
+        ),
+    )
+    monitor_prompts: int = Field(default=3, ge=1, le=16)
+    monitor_prompt_tokens: int = Field(default=16, ge=1, le=256)
+    monitor_new_tokens: int = Field(default=48, ge=8, le=512)
+    max_text_set_bytes: int = Field(
+        default=256 * KiB,
+        ge=1,
+        description="UTF-8 bytes of one uploaded text set (a monitoring benchmark).",
+    )
     embedded_worker: bool | None = Field(
         default=None,
         description=(

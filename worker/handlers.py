@@ -18,7 +18,11 @@ the two tables together) and one for ``evaluate``:
   does (``params.with_base``); the student is the output file.
 * ``evaluate``: bits per byte of an expert (base + it) or of a composition (its
   manifest) and of the base on each named text set, with the relative change
-  ``delta_vs_base``.
+  ``delta_vs_base``; for a forgetting measurement (``ForgettingSubject``) also the model
+  without the disabled expert (``without_bits_per_byte``, docs/governance.md); when the
+  payload asks (``continuations``, a monitoring run), the repetition rate of the
+  subject's and the base's greedy continuations (``modelcore.repetition``;
+  docs/governance.md, "Monitoring").
 
 Payloads are parsed with the protocol's models (``ComposePayload``, ``EvaluatePayload``)
 and params with the method's spec (``MethodSpec.check_params``: the bounds and defaults
@@ -62,8 +66,10 @@ from modelcore.compose.distill import DistillSettings, describe, distill
 from modelcore.compose.ensemble import ExpertEnsemble, estimate_prior
 from modelcore.compose.merge import merge_files
 from modelcore.data.batches import eval_batches, token_batches, token_stream
+from modelcore.data.tokenizer import decode
 from modelcore.eval import evaluate
 from modelcore.experts import DTYPES, covered_layers, load_expert, save_expert
+from modelcore.repetition import LogProbs, continuations, pooled_repetition, prompts_of
 from registry.protocol import (
     AVERAGE,
     BASE_WEIGHT,
@@ -77,14 +83,19 @@ from registry.protocol import (
     WEIGHTED,
     ComposePayload,
     ComposeResult,
+    ContinuationRequest,
+    ContinuationScore,
     EvaluatePayload,
     EvaluationResult,
     ExpertRef,
     ExpertSubject,
+    ForgettingSubject,
+    Manifest,
     MethodSpec,
     ParamError,
     ParamValue,
     TextSetScore,
+    WithoutExpert,
     spec_for_kind,
 )
 
@@ -548,6 +559,8 @@ def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext)
     job = _parse(EvaluatePayload, payload)
     sets = {name: [t for t in texts if t] for name, texts in job.text_sets.items()}
     bundle = ctx.bases.get(inputs.base_dir, job.base_revision)
+    if isinstance(job.subject, ForgettingSubject):
+        return _forgetting(job.subject, sets, bundle, inputs, ctx)
     experts = _load_experts(job.refs(), inputs, bundle, ctx)
     subject = job.subject
     # An expert alone is the base with it inserted; a composition is built as its
@@ -568,6 +581,20 @@ def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext)
         ctx.check()
         base[name] = _base_bits(bundle, texts)
     results: dict[str, TextSetScore] = {}
+    # Greedy continuations, for the repetition check of monitoring (docs/governance.md,
+    # "Monitoring"): the base's before the subject's experts are inserted.
+    asked = job.continuations
+    prompts = (
+        prompts_of(
+            bundle.tokenizer,
+            sets[asked.text_set],
+            prompts=asked.prompts,
+            prompt_tokens=asked.prompt_tokens,
+        )
+        if asked is not None
+        else []
+    )
+    base_runs = _continue(bundle, _base_log_probs(bundle), prompts, asked, ctx)
     try:
         composed = ComposedModel(
             bundle,
@@ -581,6 +608,7 @@ def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext)
     except ValueError as exc:
         raise PermanentJobError(f"the subject cannot be composed: {exc}") from None
     with composed:
+        runs = _continue(bundle, composed.log_probs, prompts, asked, ctx)
         for i, (name, texts) in enumerate(sets.items()):
             ctx.progress(len(sets) + i, total, f"subject on {name}")
             ctx.check()
@@ -592,6 +620,154 @@ def evaluate_job(payload: Mapping[str, Any], inputs: JobInputs, ctx: JobContext)
                 tokens=int(r["tokens"]),
                 bytes=int(r["bytes"]),
             )
+    ctx.progress(total, total, "done")
+    scored = None
+    if asked is not None:
+        scored = ContinuationScore(
+            repetition=pooled_repetition(runs, asked.ngram),
+            base_repetition=pooled_repetition(base_runs, asked.ngram),
+            ngram=asked.ngram,
+            prompts=len(prompts),
+            tokens=sum(map(len, runs)),
+            base_tokens=sum(map(len, base_runs)),
+            sample=decode(bundle.tokenizer, runs[0])[:1000] if runs else "",
+        )
+    result = EvaluationResult(results=results, continuations=scored).model_dump(mode="json")
+    if scored is None:
+        del result["continuations"]  # as before continuations existed
+    return Outcome(result)
+
+
+def _base_log_probs(bundle: BaseBundle) -> LogProbs:
+    def log_probs(ids_BT: torch.Tensor) -> torch.Tensor:
+        device = next(bundle.model.parameters()).device
+        logits = bundle.model(ids_BT.to(device), aux="none").logits
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    return log_probs
+
+
+def _continue(
+    bundle: BaseBundle,
+    log_probs: LogProbs,
+    prompts: list[list[int]],
+    asked: ContinuationRequest | None,
+    ctx: JobContext,
+) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (none when the payload asks for none)."""
+    if asked is None:
+        return []
+    ctx.check()
+    bundle.model.eval()
+    window = int(bundle.config.max_seq_len)
+    return continuations(
+        log_probs, bundle.tokenizer, prompts, new_tokens=asked.new_tokens, window=window
+    )
+
+
+def _manifest_model(
+    bundle: BaseBundle, manifest: Manifest, experts: Sequence[Mapping[str, torch.Tensor]]
+) -> ComposedModel:
+    """A composition built as its manifest says (as ``evaluate_job`` builds one)."""
+    weights: list[float] | None = None
+    with_base, base_weight = False, None
+    if manifest.spec.serves_ensemble:
+        weights = manifest.weights()
+        with_base, base_weight = manifest.base_path()
+    return ComposedModel(
+        bundle,
+        manifest.method,
+        experts,
+        weights=weights,
+        manifest=manifest.as_json(),
+        with_base=with_base,
+        base_weight=base_weight,
+    )
+
+
+def _without_model(
+    without: WithoutExpert, bundle: BaseBundle, inputs: JobInputs, ctx: JobContext
+) -> ComposedModel | None:
+    """The model without the disabled expert (``WithoutExpert``); None: the base alone."""
+    if without.method == "base":
+        return None
+    experts = _load_experts(without.experts, inputs, bundle, ctx)
+    if without.method == AVERAGE.name:
+        merge = str(without.params.get("merge", UNIFORM))
+        extra: dict[str, Any] = {}
+        if merge == "ties":
+            extra["density"] = float(without.params["density"])
+        out = ctx.work_dir / "without.safetensors"
+        paths = [inputs.expert_files[r.digest] for r in without.experts]
+        weights = None if merge == UNIFORM else without.weights
+        merge_files(paths, out, merge, weights=weights, **extra)
+        merged, _ = load_expert(out, config=bundle.config)
+        return ComposedModel(bundle, AVERAGE.name, [merged])
+    return ComposedModel(
+        bundle,
+        without.method,
+        experts,
+        weights=without.weights,
+        with_base=without.with_base,
+        base_weight=without.base_weight,
+    )
+
+
+def _forgetting(
+    subject: ForgettingSubject,
+    sets: Mapping[str, Sequence[str]],
+    bundle: BaseBundle,
+    inputs: JobInputs,
+    ctx: JobContext,
+) -> Outcome:
+    """A forgetting measurement (docs/governance.md, "Proof of forgetting"): on each text
+    set the base, the model with the disabled expert and the model without it, on the same
+    windows; the model with it is ``bits_per_byte``, without it ``without_bits_per_byte``."""
+    total = 3 * len(sets)
+    base: dict[str, dict[str, Any]] = {}
+    for i, (name, texts) in enumerate(sets.items()):
+        ctx.progress(i, total, f"base on {name}")
+        ctx.check()
+        base[name] = _base_bits(bundle, texts)
+    with_experts = _load_experts(subject.with_refs(), inputs, bundle, ctx)
+    scores: dict[str, dict[str, Any]] = {}
+    try:
+        if subject.manifest is None:
+            composed = ComposedModel(bundle, MIXTURE.name, with_experts)
+        else:
+            composed = _manifest_model(bundle, subject.manifest, with_experts)
+    except ValueError as exc:
+        raise PermanentJobError(f"the composition cannot be built: {exc}") from None
+    with composed:
+        for i, (name, texts) in enumerate(sets.items()):
+            ctx.progress(len(sets) + i, total, f"with the expert on {name}")
+            ctx.check()
+            scores[name] = dict(composed.bits_per_byte(texts))
+    try:
+        without = _without_model(subject.without, bundle, inputs, ctx)
+    except ValueError as exc:
+        raise PermanentJobError(f"the model without the expert cannot be built: {exc}") from None
+    without_bits = {name: float(b["bits_per_byte"]) for name, b in base.items()}
+    if without is not None:
+        with without:
+            for i, (name, texts) in enumerate(sets.items()):
+                ctx.progress(2 * len(sets) + i, total, f"without the expert on {name}")
+                ctx.check()
+                without_bits[name] = float(without.bits_per_byte(texts)["bits_per_byte"])
+    results = {
+        name: TextSetScore.model_validate(
+            {
+                **TextSetScore.of(
+                    bits_per_byte=r["bits_per_byte"],
+                    base_bits_per_byte=base[name]["bits_per_byte"],
+                    tokens=int(r["tokens"]),
+                    bytes=int(r["bytes"]),
+                ).model_dump(),
+                "without_bits_per_byte": without_bits[name],
+            }
+        )
+        for name, r in scores.items()
+    }
     ctx.progress(total, total, "done")
     return Outcome(EvaluationResult(results=results).model_dump(mode="json"))
 

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from agora import server
+from agora.commands import monitor
 from agora.common import REGISTRY_PANEL, SERVER_PANEL, echo_err
 from agora.remote import DEFAULT_URL, RegistryOption, TokenOption, client
 
@@ -282,4 +283,6 @@ def group() -> typer.Typer:
             "docs/governance.md shows how to check the chain without the registry."
         ),
     )(audit_verify)
+    app.add_typer(monitor.text_sets_group(), rich_help_panel=REGISTRY_PANEL)
+    app.add_typer(monitor.monitor_group(), rich_help_panel=REGISTRY_PANEL)
     return app

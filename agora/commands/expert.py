@@ -24,6 +24,7 @@ from agora.remote import (
     TokenOption,
     client,
     fitted_table,
+    job_status,
     progress_bar,
     resolve_base,
     shorten,
@@ -31,7 +32,7 @@ from agora.remote import (
 )
 
 if TYPE_CHECKING:
-    from registry.client import ModerationAction
+    from registry.client import Expert, ModerationAction
 
 
 def submit(
@@ -47,6 +48,16 @@ def submit(
     expert_id: Annotated[
         str | None, typer.Option("--expert-id", help="Add a new version of this expert.")
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait",
+            help="Wait for the check on arrival: exit 0 once active, 1 if flagged.",
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1, help="Seconds --wait waits at most.")
+    ] = 600.0,
     registry: RegistryOption = DEFAULT_URL,
     token: TokenOption = None,
 ) -> None:
@@ -57,8 +68,58 @@ def submit(
             submitted = agora.submit_expert(
                 weights, datasheet, revision, expert_id=expert_id, progress=bar
             )
-    typer.echo(f"submitted {submitted.id} version {submitted.version} ({submitted.status})")
-    typer.echo(f"digest {submitted.digest}")
+        typer.echo(f"submitted {submitted.id} version {submitted.version} ({submitted.status})")
+        typer.echo(f"digest {submitted.digest}")
+        expert = agora.get_expert(submitted.id)
+        check = expert.arrival
+        if check is None or check.version != submitted.version:
+            return
+        if not wait:
+            typer.echo(
+                f"quarantined until its check on arrival (job {check.job_id}) measures it on "
+                "its datasheet samples against the base; --wait waits for it"
+                if check.pending
+                else f"check on arrival: {check.state}"
+            )
+            return
+        if check.pending:
+            with job_status(f"check on arrival, job {check.job_id}") as update:
+
+                def poll(seen: Expert) -> None:
+                    if seen.arrival is not None and seen.arrival.job_id is not None:
+                        update(agora.jobs.get(seen.arrival.job_id))
+
+                try:
+                    expert = agora.experts.wait_for_arrival(
+                        submitted.id, timeout=timeout, on_poll=poll
+                    )
+                except TimeoutError as exc:
+                    typer.echo(str(exc), err=True)
+                    raise typer.Exit(1) from None
+    _print_arrival(expert)
+
+
+def _print_arrival(expert: Expert) -> None:
+    """The check's outcome; exit 1 unless the expert is active."""
+    check = expert.arrival
+    if check is None:
+        return
+    if check.bits_per_byte is not None and check.base_bits_per_byte is not None:
+        change = "n/a" if check.relative_change is None else f"{check.relative_change:+.2%}"
+        gain = check.min_gain or 0.0
+        required = "the base" if gain == 0 else f"{-gain:+.2%}"
+        typer.echo(
+            f"check on arrival {check.state}: {check.bits_per_byte:.4f} bits/byte on its "
+            f"samples, base {check.base_bits_per_byte:.4f} ({change}; passes below {required})"
+        )
+    else:
+        typer.echo(f"check on arrival {check.state}" + (f": {check.error}" if check.error else ""))
+    if expert.status == "active":
+        typer.echo(f"{expert.id} is active")
+        return
+    report = f" (report {check.report_id})" if check.report_id is not None else ""
+    typer.echo(f"{expert.id} is {expert.status}: flagged to moderators{report}", err=True)
+    raise typer.Exit(1)
 
 
 def list_experts(
@@ -208,6 +269,63 @@ def restore(
     _echo_moderation(done)
 
 
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:+.2f}%"
+
+
+def forgetting(
+    *,
+    expert_id: Annotated[str, typer.Argument(help="Expert id (ex_...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    registry: RegistryOption = DEFAULT_URL,
+    token: TokenOption = None,
+) -> None:
+    """The proof of forgetting of an expert's disables: bits per byte with it, without it
+    and for the base (docs/governance.md, "Proof of forgetting")."""
+    with client(registry, token) as agora:
+        reports = agora.moderation.forgetting(expert_id)
+    if as_json:
+        for report in reports:
+            typer.echo(json.dumps(report.model_dump(mode="json", by_alias=True), sort_keys=True))
+        return
+    if not reports:
+        typer.echo(f"{expert_id} has no forgetting reports (none is made before a disable)")
+        return
+    console = stdout_console()
+    for report in reports:
+        subject = report.composition_id or "the expert alone"
+        typer.echo(
+            f"#{report.id} {subject} ({report.method}; without: {report.without_method}) "
+            f"v{report.version}: {report.status}"
+        )
+        if report.error:
+            typer.echo(f"  error: {report.error}")
+        if report.domain is None:
+            continue
+        d = report.domain
+        rows = [
+            (
+                "domain",
+                _number(d.with_),
+                _number(d.without),
+                _number(d.base),
+                "",
+                _percent(d.without_vs_base),
+            )
+        ]
+        rows += [
+            (name, _number(o.with_), _number(o.without), "", _percent(o.change), "")
+            for name, o in report.others.items()
+        ]
+        headers = ("text set", "with", "without", "base", "vs with", "vs base")
+        right = headers[1:]
+        console.print(fitted_table(console, headers, rows, shrink=("text set",), right=right))
+
+
 REGISTRY_COMMANDS: dict[str, Callable[..., None]] = {
     "submit": submit,
     "list": list_experts,
@@ -217,6 +335,7 @@ REGISTRY_COMMANDS: dict[str, Callable[..., None]] = {
     "enable": enable,
     "withdraw": withdraw,
     "restore": restore,
+    "forgetting": forgetting,
 }
 # Old names of `agora local ...` commands, hidden from the help until they are removed.
 MOVED_TO_LOCAL = tuple(name for name in local.COMMANDS if name != "eval")

@@ -18,7 +18,7 @@ from registry.db.models import Expert
 from registry.errors import Forbidden, Unauthenticated
 from registry.protocol.refs import INT32_MAX, VersionNumber
 from registry.runtime import Runtime
-from registry.services import audit
+from registry.services import arrival, audit, forgetting
 from registry.services import experts as svc
 from registry.services.blobs import get_blob
 from registry.services.idempotency import IdempotentRequest, StoredResponse
@@ -195,6 +195,7 @@ def get_expert(expert_id: str, session: SessionDep) -> dict[str, Any]:
         view["versions"] = [
             svc.version_view(v) for v in svc.list_versions(session=session, expert_id=expert.id)
         ]
+        view["arrival"] = arrival.arrival_view(session=session, expert_id=expert.id)
         return view
 
 
@@ -240,7 +241,13 @@ def _servable(
     """451 for a withdrawn expert (naming the cause), or weights a disabled expert carries
     (``digest_disabled``); 409 ``expert_quarantined`` for a quarantined one, but to its
     owner, moderators, admins and workers (docs/architecture.md, "Workers that lie").
-    Moderators and admins read withdrawn experts for review: call ``_audit_review``."""
+    Moderators and admins read withdrawn experts for review: call ``_audit_review``.
+    So does the worker holding a forgetting job that names it (docs/governance.md, "Proof
+    of forgetting")."""
+    if expert.status != svc.ACTIVE and forgetting.leased_reader(
+        session=session, principal=principal, expert_id=expert.id, digest=digest
+    ):
+        return
     svc.check_artifacts_readable(expert=expert, principal=principal)
     if digest is not None and not svc.is_reviewer(principal):
         svc.check_digest_not_disabled(session=session, digest=digest, expert_id=expert.id)

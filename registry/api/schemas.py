@@ -33,8 +33,29 @@ class ExpertOut(BaseModel):
     updated_at: str
 
 
+class ArrivalCheckOut(BaseModel):
+    """The latest version's check on arrival (docs/governance.md, "Checks on arrival")."""
+
+    version: int
+    state: str = Field(
+        description="pending, passed, flagged, failed, released, superseded or cancelled"
+    )
+    job_id: str | None = Field(description="the evaluate job (purpose arrival)")
+    job_status: str | None
+    text_set: str
+    bits_per_byte: float | None = Field(description="base + this version, on its samples")
+    base_bits_per_byte: float | None
+    relative_change: float | None = Field(description="(expert - base) / base")
+    min_gain: float = Field(description="it passes when relative_change < -min_gain")
+    error: str | None
+    report_id: int | None = Field(description="the report a flag filed")
+    created_at: str
+    decided_at: str | None
+
+
 class ExpertDetailOut(ExpertOut):
     versions: list[ExpertVersionOut]
+    arrival: ArrivalCheckOut | None = None
 
 
 class ExpertPageOut(BaseModel):

@@ -4,16 +4,17 @@ One ``Transport`` (``registry/client/transport.py``: retries with backoff, idemp
 keys, typed errors, resumable sha256-verified downloads) under small resources, one per
 part of the API, each an attribute of ``Agora``:
 
-    agora.experts       submit, page, list, get, datasheet, download
+    agora.experts       submit, page, list, get, wait_for_arrival, datasheet, download
     agora.bases         list, get, only_revision, upload, download
     agora.retrieval     search, nearest
     agora.compositions  create, get, handle, download, load
     agora.evaluations   create, list
     agora.jobs          get, handle, list; the worker's lease, heartbeat, complete, fail
-    agora.moderation    disable, enable
+    agora.moderation    disable, enable, forgetting
     agora.audit         page, list, verify (moderators and admins)
     agora.tokens        create, list, revoke (admins)
     agora.reports       create, list, get, resolve (reports of experts)
+    agora.monitoring    text sets, schedules, runs (moderators and admins)
 
 ``Agora``'s own methods (``submit_expert``, ``search``, ``compose``, ...) are the same
 calls under their long-standing names and delegate to the resources.
@@ -57,6 +58,7 @@ from registry.client.resources import (
     ExpertSpec,
     Jobs,
     Moderation,
+    Monitoring,
     Reports,
     Retrieval,
     Tokens,
@@ -108,6 +110,7 @@ class Agora:
         self.audit = Audit(self._transport)
         self.tokens = Tokens(self._transport)
         self.reports = Reports(self._transport)
+        self.monitoring = Monitoring(self._transport)
 
     # -- the transport's settings ----------------------------------------------------------
 
@@ -213,6 +216,20 @@ class Agora:
     def get_expert(self, expert_id: str) -> Expert:
         """``agora.experts.get``: the expert's metadata, with all its versions."""
         return self.experts.get(expert_id)
+
+    def wait_for_arrival(
+        self,
+        expert_id: str,
+        *,
+        timeout: float = 600.0,
+        interval: float = 1.0,
+        on_poll: Callable[[Expert], None] | None = None,
+    ) -> Expert:
+        """``agora.experts.wait_for_arrival``: the expert once its check on arrival is
+        decided (``expert.status`` active, or quarantined and flagged to moderators)."""
+        return self.experts.wait_for_arrival(
+            expert_id, timeout=timeout, interval=interval, on_poll=on_poll
+        )
 
     def get_datasheet(self, expert_id: str, version: int | None = None) -> str:
         """``agora.experts.datasheet``: the datasheet markdown (default: latest version)."""

@@ -59,6 +59,27 @@ class ExpertVersion(_Model):
     created_at: datetime | None = None
 
 
+class ArrivalCheck(_Model):
+    """An expert's latest version's check on arrival: an evaluation on its own datasheet
+    samples against the base (docs/governance.md, "Checks on arrival")."""
+
+    version: int
+    # pending, passed, flagged, failed, released, superseded or cancelled
+    state: str
+    job_id: str | None = None
+    job_status: str | None = None
+    bits_per_byte: float | None = None
+    base_bits_per_byte: float | None = None
+    relative_change: float | None = None
+    min_gain: float | None = None
+    error: str | None = None
+    report_id: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.state == "pending"
+
+
 class Expert(_Model):
     id: str
     name: str | None = None
@@ -72,6 +93,8 @@ class Expert(_Model):
     updated_at: datetime | None = None
     # Present on GET /v1/experts/{id}; list pages leave it out.
     versions: list[ExpertVersion] = Field(default_factory=list)
+    # On GET /v1/experts/{id}: the latest version's check on arrival, if one ran.
+    arrival: ArrivalCheck | None = None
 
 
 class ExpertPage(_Model):
@@ -132,6 +155,53 @@ class Report(_Model):
     resolved_at: datetime | None = None
     moderation_action: int | None = None
     created_at: datetime | None = None
+
+
+class ForgettingDomain(_Model):
+    """The disabled expert's own samples: bits per byte with it, without it, the base."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    with_: float = Field(alias="with")
+    without: float
+    base: float | None = None
+    without_vs_base: float | None = None
+    with_vs_base: float | None = None
+
+
+class ForgettingOther(_Model):
+    """Another expert's samples: with the disabled expert, without it, the change."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    with_: float = Field(alias="with")
+    without: float
+    change: float | None = None
+
+
+class ForgettingReport(_Model):
+    """A disable's proof of forgetting for one composition (or the expert alone): docs/
+    governance.md, "Proof of forgetting"."""
+
+    id: int
+    expert_id: str
+    version: int
+    composition_id: str | None = None
+    method: str
+    without_method: str
+    removed: list[str] = Field(default_factory=list)
+    status: str
+    error: str | None = None
+    job_id: str
+    moderation_action: int | None = None
+    domain: ForgettingDomain | None = None
+    others: dict[str, ForgettingOther] = Field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+class ForgettingReports(_Model):
+    expert_id: str
+    items: list[ForgettingReport]
 
 
 class AuditEntry(_Model):
@@ -340,3 +410,70 @@ class Evaluation(EvaluationScore):
     version: int | None = None
     composition_id: str | None = None
     created_at: datetime | None = None
+
+
+# -- monitoring (docs/governance.md, "Monitoring") ------------------------------------------
+
+
+class TextSet(_Model):
+    """A named, dated text set that monitoring runs measure every expert on; ``key``
+    (``name@date``) is its text set name in evaluations. ``texts`` only when read by id."""
+
+    id: int
+    name: str
+    date: str
+    key: str
+    n_texts: int
+    bytes: int
+    uploader: str
+    created_at: datetime
+    texts: list[str] | None = None
+
+
+class MonitorSchedule(_Model):
+    """A monitoring schedule: from ``not_before``, once or every ``every_hours``; ``runs``,
+    ``completed`` and ``flagged`` count its runs so far."""
+
+    id: int
+    not_before: datetime
+    every_hours: float | None = None
+    text_sets: dict[str, Any] = Field(default_factory=dict)
+    created_by: str
+    created_at: datetime
+    cancelled_at: datetime | None = None
+    cancelled_by: str | None = None
+    runs: int
+    completed: int
+    flagged: int
+
+
+class CreatedSchedule(MonitorSchedule):
+    """A schedule just made, with the ids of the jobs it queued (one per active expert)."""
+
+    jobs: list[str]
+
+
+class CancelledSchedule(MonitorSchedule):
+    """A schedule just cancelled, with the ids of the queued jobs cancelled with it."""
+
+    cancelled_jobs: list[str]
+
+
+class MonitorRun(_Model):
+    """One expert's monitoring run: its bits per byte against its reference evaluation's
+    (``worsening``: relative, +0.05 is 5% worse), repetition against the base's, and the
+    report it raised (``report_id``) when a threshold was crossed."""
+
+    job_id: str
+    schedule_id: int
+    expert_id: str
+    version: int
+    run_at: datetime
+    completed_at: datetime | None = None
+    own_bits_per_byte: float | None = None
+    reference_evaluation: int | None = None
+    reference_bits_per_byte: float | None = None
+    worsening: float | None = None
+    repetition: float | None = None
+    base_repetition: float | None = None
+    report_id: int | None = None

@@ -369,6 +369,56 @@ class Evaluation(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class ArrivalCheck(Base):
+    """An arriving expert version's check: an ``evaluate`` job (purpose ``arrival``) on its
+    own datasheet samples against the base, and what the registry decided from it
+    (registry/services/arrival.py; docs/governance.md, "Checks on arrival")."""
+
+    __tablename__ = "arrival_checks"
+
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
+    # pending, passed, flagged, failed, released (a moderator dismissed the flag), superseded.
+    status: Mapped[str] = mapped_column(String(16))
+    min_gain: Mapped[float] = mapped_column(Float)
+    bits_per_byte: Mapped[float | None] = mapped_column(Float, nullable=True)
+    base_bits_per_byte: Mapped[float | None] = mapped_column(Float, nullable=True)
+    relative_change: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    report_id: Mapped[int | None] = mapped_column(
+        ForeignKey("expert_reports.id"), nullable=True, index=True
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ForgettingReport(Base):
+    """A disable's proof of forgetting: an ``evaluate`` job (purpose ``forgetting``) that
+    measures a composition that used the disabled expert (or the expert alone) with it,
+    without it and the base, on its own samples and the other experts'
+    (registry/services/forgetting.py; docs/governance.md, "Proof of forgetting")."""
+
+    __tablename__ = "forgetting_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    # None: the expert alone (the base with it inserted).
+    composition_id: Mapped[str | None] = mapped_column(ForeignKey("compositions.id"), nullable=True)
+    method: Mapped[str] = mapped_column(String(16))
+    without_method: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # The disable that queued it (moderation_actions.id).
+    moderation_action: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # pending, ready or failed.
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    results: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class AuditEvent(Base):
     """One entry of the audit log: a governance action (a submission, a disable, a token
     made or revoked, a worker suspended...), append-only and hash-chained
@@ -390,3 +440,65 @@ class AuditEvent(Base):
     # sha256 hex of the previous entry ("0" * 64 before the first) and of this one.
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class TextSet(Base):
+    """A named, dated set of texts a moderator uploaded (an evolving benchmark: this
+    month's news), measured by monitoring runs (registry/services/monitoring.py;
+    docs/governance.md, "Monitoring")."""
+
+    __tablename__ = "text_sets"
+    __table_args__ = (UniqueConstraint("name", "date", name="uq_text_sets_name_date"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    # The set's own date, ISO YYYY-MM-DD (sorts as text), given by the moderator.
+    date: Mapped[str] = mapped_column(String(10))
+    texts: Mapped[list[str]] = mapped_column(JSON)
+    n_texts: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    uploader: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class MonitorSchedule(Base):
+    """Scheduled monitoring: one evaluation per active expert from ``not_before`` and,
+    with ``every_hours``, again that long after each run's time (a chain through the job
+    queue: docs/governance.md, "Monitoring")."""
+
+    __tablename__ = "monitor_schedules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    not_before: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    every_hours: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Which text sets each run measures: {"names": [...] or null, "limit": n or null}.
+    text_sets: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancelled_by: Mapped[str | None] = mapped_column(String(100), nullable=True)
+
+
+class MonitorRun(Base):
+    """One expert's monitoring evaluation (its ``evaluate`` job) and, once done, what the
+    registry concluded: the own-domain change against the reference, the repetition of
+    its continuations and the base's, and the flag it raised, if any."""
+
+    __tablename__ = "monitor_runs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    schedule_id: Mapped[int] = mapped_column(ForeignKey("monitor_schedules.id"), index=True)
+    expert_id: Mapped[str] = mapped_column(ForeignKey("experts.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    run_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # The own-domain reference: an earlier evaluation (evaluations.id), or none yet.
+    reference_evaluation: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    own_bits_per_byte: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reference_bits_per_byte: Mapped[float | None] = mapped_column(Float, nullable=True)
+    worsening: Mapped[float | None] = mapped_column(Float, nullable=True)
+    repetition: Mapped[float | None] = mapped_column(Float, nullable=True)
+    base_repetition: Mapped[float | None] = mapped_column(Float, nullable=True)
+    report_id: Mapped[int | None] = mapped_column(
+        ForeignKey("expert_reports.id"), nullable=True, index=True
+    )
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)

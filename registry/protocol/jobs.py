@@ -22,6 +22,7 @@ from pydantic import (
     Discriminator,
     Field,
     StrictBool,
+    StrictInt,
     StrictStr,
     StringConstraints,
     field_validator,
@@ -91,7 +92,61 @@ class CompositionSubject(Contract):
     manifest: Manifest
 
 
-EvaluationSubject = Annotated[ExpertSubject | CompositionSubject, Discriminator("kind")]
+class WithoutExpert(Contract):
+    """How a forgetting measurement computes a model without the disabled expert
+    (docs/governance.md, "Proof of forgetting"): ``method`` ``base`` (no expert remains),
+    ``mixture`` or ``ensemble`` over ``experts`` (``weights`` their prior, None for
+    uniform; the base a path as the composition had it), or ``average`` (``experts``
+    merged again with ``params``: ``merge``, ``density``)."""
+
+    method: Literal["base", "mixture", "ensemble", "average"]
+    experts: list[ExpertRef] = Field(default_factory=list)
+    weights: list[NonNegative] | None = None
+    with_base: StrictBool = False
+    base_weight: NonNegative | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WithoutExpert:
+        if (self.method == "base") != (not self.experts):
+            raise ValueError("experts must be empty exactly when method is 'base'")
+        if self.weights is not None and len(self.weights) != len(self.experts):
+            raise ValueError(f"weights must be one per expert ({len(self.experts)}) or null")
+        return self
+
+
+class ForgettingSubject(Contract):
+    """A disabled expert's forgetting measurement: the model with it (``manifest``, a
+    composition that used it; None: the base with ``expert`` inserted) and ``without``
+    it, each next to the base, on the same text sets."""
+
+    kind: Literal["forgetting"]
+    expert: ExpertRef
+    composition_id: Annotated[str, StringConstraints(strict=True, min_length=1)] | None = None
+    manifest: Manifest | None = None
+    without: WithoutExpert
+
+    def with_refs(self) -> list[ExpertRef]:
+        return [self.expert] if self.manifest is None else self.manifest.refs()
+
+
+EvaluationSubject = Annotated[
+    ExpertSubject | CompositionSubject | ForgettingSubject, Discriminator("kind")
+]
+
+
+class ContinuationRequest(Contract):
+    """Greedy continuations to generate with the subject and with the base (a monitoring
+    run's degenerate-output check, docs/governance.md, "Monitoring"): the first
+    ``prompt_tokens`` tokens of each of the first ``prompts`` texts of ``text_set``, each
+    continued by ``new_tokens`` argmax steps; scored by the share of repeated ``ngram``-grams
+    (``modelcore.repetition``)."""
+
+    text_set: Annotated[str, StringConstraints(strict=True, min_length=1)]
+    prompts: Annotated[StrictInt, Field(ge=1, le=16)] = 3
+    prompt_tokens: Annotated[StrictInt, Field(ge=1, le=256)] = 16
+    new_tokens: Annotated[StrictInt, Field(ge=1, le=512)] = 48
+    ngram: Annotated[StrictInt, Field(ge=1, le=16)] = 4
 
 
 class EvaluatePayload(Contract):
@@ -100,6 +155,14 @@ class EvaluatePayload(Contract):
     base_revision: Revision
     subject: EvaluationSubject
     text_sets: dict[str, list[StrictStr]]
+    # Why the registry queued it: a user's request, a new expert's arrival check, a
+    # scheduled monitoring run, or a forgetting measurement after a disable
+    # (docs/governance.md). The registry acts on the result by it; a worker computes the
+    # same scores whatever it is.
+    purpose: Literal["request", "arrival", "monitor", "forgetting"] = "request"
+    # Optional: greedy continuations to score for repetition (monitoring); an older payload
+    # has none.
+    continuations: ContinuationRequest | None = None
 
     @field_validator("text_sets")
     @classmethod
@@ -115,16 +178,22 @@ class EvaluatePayload(Contract):
     def _one_base(self) -> EvaluatePayload:
         subject = self.subject
         if (
-            isinstance(subject, CompositionSubject)
+            isinstance(subject, CompositionSubject | ForgettingSubject)
+            and subject.manifest is not None
             and subject.manifest.base_revision != self.base_revision
         ):
             raise ValueError("base_revision is not the composition's (its manifest's)")
+        if self.continuations is not None and self.continuations.text_set not in self.text_sets:
+            raise ValueError("continuations.text_set must name one of the text sets")
         return self
 
     def refs(self) -> list[ExpertRef]:
         """The expert files the subject is computed from."""
         if isinstance(self.subject, ExpertSubject):
             return [self.subject.expert]
+        if isinstance(self.subject, ForgettingSubject):
+            refs = self.subject.with_refs() + self.subject.without.experts
+            return list({r.digest: r for r in refs}.values())
         return self.subject.manifest.refs()
 
 
@@ -170,6 +239,9 @@ class TextSetScore(Contract):
     delta_vs_base: Finite | None = None
     tokens: Count
     bytes: Count
+    # A forgetting measurement's subject without the disabled expert (ForgettingSubject),
+    # on the same windows; None for any other evaluation.
+    without_bits_per_byte: NonNegative | None = None
 
     @classmethod
     def of(
@@ -184,7 +256,26 @@ class TextSetScore(Contract):
         )
 
 
+Share = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=1)]
+
+
+class ContinuationScore(Contract):
+    """The repetition rate of the subject's and of the base's greedy continuations
+    (``ContinuationRequest``), pooled over the prompts, the tokens each generated, and the
+    subject's first continuation as text (at most 1000 characters), for a reader."""
+
+    repetition: Share
+    base_repetition: Share
+    ngram: Annotated[StrictInt, Field(ge=1)]
+    prompts: Count
+    tokens: Count
+    base_tokens: Count
+    sample: Annotated[str, StringConstraints(strict=True, max_length=1000)] = ""
+
+
 class EvaluationResult(Contract):
-    """What a worker completes an ``evaluate`` job with: one score per named text set."""
+    """What a worker completes an ``evaluate`` job with: one score per named text set
+    and, when the payload asked for them, the continuations' repetition."""
 
     results: dict[str, TextSetScore]
+    continuations: ContinuationScore | None = None

@@ -42,8 +42,16 @@ from registry.faults import crash_point
 from registry.protocol import EVALUATE_KIND, ComposePayload, ComposeResult, produces_expert
 from registry.retrieval.embedders import Vectors
 from registry.retrieval.service import Retrieval
+from registry.services import (
+    arrival,
+    evaluations,
+    forgetting,
+    lineage,
+    monitoring,
+    verification,
+    workers,
+)
 from registry.services import compositions as comp
-from registry.services import evaluations, lineage, verification, workers
 from registry.services import experts as expert_svc
 from registry.services import jobs as jobs_svc
 from registry.services.base_models import get_base_model
@@ -238,6 +246,21 @@ def _apply_completion(
             return _replay(session, job_id, principal)
         if kind == EVALUATE_KIND:
             evaluations.record_evaluations(session=session, job=job, checked=scores)
+            # What the registry does with the scores, by why it queued the job
+            # (EvaluatePayload.purpose; docs/governance.md).
+            purpose = job.payload.get("purpose", "request")
+            if purpose == arrival.PURPOSE:
+                arrival.on_result(session=session, runtime=runtime, job=job, checked=scores)
+            if purpose == forgetting.PURPOSE:
+                forgetting.on_result(session=session, job=job, scores=scores)
+            if purpose == monitoring.PURPOSE:
+                monitoring.on_result(
+                    session=session,
+                    settings=runtime.settings,
+                    job=job,
+                    result=result,
+                    scores=scores,
+                )
         else:
             status = expert_svc.QUARANTINED if quarantine else expert_svc.ACTIVE
             output = (
@@ -262,7 +285,11 @@ def _apply_completion(
                     composition=composition,
                     producer_token_id=principal.token_id,
                 )
-            result = {**result, "composition_id": composition.id}
+            # The ids are the registry's, never the worker's: an expert_id the result names
+            # is dropped unless this completion made that expert (docs/governance.md,
+            # "Authorization").
+            result = {k: v for k, v in result.items() if k != "expert_id"}
+            result["composition_id"] = composition.id
             if expert_id is not None:
                 result["expert_id"] = expert_id
         jobs_svc.succeed(

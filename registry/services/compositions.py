@@ -117,8 +117,8 @@ def resolve_expert(
         raise expert_not_found(expert_id)
     if expert.status == QUARANTINED:
         raise Conflict(
-            f"expert {expert_id} is quarantined until a second worker has checked it; "
-            "it cannot be composed or evaluated yet",
+            f"expert {expert_id} is quarantined until its check has run (a second "
+            "worker's, or its check on arrival); it cannot be composed or evaluated yet",
             code="expert_quarantined",
         )
     if expert.status != "active":

@@ -33,6 +33,7 @@ def evaluate_payload(
     text_sets: Mapping[str, Sequence[str]],
     expert: ResolvedExpert | None = None,
     composition: Composition | None = None,
+    purpose: str = "request",
 ) -> dict[str, Any]:
     """The ``evaluate`` job's payload, as stored (``EvaluatePayload``): one subject, an
     expert version or a ready composition (its manifest), on the base it was made for."""
@@ -53,6 +54,7 @@ def evaluate_payload(
         base_revision=base_revision,
         subject=subject,
         text_sets={name: list(texts) for name, texts in text_sets.items()},
+        purpose=purpose,
     ).model_dump(mode="json")
 
 
@@ -99,6 +101,8 @@ def check_evaluation_result(job: Job, result: Mapping[str, Any]) -> dict[str, Te
 
 def record_evaluations(*, session: Session, job: Job, checked: Mapping[str, TextSetScore]) -> None:
     subject = job.payload["subject"]
+    if subject["kind"] == "forgetting":
+        return  # its numbers are its forgetting report's (registry/services/forgetting.py)
     expert_id = version = composition_id = None
     if subject["kind"] == "expert":
         expert_id = subject["expert"]["id"]

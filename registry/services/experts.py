@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from registry.runtime import Runtime
 
 # An expert's states (docs/architecture.md, "Workers that lie"): ``active`` (listed,
-# searchable, composable, served to everyone); ``quarantined`` (stored, awaiting a check:
+# searchable, composable, served to everyone); ``quarantined`` (stored, awaiting a check,
+# a second worker's or its check on arrival, registry/services/arrival.py:
 # not listed, searched nor composed, its artifacts served only to ``may_read_quarantined``
 # callers); ``disabled`` (withdrawn by a moderator); ``rejected`` (failed its check).
 ACTIVE = "active"
@@ -167,8 +168,9 @@ def check_artifacts_readable(*, expert: Expert, principal: Principal | None) -> 
         if may_read_quarantined(expert=expert, principal=principal):
             return
         raise Conflict(
-            f"expert {expert.id} is quarantined until a second worker has checked it; "
-            "until then only its owner, moderators, admins and workers read it",
+            f"expert {expert.id} is quarantined until its check has run (a second "
+            "worker's, or its check on arrival); until then only its owner, moderators, "
+            "admins and workers read it",
             code="expert_quarantined",
         )
     raise governance.unavailable(expert, what="its artifacts are withdrawn")
@@ -418,6 +420,18 @@ def submit_expert(
         )
         runtime.retrieval.record_vectors(
             session=s, expert_id=expert.id, version=row.version, vectors=vectors
+        )
+        # Quarantined until its check on arrival (registry/services/arrival.py, which
+        # imports this module).
+        from registry.services import arrival
+
+        arrival.start(
+            session=s,
+            settings=runtime.settings,
+            expert=expert,
+            version=row,
+            created_by=principal.name,
+            submitter_token_id=principal.token_id,
         )
         audit.append(
             s,

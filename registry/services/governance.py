@@ -191,7 +191,10 @@ def cancel_jobs_using(session: Session, expert_ids: list[str], *, reason: str) -
     for job_id, payload in session.execute(
         select(Job.id, Job.payload).where(Job.status.in_(("queued", "leased")))
     ):
-        if _named_experts(payload) & wanted:
+        # A forgetting measurement uses a disabled expert on purpose: it runs on
+        # (docs/governance.md, "Proof of forgetting").
+        forgetting = isinstance(payload, dict) and payload.get("purpose") == "forgetting"
+        if _named_experts(payload) & wanted and not forgetting:
             job_ids.add(job_id)
     cancelled = sorted(job_ids)
     if not cancelled:

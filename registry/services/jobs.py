@@ -170,6 +170,10 @@ def _end_compositions(session: Session, job_ids: list[str], now: dt.datetime) ->
         from registry.services.verification import end_checks
 
         end_checks(session=session, job_ids=job_ids)
+        # An arrival check that ended so flags its expert (registry/services/arrival.py).
+        from registry.services.arrival import end_jobs
+
+        end_jobs(session=session, job_ids=job_ids)
 
 
 def reap_expired(*, session: Session, now: dt.datetime | None = None) -> list[str]:

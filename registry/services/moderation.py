@@ -24,7 +24,7 @@ from registry.db.models import Expert, ModerationAction, utcnow
 from registry.errors import BadRequest, Conflict, Forbidden
 from registry.retrieval import store as retrieval_store
 from registry.retrieval.service import Retrieval
-from registry.services import audit, governance
+from registry.services import audit, forgetting, governance
 from registry.services.experts import get_expert
 from registry.services.idempotency import IdempotentRequest, StoredResponse, reserves_key
 from registry.services.tokens import Principal
@@ -73,6 +73,11 @@ def set_status(
         else []
     )
     row = _record(session, expert, principal, action, text, previous, cancelled, now)
+    if action == "disable":
+        # The proof of forgetting's measurements (docs/governance.md).
+        forgetting.enqueue(
+            session=session, expert=expert, moderation_action=row.id, created_by=principal.name
+        )
     return expert, row
 
 
@@ -128,6 +133,12 @@ def owner_action(
         expert.lineage_prior_status = None
         governance.settle(session, expert)
         cancelled = []
+        # Back awaiting its check on arrival, which the withdrawal cancelled: queued again
+        # (registry/services/arrival.py; imported here: it imports reports, which imports
+        # this module).
+        from registry.services import arrival
+
+        arrival.resume(session=session, expert=expert)
     now = utcnow()
     expert.updated_at = now
     row = _record(session, expert, principal, action, text, previous, cancelled, now)

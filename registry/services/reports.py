@@ -77,9 +77,7 @@ def file_report(
     return report
 
 
-def flag(
-    *, session: Session, expert_id: str, reason: str, numbers: dict[str, Any]
-) -> ExpertReport:
+def flag(*, session: Session, expert_id: str, reason: str, numbers: dict[str, Any]) -> ExpertReport:
     """The registry's own report of an expert, into the moderators' queue: a check on
     arrival or a monitoring run found a problem. ``numbers`` (the measurements behind it)
     are kept as the evidence, as JSON."""

@@ -301,7 +301,8 @@ def complete_check(
             session=session,
             job=job,
             result={
-                **result,
+                # No expert_id of the worker's: ids are the registry's (completion.py).
+                **{k: v for k, v in result.items() if k != "expert_id"},
                 "composition_id": check.composition_id,
                 "verification": verdict_of(check, cause),
             },

@@ -157,6 +157,10 @@ def _seed(database_url: str, data_dir: Path) -> Seeded:
             "experts": experts,
             "token_id": token_id,
             "report_id": report.json()["id"],
+            # Monitoring (docs/governance.md): nothing stored under them; a call without a
+            # token is refused before any lookup.
+            "text_set_id": 1,
+            "schedule_id": 1,
         },
     )
 

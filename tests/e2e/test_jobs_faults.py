@@ -496,11 +496,13 @@ def test_a_composition_naming_an_unknown_or_disabled_expert_is_refused(
             http.post("/v1/compositions", json=request([e0, e1])), 451, "expert_disabled"
         )
         assert e1 in body["detail"]
-        assert registry.scalar("SELECT COUNT(*) FROM jobs") == 0
+        # Only the disable's forgetting measurement (docs/governance.md) is queued.
+        forgetting = registry.scalar("SELECT COUNT(*) FROM forgetting_reports")
+        assert registry.scalar("SELECT COUNT(*) FROM jobs") == forgetting
         assert registry.scalar("SELECT COUNT(*) FROM compositions") == 0
 
         # The same request without the refused experts is accepted: one job, queued.
         accepted = http.post("/v1/compositions", json=request([e0, e2]))
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["status"] == "queued"
-    assert registry.scalar("SELECT COUNT(*) FROM jobs") == 1
+    assert registry.scalar("SELECT COUNT(*) FROM jobs") == forgetting + 1

@@ -57,6 +57,8 @@ def base_env(**extra: str) -> dict[str, str]:
         MKL_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
         AGORA_EMBEDDER="hashing",
+        # Off as in every test process (tests/conftest.py); a test passes "true" in extra.
+        AGORA_ARRIVAL_CHECKS="false",
     )
     env.update(extra)
     return env

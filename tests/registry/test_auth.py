@@ -195,6 +195,8 @@ def _path_values(api) -> dict[str, str]:
         "job_id": queued.json()["job_id"],
         "token_id": "1",  # the admin's (tests/registry/conftest.py makes it first)
         "report_id": "1",
+        "text_set_id": "1",
+        "schedule_id": "1",
     }
 
 

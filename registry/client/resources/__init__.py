@@ -11,6 +11,7 @@ from registry.client.resources.evaluations import Evaluations
 from registry.client.resources.experts import Experts
 from registry.client.resources.jobs import Jobs
 from registry.client.resources.moderation import Moderation
+from registry.client.resources.monitoring import Monitoring
 from registry.client.resources.reports import Reports
 from registry.client.resources.retrieval import DEFAULT_TEMPERATURE, Retrieval
 from registry.client.resources.tokens import Tokens
@@ -25,6 +26,7 @@ __all__ = [
     "Experts",
     "Jobs",
     "Moderation",
+    "Monitoring",
     "Reports",
     "Retrieval",
     "Tokens",

@@ -4,7 +4,7 @@ withdraw and restore one's own."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from registry.client.cache import parse_digest, place
@@ -115,6 +115,32 @@ class Experts:
     def get(self, expert_id: str) -> Expert:
         """The expert's metadata, with all its versions."""
         return self._t.get(Expert, f"/v1/experts/{seg(expert_id)}")
+
+    def wait_for_arrival(
+        self,
+        expert_id: str,
+        *,
+        timeout: float = 600.0,
+        interval: float = 1.0,
+        on_poll: Callable[[Expert], None] | None = None,
+    ) -> Expert:
+        """Poll the expert until its latest version's check on arrival is no longer
+        pending (``expert.arrival.state``: passed, flagged, ...; ``expert.status`` says
+        whether it is active); at once when no check ran. ``TimeoutError`` after
+        ``timeout`` seconds; ``on_poll`` sees each answer."""
+        deadline = self._t.clock() + timeout
+        while True:
+            expert = self.get(expert_id)
+            if on_poll is not None:
+                on_poll(expert)
+            if expert.arrival is None or not expert.arrival.pending:
+                return expert
+            if self._t.clock() >= deadline:
+                raise TimeoutError(
+                    f"expert {expert_id}'s check on arrival (job {expert.arrival.job_id}) is "
+                    f"still pending after {timeout:g} s: is a worker running?"
+                )
+            self._t.sleep(interval)
 
     def datasheet(self, expert_id: str, version: int | None = None) -> str:
         """The datasheet markdown of the given (default: latest) version."""

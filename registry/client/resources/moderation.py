@@ -1,8 +1,9 @@
-"""Moderation (moderators and admins): withdraw an expert and bring it back."""
+"""Moderation (moderators and admins): withdraw an expert and bring it back; anyone reads
+the forgetting reports a disable leads to."""
 
 from __future__ import annotations
 
-from registry.client.models import ModerationAction
+from registry.client.models import ForgettingReport, ForgettingReports, ModerationAction
 from registry.client.transport import Transport, seg
 
 
@@ -21,3 +22,8 @@ class Moderation:
     def _act(self, expert_id: str, action: str, reason: str) -> ModerationAction:
         path = f"/v1/experts/{seg(expert_id)}/{action}"
         return self._t.post(ModerationAction, path, {"reason": reason})
+
+    def forgetting(self, expert_id: str) -> list[ForgettingReport]:
+        """The forgetting reports of an expert's disables, newest first (anyone)."""
+        path = f"/v1/experts/{seg(expert_id)}/forgetting"
+        return self._t.get(ForgettingReports, path).items

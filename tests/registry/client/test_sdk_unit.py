@@ -164,6 +164,10 @@ AGORA_METHODS = {
     ),
     "list_experts": (("base_revision", "status", "q", "limit", "page_size"), "experts.list"),
     "get_expert": (("expert_id",), "experts.get"),
+    "wait_for_arrival": (
+        ("expert_id", "timeout", "interval", "on_poll"),
+        "experts.wait_for_arrival",
+    ),
     "get_datasheet": (("expert_id", "version"), "experts.datasheet"),
     "download": (("expert_id", "version", "dest", "progress"), "experts.download"),
     "search": (("texts", "base_revision", "k", "temperature"), "retrieval.search"),
