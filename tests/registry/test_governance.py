@@ -236,6 +236,11 @@ def test_a_disable_cancels_queued_and_leased_jobs_and_refuses_the_completion(api
         451,
         "expert_disabled",
     )
+    # A re-enable brings none of them back: cancelled jobs stay cancelled (request again).
+    assert moderate(api, a, "enable").status_code == 200
+    cancelled = [leased_request["job_id"], queued_request["job_id"], evaluation.json()["job_id"]]
+    with api.app.state.runtime.sessions() as session:
+        assert [session.get(Job, j).status for j in cancelled] == ["cancelled"] * 3
 
 
 def test_disabled_weights_cannot_come_back_under_a_new_id(api: Api) -> None:
