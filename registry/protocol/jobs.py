@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from registry.protocol.manifest import Manifest
-from registry.protocol.methods import MethodName, relative_change
+from registry.protocol.methods import AVERAGE, ENSEMBLE, MIXTURE, MethodName, relative_change
 from registry.protocol.refs import Contract, Count, ExpertRef, Finite, NonNegative, Revision
 
 # -- payloads ---------------------------------------------------------------------------------
@@ -92,6 +92,10 @@ class CompositionSubject(Contract):
     manifest: Manifest
 
 
+# How a model without the disabled expert is computed: the base alone, or a method's name.
+WITHOUT_METHODS = ("base", MIXTURE.name, ENSEMBLE.name, AVERAGE.name)
+
+
 class WithoutExpert(Contract):
     """How a forgetting measurement computes a model without the disabled expert
     (docs/governance.md, "Proof of forgetting"): ``method`` ``base`` (no expert remains),
@@ -99,12 +103,19 @@ class WithoutExpert(Contract):
     uniform; the base a path as the composition had it), or ``average`` (``experts``
     merged again with ``params``: ``merge``, ``density``)."""
 
-    method: Literal["base", "mixture", "ensemble", "average"]
+    method: StrictStr
     experts: list[ExpertRef] = Field(default_factory=list)
     weights: list[NonNegative] | None = None
     with_base: StrictBool = False
     base_weight: NonNegative | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in WITHOUT_METHODS:
+            raise ValueError(f"must be one of {', '.join(WITHOUT_METHODS)}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> WithoutExpert:

@@ -103,13 +103,13 @@ def without_spec(manifest: Manifest, removed: str | set[str]) -> tuple[WithoutEx
     weights = [float(w) for _, w in kept if w is not None]
     given = weights if len(weights) == len(kept) else None
     if manifest.method == MIXTURE.name:
-        return WithoutExpert(method="mixture", experts=refs), MIXTURE.name
+        return WithoutExpert(method=MIXTURE.name, experts=refs), MIXTURE.name
     if manifest.method == AVERAGE.name:
         params = {k: manifest.params[k] for k in ("merge", "density") if k in manifest.params}
         if given is not None and not sum(given) > 0:
             return base, BASE
         return WithoutExpert(
-            method="average", experts=refs, weights=given, params=params
+            method=AVERAGE.name, experts=refs, weights=given, params=params
         ), AVERAGE.name
     # ensemble, and distill's teacher: the ensemble a compose.ensemble job would build.
     with_base, base_weight = manifest.base_path()
@@ -117,7 +117,7 @@ def without_spec(manifest: Manifest, removed: str | set[str]) -> tuple[WithoutEx
         return base, BASE  # the remaining experts had no share of the prior
     name = TEACHER if manifest.method == DISTILL.name else ENSEMBLE.name
     spec = WithoutExpert(
-        method="ensemble",
+        method=ENSEMBLE.name,
         experts=refs,
         weights=given,
         with_base=with_base,
