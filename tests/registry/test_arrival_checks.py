@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers.artifacts import make_datasheet
+from helpers.in_process import in_process_agora
 from helpers.tiny_models import make_tiny_base
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -61,42 +61,12 @@ def settings(database_url: str, tmp_path: Path, min_gain: float) -> Settings:
     )
 
 
-class _Stream(httpx.SyncByteStream):
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self.inner
-
-
-class _AppTransport(httpx.BaseTransport):
-    """TestClient's in-process transport with the stream type httpx.Client expects."""
-
-    def __init__(self, inner: httpx.BaseTransport) -> None:
-        self.inner = inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.inner.handle_request(request)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_Stream(response.stream),
-            request=request,
-        )
-
-
 @pytest.fixture
 def world(client: TestClient, tokens: Any, tiny: dict[str, Any], tmp_path: Path) -> Iterator[Any]:
     made: list[Agora] = []
 
     def sdk(token: str) -> Agora:
-        agora = Agora(
-            "http://testserver",
-            token=token,
-            transport=_AppTransport(client._transport),
-            cache_dir=tmp_path / f"cache-{len(made)}",
-        )
-        agora._sleep = lambda _s: None
+        agora = in_process_agora(client, token, cache_dir=tmp_path / f"cache-{len(made)}")
         made.append(agora)
         return agora
 

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers.artifacts import make_datasheet
 from helpers.forgetting_models import DOMAINS, train_world
+from helpers.in_process import in_process_agora
 from sqlalchemy import select
 
 from registry.client import Agora
@@ -35,47 +35,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return train_world(tmp_path_factory.mktemp("forgetting-registry"))
 
 
-class _Stream(httpx.SyncByteStream):
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self.inner
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class _Transport(httpx.BaseTransport):
-    """The TestClient's in-process transport, its answers as a sync stream (what the SDK
-    reads; tests/registry/client/conftest.py does the same)."""
-
-    def __init__(self, inner: httpx.BaseTransport) -> None:
-        self.inner = inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.inner.handle_request(request)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_Stream(response.stream),
-            request=request,
-        )
-
-
 @pytest.fixture
 def agoras(client: TestClient, tokens: Any, tmp_path: Path) -> Iterator[dict[str, Agora]]:
     made = {
-        name: Agora(
-            "http://testserver",
-            token=getattr(tokens, name),
-            transport=_Transport(client._transport),
-            cache_dir=tmp_path / f"cache-{name}",
-        )
+        name: in_process_agora(client, getattr(tokens, name), cache_dir=tmp_path / f"cache-{name}")
         for name in ("admin", "alice", "moderator", "worker")
     }
-    for agora in made.values():
-        agora._sleep = lambda _s: None  # type: ignore[method-assign]
     yield made
     for agora in made.values():
         agora.close()

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from helpers.artifacts import make_datasheet
+from helpers.in_process import in_process_agora
 
 from registry.client import Agora
 from worker.runner import Worker
@@ -60,42 +60,8 @@ def tokens(client: TestClient) -> dict[str, str]:
     return secrets
 
 
-class _Stream(httpx.SyncByteStream):
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self.inner
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class _AppTransport(httpx.BaseTransport):
-    """TestClient's in-process transport with the stream type httpx.Client expects."""
-
-    def __init__(self, inner: httpx.BaseTransport) -> None:
-        self.inner = inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.inner.handle_request(request)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_Stream(response.stream),
-            request=request,
-        )
-
-
 def sdk(client: TestClient, token: str, cache: Path) -> Agora:
-    agora = Agora(
-        "http://testserver",
-        token=token,
-        transport=_AppTransport(client._transport),
-        cache_dir=cache,
-    )
-    agora._sleep = lambda _s: None
-    return agora
+    return in_process_agora(client, token, cache_dir=cache)
 
 
 def degenerate_expert(tiny: dict[str, Any], out: Path, token: int = 100) -> Path:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers.artifacts import make_datasheet
+from helpers.in_process import in_process_agora
 
 from registry.client import Agora, CompositionWarning
 from worker import runner as runner_mod
@@ -55,44 +56,13 @@ def tokens(client: TestClient) -> dict[str, str]:
     return secrets
 
 
-class _Stream(httpx.SyncByteStream):
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self.inner
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class _AppTransport(httpx.BaseTransport):
-    """TestClient's in-process ASGI transport, with the sync stream type httpx.Client
-    expects (TestClient's own responses carry Starlette's)."""
-
-    def __init__(self, inner: httpx.BaseTransport) -> None:
-        self.inner = inner
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.inner.handle_request(request)
-        return httpx.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_Stream(response.stream),
-            request=request,
-        )
-
-
 @pytest.fixture
 def make_agora(client: TestClient, tmp_path: Path) -> Iterator[Callable[..., Agora]]:
     made: list[Agora] = []
 
     def factory(token: str, **kwargs: Any) -> Agora:
         kwargs.setdefault("cache_dir", tmp_path / "cache")
-        agora = Agora(
-            "http://testserver", token=token, transport=_AppTransport(client._transport), **kwargs
-        )
-        agora._sleep = lambda _s: None
+        agora = in_process_agora(client, token, **kwargs)
         made.append(agora)
         return agora
 
