@@ -12,7 +12,7 @@ TRITON ?= triton==3.6.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck contracts pytest install install-dev clean
+.PHONY: run test lint typecheck contracts pytest install install-dev browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,13 @@ typecheck: install-dev
 contracts: install-dev
 	$(BIN)/lint-imports
 
-pytest: install-dev
+# The browser tests (tests/web) drive Debian's Chromium through Playwright's Python package;
+# never `playwright install`, which downloads a browser of its own.
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium \
+		|| (apt-get update -q && apt-get install -y -q chromium)
+
+pytest: install-dev browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck contracts pytest

@@ -38,6 +38,7 @@ from registry.retrieval.service import Retrieval
 from registry.runtime import Runtime
 from registry.settings import Settings
 from registry.storage import open_blob_store, open_staging
+from registry.web import install_web
 
 log = logging.getLogger("registry")
 
@@ -152,4 +153,5 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(audit.router)
     app.include_router(tokens.router)
     install_methods(app)
+    install_web(app)
     return app

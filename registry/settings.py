@@ -253,6 +253,13 @@ class Settings(BaseSettings):
         ge=1,
         description="UTF-8 bytes of one uploaded text set (a monitoring benchmark).",
     )
+    web_session_hours: float = Field(
+        default=12.0,
+        gt=0,
+        le=24 * 30,
+        description="How long a web sign-in lasts (registry/web/sessions.py); sign-out ends "
+        "it at once.",
+    )
     embedded_worker: bool | None = Field(
         default=None,
         description=(

@@ -502,3 +502,17 @@ class MonitorRun(Base):
         ForeignKey("expert_reports.id"), nullable=True, index=True
     )
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebSession(Base):
+    """A signed-in browser (registry/web/sessions.py). The cookie holds a random id; this row
+    holds its sha256, never the id nor the token: the token it acts as (by id), the CSRF
+    secret its forms carry, and when it lapses. Sign-out deletes the row."""
+
+    __tablename__ = "web_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("tokens.id"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
