@@ -13,7 +13,8 @@ Rates are token buckets (``rate`` per second, up to ``burst`` at once), keyed by
   verified it (registry/api/deps.py leaves the principal in the request's state), it is
   known to work; a 401 forgets it. So a stream of made-up tokens is charged to its
   address and cannot open a fresh bucket per request;
-- ``POST /v1/search`` is also charged to a stricter search bucket of the same identity;
+- a search, ``POST /v1/search`` or the home page's search form (``GET /?text=...``,
+  registry/web/home.py), is also charged to a stricter search bucket of the same identity;
   one identity has at most ``search_max_per_client`` searches running or waiting (more:
   429), so a single client cannot fill the queue below. A search then runs only while
   fewer than ``search_max_concurrent`` run in this process; up to ``search_max_queued``
@@ -52,6 +53,7 @@ import ipaddress
 import json
 import math
 import time
+import urllib.parse
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
@@ -66,9 +68,22 @@ from registry.settings import Settings
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 SEARCH_PATH = "/v1/search"
+# The home page searches when its form sends a text (registry/web/home.py).
+PAGE_SEARCH_PATH = "/"
 MAX_KEYS = 50_000
 # A saturated search queue drains in about this many seconds at the default bound.
 SEARCH_BUSY_RETRY_AFTER_S = 2
+
+
+def is_search(scope: Scope) -> bool:
+    """A request that runs a search: the API's, or the home page's form with a text."""
+    method, path = scope["method"], scope["path"]
+    if path == SEARCH_PATH:
+        return bool(method == "POST")
+    if path != PAGE_SEARCH_PATH or method not in ("GET", "HEAD"):
+        return False
+    query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return any(value.strip() for value in query.get("text", ()))
 
 
 class TokenBucket:
@@ -318,7 +333,7 @@ class LimitsMiddleware:
         known = credential is not None and credential in self.working
         # Who a search is charged to: the token once it is known to work, else the address.
         identity = f"t:{credential}" if known else f"a:{address}"
-        search = scope["path"] == SEARCH_PATH and scope["method"] == "POST"
+        search = is_search(scope)
         buckets: list[TokenBucket] = []
         if credential is not None and self.tokens.enabled:
             buckets.append(self.tokens.get(credential, now))

@@ -39,7 +39,7 @@ from helpers.adversarial import report, scaled
 from helpers.artifacts import BASE_FILE_FIELDS, make_base_files
 from helpers.processes import Processes, Registry, start_registry, wait_until
 
-from registry.api.limits import Slots, TokenBucket, charge, client_address
+from registry.api.limits import Slots, TokenBucket, charge, client_address, is_search
 from registry.settings import Settings
 
 HEADER_TIMEOUT_S = 1.0
@@ -478,3 +478,37 @@ def test_a_stalled_json_body_gets_408(server: Server) -> None:
         assert json.loads(body)["code"] == "request_timeout"
         assert headers["connection"] == "close"
         _closed_within(sock, 10)
+
+
+def test_the_home_pages_search_form_is_a_search_for_the_limits() -> None:
+    """The home page's form (GET /?text=...) runs the same retrieval as POST /v1/search, so
+    it is charged to the same search bucket and waits for the same slots."""
+
+    def scope(method: str, path: str, query: bytes = b"") -> dict[str, object]:
+        return {"type": "http", "method": method, "path": path, "query_string": query}
+
+    assert is_search(scope("POST", "/v1/search"))
+    assert is_search(scope("GET", "/", b"text=the+sum+of&base=abc&k=2"))
+    assert not is_search(scope("GET", "/"))  # the page without a search
+    assert not is_search(scope("GET", "/", b"text=+%20&base=abc"))  # a blank text searches nothing
+    assert not is_search(scope("GET", "/v1/search"))
+    assert not is_search(scope("GET", "/experts", b"text=x"))
+
+
+def test_home_page_searches_beyond_the_search_burst_are_refused(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from registry.app import create_app
+
+    settings = Settings(
+        data_dir=tmp_path / "agora",
+        embedder="hashing",
+        rate_limit_search_per_second=0.001,
+        rate_limit_search_burst=2,
+    )
+    with TestClient(create_app(settings)) as client:
+        statuses = [client.get("/", params={"text": f"words {i}"}).status_code for i in range(3)]
+        # Pages that do not search are not charged to the search bucket.
+        assert client.get("/").status_code != 429
+    assert 429 not in statuses[:2], statuses
+    assert statuses[2] == 429, statuses
