@@ -13,7 +13,7 @@ signed-in viewer's own state).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,7 +29,7 @@ from starlette.responses import HTMLResponse
 from starlette.types import Scope
 
 from registry.api.deps import RuntimeDep
-from registry.errors import AgoraError, BadRequest
+from registry.errors import AgoraError, BadRequest, Unauthenticated
 from registry.runtime import Runtime
 from registry.web.sessions import CSRF_FIELD, SESSION_COOKIE, Viewer, lookup
 
@@ -179,13 +179,17 @@ def error_page(request: Request, exc: AgoraError) -> Response:
 class PageRoute(APIRoute):
     """A route that answers HTML: errors become pages, and every response is ``secure``."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def run(request: Request) -> Response:
             try:
                 response = await handler(request)
             except AgoraError as exc:
+                if isinstance(exc, Unauthenticated) and "authorization" in request.headers:
+                    # A failing Authorization header is the API's 401 problem on every
+                    # route, pages included (registry/api/deps.py): browsers send none.
+                    raise
                 response = error_page(request, exc)
             except RequestValidationError as exc:
                 first = exc.errors()[0] if exc.errors() else {}
