@@ -60,6 +60,12 @@ WITHDRAWN = governance.WITHDRAWN
 WITHDRAWN_BY_LINEAGE = governance.WITHDRAWN_BY_LINEAGE
 STATUSES = (ACTIVE, QUARANTINED, DISABLED, REJECTED, WITHDRAWN, WITHDRAWN_BY_LINEAGE)
 MAX_PAGE = 100
+# list_experts' orders: the id is time-ordered (registry/services/ids.py).
+SORTS: dict[str, tuple[Any, ...]] = {
+    "newest": (Expert.id.desc(),),
+    "oldest": (Expert.id.asc(),),
+    "name": (func.lower(Expert.name), Expert.id),
+}
 DEFAULT_PAGE = 50
 # Audit log actions (registry/services/audit.py) of a submission.
 SUBMIT_ACTION = "expert.submit"
@@ -504,13 +510,24 @@ def list_experts(
     q: str | None,
     limit: int,
     cursor: str | None,
+    license: str | None = None,
+    language: str | None = None,
+    sort: str = "newest",
+    offset: int = 0,
 ) -> tuple[list[Expert], str | None]:
-    """Newest first, keyset-paginated on the time-ordered id (stable under inserts)."""
+    """Newest first, keyset-paginated on the time-ordered id (stable under inserts).
+    The web pages (docs/web.md) also filter by ``license`` (exact, any case) and
+    ``language`` (one of the expert's languages), sort ``oldest`` or by ``name``, and page
+    by ``offset``; a cursor pages the ``newest`` order only."""
     if status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}", code="invalid_status")
     if not 1 <= limit <= MAX_PAGE:
         raise BadRequest(f"limit must be between 1 and {MAX_PAGE}", code="invalid_limit")
-    stmt = select(Expert).where(Expert.status == status)
+    if sort not in SORTS:
+        raise BadRequest(f"sort must be one of {', '.join(SORTS)}", code="invalid_sort")
+    if cursor and sort != "newest":
+        raise BadRequest("a cursor pages the newest-first order only", code="invalid_cursor")
+    stmt = _filtered(select(Expert).where(Expert.status == status), license, language)
     if base_revision:
         stmt = stmt.where(Expert.base_revision == base_revision)
     if q:
@@ -525,9 +542,33 @@ def list_experts(
         )
     if cursor:
         stmt = stmt.where(Expert.id < decode_cursor(cursor))
-    rows = list(session.scalars(stmt.order_by(Expert.id.desc()).limit(limit + 1)))
+    stmt = stmt.order_by(*SORTS[sort]).offset(offset).limit(limit + 1)
+    rows = list(session.scalars(stmt))
     next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+def _like(text: str) -> str:
+    """``text`` for LIKE, its wildcards matched literally (escape character ``\\``)."""
+    return text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _filtered(stmt: Any, license: str | None, language: str | None) -> Any:
+    if license:
+        stmt = stmt.where(func.lower(Expert.license) == license.lower())
+    if language:
+        # Stored as the datasheet's languages joined with ", " (validate_submission).
+        lang = _like(language)
+        column = func.lower(Expert.language)
+        stmt = stmt.where(
+            or_(
+                column == language.lower(),
+                column.like(f"{lang}, %", escape="\\"),
+                column.like(f"%, {lang}", escape="\\"),
+                column.like(f"%, {lang}, %", escape="\\"),
+            )
+        )
+    return stmt
 
 
 def expert_view(expert: Expert) -> dict[str, Any]:

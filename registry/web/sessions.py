@@ -5,7 +5,9 @@ checked like a bearer token (``tokens.authenticate``) and never stored: the regi
 one ``web_sessions`` row holding the sha256 of a fresh random session id, the token's id,
 a CSRF secret and an expiry (``AGORA_WEB_SESSION_HOURS``). The cookie holds the random id
 only. A revoked token ends its sessions at once (the lookup joins the live token); sign-out
-deletes the row. Functions here take the caller's session and never commit.
+deletes the row. ``start`` and ``end`` are the sign-in and sign-out forms' writes and own
+their transaction; the other functions take the caller's session and never commit.
+``local_path`` keeps a form's ``next`` on this site (docs/web.md, "Signing in").
 
 CSRF, two cases, both compared in constant time:
 
@@ -22,6 +24,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -34,6 +37,9 @@ SESSION_COOKIE = "agora_session"
 PRE_CSRF_COOKIE = "agora_csrf"
 CSRF_FIELD = "csrf_token"
 _ID_BYTES = 32
+# No token is this long (``agora_`` and 43 characters); a longer paste is refused unhashed.
+MAX_SECRET_CHARS = 512
+MAX_PATH_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,10 @@ def new_secret() -> str:
 def sign_in(*, session: Session, secret: str, hours: float) -> tuple[str, Viewer]:
     """A new web session for the token ``secret`` (401 ``invalid_token`` if it is unknown
     or revoked): the cookie value to set, and the viewer."""
-    principal = authenticate(session=session, secret=secret.strip())
+    secret = secret.strip()
+    principal = None
+    if len(secret) <= MAX_SECRET_CHARS:
+        principal = authenticate(session=session, secret=secret)
     if principal is None:
         raise Unauthenticated("unknown or revoked token", code="invalid_token")
     session_id = new_secret()
@@ -119,3 +128,38 @@ def check_csrf(*, expected: str | None, sent: str | None) -> None:
             "submit it again",
             code="csrf_failed",
         )
+
+
+def start(
+    *, session: Session, secret: str, hours: float, previous: str | None
+) -> tuple[str, Viewer]:
+    """The sign-in form's write, in one transaction: the browser's previous session (if its
+    cookie named one) ends and a new one begins (``sign_in``)."""
+    with session.begin():
+        if previous:
+            sign_out(session=session, session_id=previous)
+        return sign_in(session=session, secret=secret, hours=hours)
+
+
+def end(*, session: Session, session_id: str) -> bool:
+    """The sign-out form's write, in one transaction (``sign_out``)."""
+    with session.begin():
+        return sign_out(session=session, session_id=session_id)
+
+
+def local_path(value: str | None) -> str:
+    """``value`` if it is a path on this site ("/experts?q=law"), else "/": where a form may
+    send the browser next (``next``, ``return_to``) without becoming an open redirect.
+    Refused: a path starting "//" or holding a backslash (both name another host to a
+    browser), anything with a scheme or a host, and spaces and control characters
+    (browsers drop a tab or newline, so "/", tab, "/host" would be "//host")."""
+    if not value or len(value) > MAX_PATH_CHARS or not value.startswith("/"):
+        return "/"
+    if value.startswith("//") or "\\" in value:
+        return "/"
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in value):
+        return "/"
+    parts = urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return "/"
+    return value
