@@ -36,6 +36,8 @@ from registry.web.sessions import CSRF_FIELD, SESSION_COOKIE, Viewer, lookup
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PATH = "/assets/web"
+# A flash is one line of confirmation after a form's redirect (registry/web/moderation.py).
+MAX_FLASH_CHARS = 400
 
 CONTENT_SECURITY_POLICY = "; ".join(
     (
@@ -153,7 +155,10 @@ ViewerDep = Annotated[Viewer | None, Depends(current_viewer)]
 
 
 def render(request: Request, template: str, *, status: int = 200, **context: Any) -> HTMLResponse:
-    """``template`` rendered with ``context`` plus ``viewer`` (or None) and ``path``."""
+    """``template`` rendered with ``context`` plus ``viewer`` (or None), ``path`` and
+    ``flash``: the line a form's redirect put in ``?flash=`` (shown escaped, cut to
+    ``MAX_FLASH_CHARS``), unless ``context`` gives its own."""
+    context.setdefault("flash", (request.query_params.get("flash") or "")[:MAX_FLASH_CHARS])
     html = ENV.get_template(template).render(
         viewer=getattr(request.state, "viewer", None), path=request.url.path, **context
     )

@@ -252,6 +252,10 @@ def test_return_to_comes_back_to_a_local_page_only(api: Api) -> None:
     target = urlsplit(back.headers["location"])
     assert target.path == f"/experts/{expert.id}"
     assert parse_qs(target.query) == {"tab": ["versions"], "flash": [f"Disabled {expert.id} (r)"]}
+    # The expert's page says what was done, as every page shows its redirect's flash.
+    shown = api.client.get(back.headers["location"])
+    assert shown.status_code == 200
+    assert f'id="flash" role="status">Disabled {expert.id} (r)<' in shown.text
     away = moderate(
         api.client,
         csrf,
