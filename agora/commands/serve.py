@@ -41,7 +41,7 @@ def serve(
         runtime.engine.dispose()
     url = f"http://{host}:{port}"
     typer.echo(f"Agora registry on {url}")
-    typer.echo(f"  pages:     {url}/  (search, experts, matrix; sign in at {url}/sign-in)")
+    typer.echo(f"  pages:     {url}/  (sign in: {url}/sign-in)")
     typer.echo(f"  API docs:  {url}/docs")
     typer.echo(f"  database:  {settings.resolved_database_url}")
     typer.echo(f"  blobs:     {settings.resolved_storage_url}")

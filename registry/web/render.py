@@ -13,6 +13,7 @@ signed-in viewer's own state).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -74,7 +75,13 @@ def secure(response: Response) -> Response:
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
+# HTML comments (a generated datasheet's prompts to its author) are dropped, not shown as
+# escaped text. Dropping one cannot make markup: the renderer escapes raw HTML anyway.
+_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
+
+
 def markdown(text: str) -> Markup:
+    text = _COMMENT.sub("", text)
     # Safe to mark: raw HTML is escaped by the renderer itself (``html: False``).
     return Markup(_MARKDOWN.render(text))  # noqa: S704
 

@@ -261,7 +261,9 @@ def heatmap(
     base's bits per byte per column as a last row of its own (``rect.base-cell``); an empty
     cell in ``pending`` has an evaluation on its way (``rect.empty.pending``)."""
     limit = change_limit([c.change for c in cells.values() if c.change is not None])
-    width = _LABEL_W + _CELL_W * len(columns) + 8
+    # Room on the right for the last column's label, rotated from its cell's middle: a
+    # 28-character label at font size 11 reaches about 140 px to the right.
+    width = _LABEL_W + _CELL_W * len(columns) + _CELL_W // 2 + 145
     height = _HEAD_H + _CELL_H * (len(rows) + 1) + 8
     out = [
         f'<svg id="{escape(element_id)}" class="heatmap" xmlns="http://www.w3.org/2000/svg" '
@@ -386,7 +388,8 @@ def heatmap_legend(limit: float, *, element_id: str = "matrix-legend", steps: in
             f'fill="{colour_for(change, limit)}" stroke="#dde2ea"/>'
         )
         if i % 2 == 0:
-            label = f"{change * 100:+.0f}%".replace("-", "−") if change else "0%"
+            label = f"{change * 100:+.1f}".removesuffix(".0").replace("-", "−") + "%"
+            label = label if change else "0%"
             out.append(
                 f'<text x="{x + box / 2}" y="{bar_y + 30}" font-size="11" '
                 f'text-anchor="middle">{label}</text>'
