@@ -67,6 +67,9 @@ def sign_in(*, session: Session, secret: str, hours: float) -> tuple[str, Viewer
     """A new web session for the token ``secret`` (401 ``invalid_token`` if it is unknown
     or revoked): the cookie value to set, and the viewer."""
     secret = secret.strip()
+    # A token pasted with the header's scheme, as `curl -H` examples show it, is the token.
+    if secret[:7].lower() == "bearer ":
+        secret = secret[7:].strip()
     principal = None
     if len(secret) <= MAX_SECRET_CHARS:
         principal = authenticate(session=session, secret=secret)

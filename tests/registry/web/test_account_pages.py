@@ -189,6 +189,16 @@ def test_a_local_next_is_kept_with_its_query(
     assert response.headers["location"] == "/experts?q=law&sort=name"
 
 
+def test_a_token_pasted_with_spaces_or_its_bearer_scheme_signs_in(
+    client: TestClient, tokens: Any, web_html: Read
+) -> None:
+    for pasted in (f"  {tokens.alice}\n", f"Bearer {tokens.alice}"):
+        client.cookies.clear()
+        response = post_sign_in(client, sign_in_form(client, web_html), pasted)
+        assert response.status_code == 303, response.text
+        assert signed_in_as(client, web_html) == "alice"
+
+
 def test_sign_out_ends_the_session_on_the_server(
     app: FastAPI, client: TestClient, tokens: Any, web_html: Read
 ) -> None:
