@@ -43,11 +43,14 @@ typecheck: install-dev
 contracts: install-dev
 	$(BIN)/lint-imports
 
-# The browser tests (tests/web) drive Debian's Chromium through Playwright's Python package;
-# never `playwright install`, which downloads a browser of its own.
+# The browser tests (tests/e2e/test_web_browser.py) drive Debian's Chromium through
+# Playwright's Python package; never `playwright install`, which downloads a browser of its
+# own. Without its recommends: they pull in ~40 Perl libraries, and the system Perl's
+# modules are a corpus domain the harm tests train on (modelcore/data/sources.py).
+CHROMIUM_APT := apt-get install -y -q --no-install-recommends chromium
 browser:
-	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium \
-		|| (apt-get update -q && apt-get install -y -q chromium)
+	@command -v chromium >/dev/null 2>&1 || $(CHROMIUM_APT) \
+		|| (apt-get update -q && $(CHROMIUM_APT))
 
 pytest: install-dev browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
