@@ -385,6 +385,17 @@ def _fuzz_seconds() -> int:
     return scaled(6, 300)
 
 
+def _rss_limit_mb(headroom_mb: int = 2048) -> int:
+    """libFuzzer's out-of-memory limit for the fuzzer process: ``headroom_mb`` above this
+    process's peak RSS. libFuzzer measures the peak (getrusage's ru_maxrss), and Linux
+    carries a process's peak across fork and exec, so the child starts at the parent's:
+    a whole-suite pytest process already holds more than 2 GB when this test runs."""
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return peak_mb + headroom_mb
+
+
 def test_atheris_finds_no_disagreement(tmp_path: Path) -> None:
     """Coverage-guided fuzzing: every input our parser accepts, the library reads the same."""
     pytest.importorskip("atheris", reason="atheris (libFuzzer for Python) is not installed")
@@ -410,7 +421,7 @@ def test_atheris_finds_no_disagreement(tmp_path: Path) -> None:
         f"-dict={dictionary}",
         f"-artifact_prefix={artifacts}/",
         "-max_len=4096",
-        "-rss_limit_mb=2048",
+        f"-rss_limit_mb={_rss_limit_mb()}",
         "-print_final_stats=1",
     ]
     env = {**os.environ, STATS_ENV: str(stats), "PYTHONPATH": f"{REPO}{os.pathsep}{TESTS}"}

@@ -55,10 +55,13 @@ def _wait_ready(process: subprocess.Popen[str], url: str) -> None:
 
 
 def _environment(tmp_path: Path, url: str) -> dict[str, str]:
+    # The corpus keeps the suite's pinned distributions (tests/conftest.py): a test tool
+    # installed into this venv must not change the text the quickstart's expert trains on.
+    kept = ("AGORA_EMBEDDER", "AGORA_CORPUS_DISTRIBUTIONS")
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith("AGORA_") or key == "AGORA_EMBEDDER"
+        if not key.startswith("AGORA_") or key in kept
     }
     env.update(
         AGORA_EMBEDDER="hashing",
