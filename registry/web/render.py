@@ -13,6 +13,8 @@ signed-in viewer's own state).
 from __future__ import annotations
 
 import datetime as dt
+import inspect
+import json
 import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -188,6 +190,37 @@ def error_page(request: Request, exc: AgoraError) -> Response:
     return response
 
 
+async def problem_page(request: Request, exc: Exception) -> Response:
+    """``exc`` answered by the app's exception handler for it (the one problem+json would
+    come from), shown as an error page with the same status, code and Retry-After."""
+    handler = next(
+        (
+            request.app.exception_handlers[cls]
+            for cls in type(exc).__mro__
+            if cls in request.app.exception_handlers
+        ),
+        None,
+    )
+    if handler is None:
+        raise exc
+    answer = handler(request, exc)
+    if inspect.isawaitable(answer):
+        answer = await answer
+    body = json.loads(bytes(answer.body)) if answer.body else {}
+    response = render(
+        request,
+        "error.html",
+        status=answer.status_code,
+        title=body.get("title", "Error"),
+        detail=body.get("detail", ""),
+        code=body.get("code", "internal_error"),
+        status_code=answer.status_code,
+    )
+    if "retry-after" in answer.headers:
+        response.headers["Retry-After"] = answer.headers["retry-after"]
+    return response
+
+
 class PageRoute(APIRoute):
     """A route that answers HTML: errors become pages, and every response is ``secure``."""
 
@@ -208,6 +241,10 @@ class PageRoute(APIRoute):
                 where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "body"))
                 detail = f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"
                 response = error_page(request, BadRequest(detail, code="invalid_request"))
+            except Exception as exc:
+                # Anything else (a database that is down, a bug): the API's handler decides
+                # the status and logs it (registry/api/problems.py); the page shows it.
+                response = await problem_page(request, exc)
             return secure(response)
 
         return run
