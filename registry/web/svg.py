@@ -265,9 +265,14 @@ def heatmap(
     # 28-character label at font size 11 reaches about 140 px to the right.
     width = _LABEL_W + _CELL_W * len(columns) + _CELL_W // 2 + 145
     height = _HEAD_H + _CELL_H * (len(rows) + 1) + 8
+    # The head is cut to the longest column label: at -35 degrees and about 6.2 px a
+    # character, it rises 0.57 x its length above the cells (plus a margin).
+    longest = max((len(_clip(label, 28)) for _, label in columns), default=0)
+    top = max(0, _HEAD_H - round(longest * 6.2 * 0.574) - 18)
     out = [
         f'<svg id="{escape(element_id)}" class="heatmap" xmlns="http://www.w3.org/2000/svg" '
-        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'viewBox="0 {top} {width} {height - top}" width="{width}" height="{height - top}" '
+        'role="img" '
         f'aria-label="bits per byte of each expert on each domain" '
         f'data-scale-limit="{limit:g}">'
     ]
