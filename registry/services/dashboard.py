@@ -231,7 +231,12 @@ def recent_forgetting(*, session: Session) -> list[dict[str, Any]]:
         .limit(FORGETTING_ROWS)
     ).all()
     experts = _experts(session, (r.expert_id for r, _ in rows))
-    return [_with_expert(forgetting.report_view(r, j), experts.get(r.expert_id)) for r, j in rows]
+    views = [_with_expert(forgetting.report_view(r, j), experts.get(r.expert_id)) for r, j in rows]
+    # The other domains' text sets are named by their experts' ids: show their names.
+    named = _experts(session, (name for v in views for name in (v.get("others") or {})))
+    for view in views:
+        view["text_set_names"] = {n: named[n].name for n in view.get("others") or {} if n in named}
+    return views
 
 
 # -- the forms' writes -----------------------------------------------------------------------

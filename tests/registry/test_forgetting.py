@@ -114,6 +114,19 @@ def test_a_disable_is_measured_and_the_domain_returns_to_the_base(
     for other in report["others"].values():
         assert abs(other["change"]) < 0.01  # the other domains do not move
 
+    # The moderation page shows the numbers, the other domains by their experts' names.
+    from registry.web.sessions import SESSION_COOKIE, sign_in
+
+    with app.state.runtime.sessions() as session, session.begin():
+        session_id, _ = sign_in(session=session, secret=tokens.moderator, hours=1)
+    client.cookies.set(SESSION_COOKIE, session_id)
+    page = client.get("/moderation")
+    client.cookies.clear()
+    assert page.status_code == 200
+    for domain_name in ("dna", "code"):
+        row = f'<tr data-text-set="{experts[domain_name]}"><td>{domain_name} expert <small'
+        assert row in page.text
+
     alone = reports[None]
     assert alone["method"] == "expert"
     assert alone["without_method"] == "base"
