@@ -18,7 +18,7 @@ from registry.db.models import Expert
 from registry.errors import Forbidden, Unauthenticated
 from registry.protocol.refs import INT32_MAX, VersionNumber
 from registry.runtime import Runtime
-from registry.services import arrival, audit, forgetting
+from registry.services import arrival, forgetting
 from registry.services import experts as svc
 from registry.services.blobs import get_blob
 from registry.services.idempotency import IdempotentRequest, StoredResponse
@@ -241,7 +241,7 @@ def _servable(
     """451 for a withdrawn expert (naming the cause), or weights a disabled expert carries
     (``digest_disabled``); 409 ``expert_quarantined`` for a quarantined one, but to its
     owner, moderators, admins and workers (docs/architecture.md, "Workers that lie").
-    Moderators and admins read withdrawn experts for review: call ``_audit_review``.
+    Moderators and admins read withdrawn experts for review: call ``experts.audit_review``.
     So does the worker holding a forgetting job that names it (docs/governance.md, "Proof
     of forgetting")."""
     if expert.status != svc.ACTIVE and forgetting.leased_reader(
@@ -251,27 +251,6 @@ def _servable(
     svc.check_artifacts_readable(expert=expert, principal=principal)
     if digest is not None and not svc.is_reviewer(principal):
         svc.check_digest_not_disabled(session=session, digest=digest, expert_id=expert.id)
-
-
-def _audit_review(
-    session: Session, expert: Expert, principal: Principal | None, what: str, version: int
-) -> None:
-    """A moderator's or admin's read of a withdrawn expert is an audit entry
-    (``expert.review_download``; docs/governance.md)."""
-    if principal is None or expert.status in (svc.ACTIVE, svc.QUARANTINED):
-        return
-    audit.append(
-        session,
-        actor=principal.name,
-        action="expert.review_download",
-        target=f"expert:{expert.id}",
-        detail={
-            "artifact": what,
-            "version": version,
-            "status": expert.status,
-            "actor_token": principal.token_id,
-        },
-    )
 
 
 @router.get(
@@ -293,7 +272,13 @@ def get_datasheet(
         expert = svc.get_expert(session=session, expert_id=expert_id)
         _servable(session, expert, principal)
         row = svc.get_version(session=session, expert=expert, version=version)
-        _audit_review(session, expert, principal, "datasheet", row.version)
+        svc.audit_review(
+            session=session,
+            expert=expert,
+            principal=principal,
+            artifact="datasheet",
+            version=row.version,
+        )
         return MarkdownResponse(row.datasheet, headers={"X-Agora-Version": str(row.version)})
 
 
@@ -333,7 +318,13 @@ def download_weights(
         row = svc.get_version(session=session, expert=expert, version=version)
         _servable(session, expert, principal, row.digest)
         if request.method == "GET":
-            _audit_review(session, expert, principal, "weights", row.version)
+            svc.audit_review(
+                session=session,
+                expert=expert,
+                principal=principal,
+                artifact="weights",
+                version=row.version,
+            )
         blob = get_blob(session=session, digest=row.digest)
     response = blob_response(
         runtime=runtime,

@@ -69,6 +69,7 @@ SORTS: dict[str, tuple[Any, ...]] = {
 DEFAULT_PAGE = 50
 # Audit log actions (registry/services/audit.py) of a submission.
 SUBMIT_ACTION = "expert.submit"
+REVIEW_ACTION = "expert.review_download"
 NEW_VERSION_ACTION = "expert.new_version"
 
 
@@ -185,6 +186,29 @@ def check_artifacts_readable(*, expert: Expert, principal: Principal | None) -> 
 def is_reviewer(principal: Principal | None) -> bool:
     """Moderators and admins read withdrawn experts (their downloads are audited)."""
     return principal is not None and principal.role in ("moderator", "admin")
+
+
+def audit_review(
+    *, session: Session, expert: Expert, principal: Principal | None, artifact: str, version: int
+) -> None:
+    """A moderator's or admin's read of a withdrawn expert (its ``artifact``, the weights or
+    the datasheet, through the API or its page) is an audit entry,
+    ``expert.review_download`` (docs/governance.md). Nothing for an active or quarantined
+    expert."""
+    if principal is None or expert.status in (ACTIVE, QUARANTINED):
+        return
+    audit.append(
+        session,
+        actor=principal.name,
+        action=REVIEW_ACTION,
+        target=f"expert:{expert.id}",
+        detail={
+            "artifact": artifact,
+            "version": version,
+            "status": expert.status,
+            "actor_token": principal.token_id,
+        },
+    )
 
 
 def check_digest_not_disabled(*, session: Session, digest: str, expert_id: str | None) -> None:

@@ -25,7 +25,7 @@ from registry.api.deps import RuntimeDep
 from registry.db.models import Evaluation, Expert
 from registry.errors import AgoraError, BadRequest, Forbidden, expert_not_found
 from registry.protocol import EVALUATE_KIND, relative_change
-from registry.services import audit, evaluations, governance, matrix
+from registry.services import evaluations, governance, matrix
 from registry.services import experts as svc
 from registry.services.arrival import TEXT_SET as OWN_SAMPLES
 from registry.services.base_models import list_base_models
@@ -43,7 +43,6 @@ MAX_FILTER_CHARS = 200
 SORTS = tuple(svc.SORTS)
 # Who may queue evaluations from the matrix page (as POST /v1/evaluations: registry/api).
 FILL_ROLES = ("contributor", "moderator", "admin")
-REVIEW_ACTION = "expert.review_download"
 _LINKABLE = ("http://", "https://", "mailto:")
 
 
@@ -357,27 +356,14 @@ def expert_page_view(session: Session, viewer: Viewer | None, expert_id: str) ->
         row=row,
     )
     if staff and viewer is not None and versions:
-        audit_review(session, expert, viewer, versions[-1].version)
+        svc.audit_review(
+            session=session,
+            expert=expert,
+            principal=viewer.principal,
+            artifact="datasheet",
+            version=versions[-1].version,
+        )
     return page
-
-
-def audit_review(session: Session, expert: Expert, viewer: Viewer, version: int) -> None:
-    """A moderator's or admin's read of a withdrawn expert's datasheet, as the API audits
-    it (docs/governance.md)."""
-    if expert.status in (svc.ACTIVE, svc.QUARANTINED):
-        return
-    audit.append(
-        session,
-        actor=viewer.principal.name,
-        action=REVIEW_ACTION,
-        target=f"expert:{expert.id}",
-        detail={
-            "artifact": "datasheet",
-            "version": version,
-            "status": expert.status,
-            "actor_token": viewer.principal.token_id,
-        },
-    )
 
 
 @router.get("/experts/{expert_id}")

@@ -108,23 +108,10 @@ def _database(kind: str, request: pytest.FixtureRequest, directory: Path) -> Ite
     if kind == "sqlite":
         yield f"sqlite:///{directory / 'agora.db'}"
         return
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from conftest import temporary_postgres_schema
 
-    admin_url: str = request.getfixturevalue("postgres_admin_url")
-    name = f"agora_web_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{name}"'))
-        try:
-            url = make_url(admin_url).update_query_dict({"options": f"-csearch_path={name}"})
-            yield url.render_as_string(hide_password=False)
-        finally:
-            with engine.connect() as connection:
-                connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
-    finally:
-        engine.dispose()
+    with temporary_postgres_schema(request.getfixturevalue("postgres_admin_url")) as url:
+        yield url
 
 
 def _datasheet(domain: str, seed: int) -> bytes:
