@@ -12,7 +12,7 @@ TRITON ?= triton==3.6.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck contracts pytest install install-dev browser clean
+.PHONY: run test lint typecheck contracts pytest install install-dev browser compose-tool clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,15 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || $(CHROMIUM_APT) \
 		|| (apt-get update -q && $(CHROMIUM_APT))
 
-pytest: install-dev browser
+# tests/deploy/test_compose.py checks docker-compose.yml with Debian's docker-compose
+# (`docker-compose config`: no Docker engine needed). Without its recommends, as chromium:
+# they pull in docker.io, the engine, which nothing here runs.
+COMPOSE_APT := apt-get install -y -q --no-install-recommends docker-compose
+compose-tool:
+	@command -v docker-compose >/dev/null 2>&1 || $(COMPOSE_APT) \
+		|| (apt-get update -q && $(COMPOSE_APT))
+
+pytest: install-dev browser compose-tool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck contracts pytest

@@ -23,6 +23,10 @@ Guarantees (docs/architecture.md, the job protocol; docs/jobs.md), and who provi
   capped exponential backoff and jitter (the registry may be starting); an empty queue
   is polled every ``poll_interval`` seconds, jittered so workers do not poll in step.
 
+* **Liveness.** With ``heartbeat_file`` the worker touches that file at every turn of its
+  loop (each lease poll) and every lease heartbeat while a job runs: its age says whether
+  the worker is still turning (docker-compose.yml's worker healthcheck reads it).
+
 Inputs come through the SDK's verified cache (sha256 of every file); the last loaded
 base stays in memory between jobs (``BaseCache``). One log line per job: id, kind,
 outcome, seconds.
@@ -39,7 +43,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +116,17 @@ def _error_text(exc: BaseException) -> str:
 class _Lease:
     """Heartbeats one leased job in a background thread until ``close``."""
 
-    def __init__(self, agora: Agora, job: LeasedJob, interval: float) -> None:
+    def __init__(
+        self,
+        agora: Agora,
+        job: LeasedJob,
+        interval: float,
+        on_tick: Callable[[], None] = lambda: None,
+    ) -> None:
         self.agora = agora
         self.job = job
         self.interval = interval
+        self.on_tick = on_tick
         self.lost = threading.Event()
         self._closed = threading.Event()
         self._progress: dict[str, Any] | None = None
@@ -129,6 +140,7 @@ class _Lease:
 
     def _run(self) -> None:
         while not self._closed.wait(self.interval):
+            self.on_tick()
             try:
                 self.agora.heartbeat_job(self.job.id, self.job.fencing_token, self._progress)
             except LeaseLost:
@@ -159,6 +171,7 @@ class Worker:
         kernels: str = "auto",
         max_jobs: int | None = None,
         work_dir: str | os.PathLike[str] | None = None,
+        heartbeat_file: str | os.PathLike[str] | None = None,
     ) -> None:
         if lease_seconds <= 0 or poll_interval <= 0:
             raise ValueError("lease_seconds and poll_interval must be positive")
@@ -172,6 +185,7 @@ class Worker:
         self.max_jobs = max_jobs
         self.bases = BaseCache(device=device, kernels=kernels)
         self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.heartbeat_file = Path(heartbeat_file) if heartbeat_file is not None else None
         self.outcomes: list[str] = []  # per job run, in order (for callers and tests)
         self._stopping = threading.Event()
         self._releasing = threading.Event()
@@ -191,6 +205,16 @@ class Worker:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    def beat(self) -> None:
+        """Touch ``heartbeat_file`` (if any): the worker is still turning. A failure to
+        write it is logged, never raised: liveness reporting must not stop the work."""
+        if self.heartbeat_file is None:
+            return
+        try:
+            self.heartbeat_file.touch()
+        except OSError as exc:
+            log.warning("heartbeat file %s: %s", self.heartbeat_file, exc)
+
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> int:
         """Run until stopped or ``max_jobs`` jobs ran; returns how many ran."""
@@ -204,6 +228,7 @@ class Worker:
             self.lease_seconds,
         )
         while not self._stopping.is_set():
+            self.beat()
             if self.max_jobs is not None and ran >= self.max_jobs:
                 break
             try:
@@ -228,7 +253,7 @@ class Worker:
     def run_job(self, job: LeasedJob) -> str:
         """Run one leased job to its end; returns the outcome (also logged)."""
         started = time.monotonic()
-        lease = _Lease(self.agora, job, max(0.5, self.lease_seconds / 3))
+        lease = _Lease(self.agora, job, max(0.5, self.lease_seconds / 3), self.beat)
         lease.start()
         scratch = Path(tempfile.mkdtemp(prefix="agora-job-", dir=self._scratch_root()))
         ctx = JobContext(

@@ -93,6 +93,14 @@ def worker(
     name: Annotated[
         str | None, typer.Option("--name", help="Lease owner name (default: host-pid).")
     ] = None,
+    heartbeat_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--heartbeat-file",
+            help="Touched at every poll and every lease heartbeat: its age tells a "
+            "healthcheck the worker is still turning (docker-compose.yml).",
+        ),
+    ] = None,
 ) -> None:
     """Lease composition and evaluation jobs from a registry and compute them.
 
@@ -125,6 +133,7 @@ def worker(
             device=resolved,
             max_jobs=max_jobs,
             work_dir=agora.cache.root / "work",
+            heartbeat_file=heartbeat_file,
         )
         signals = {"count": 0}
 
