@@ -311,10 +311,13 @@ def start_registry(
     database_url: str,
     *,
     settings: Mapping[str, str] | None = None,
+    auto_migrate: bool = True,
 ) -> Registry:
     """`agora serve` on a free port, with no embedded worker (the tests start their own).
 
-    The database is migrated at start (``AGORA_AUTO_MIGRATE=true``, also for PostgreSQL).
+    The database is migrated at start (``AGORA_AUTO_MIGRATE=true``, also for PostgreSQL);
+    with ``auto_migrate=False`` the variable is not set, as in a deployment that runs
+    `agora db upgrade` first: the server then refuses an un-migrated PostgreSQL.
     ``settings`` are extra ``AGORA_...`` variables (job attempts, backoff...).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -323,10 +326,11 @@ def start_registry(
     env = base_env(
         AGORA_DATA_DIR=str(data_dir),
         AGORA_DATABASE_URL=database_url,
-        AGORA_AUTO_MIGRATE="true",
         AGORA_EMBEDDED_WORKER="false",
         AGORA_CACHE_DIR=str(data_dir.parent / "client-cache"),
     )
+    if auto_migrate:
+        env["AGORA_AUTO_MIGRATE"] = "true"
     env.update(settings or {})
     process = procs.start(
         "registry",
