@@ -1,4 +1,4 @@
-# Two entry points: `make run` and `make test`. Everything else is a helper of those.
+# Entry points: `make run`, `make demo` and `make test`. Everything else is a helper of those.
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +12,7 @@ TRITON ?= triton==3.6.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: run test lint typecheck contracts pytest install install-dev browser compose-tool clean
+.PHONY: run test lint typecheck contracts pytest install install-dev browser compose-tool demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ install-dev: $(VENV)/.installed-dev
 
 run: install
 	$(BIN)/agora serve --host $(HOST) --port $(PORT)
+
+# The whole system on this machine's own text (docs/demo.md): trains a small base and
+# experts (cached in ./agora-demo), composes them through its own registry, then forgets one.
+demo: install
+	$(BIN)/agora demo $(DEMO_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .
@@ -66,4 +71,4 @@ pytest: install-dev browser compose-tool
 test: lint typecheck contracts pytest
 
 clean:
-	rm -rf $(VENV) .agora .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .agora agora-demo .pytest_cache .mypy_cache .ruff_cache

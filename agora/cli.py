@@ -21,6 +21,7 @@ from agora.commands import (
     compose,
     data,
     db,
+    demo,
     evaluate,
     expert,
     job,
@@ -58,6 +59,7 @@ def build_app() -> typer.Typer:
     def _root() -> None:
         """Agora: a registry and compute service for a decentralized, modular language model."""
 
+    root.command("demo", rich_help_panel="Start here")(demo.demo)
     root.command("search", rich_help_panel=REGISTRY_PANEL)(search.search)
     root.command("compose", rich_help_panel=REGISTRY_PANEL)(compose.compose)
     root.command("evaluate", rich_help_panel=REGISTRY_PANEL)(evaluate.evaluate)

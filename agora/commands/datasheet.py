@@ -213,7 +213,7 @@ def _placeholder(instruction: str, flag: str) -> str:
     return f"{UNFILLED_MARKER} {instruction} (or regenerate with {flag})"
 
 
-def _dump_yaml(front: dict[str, Any]) -> str:
+def dump_yaml(front: dict[str, Any]) -> str:
     import yaml
 
     class Dumper(yaml.SafeDumper):
@@ -468,7 +468,7 @@ def expert_datasheet(
     }
     _, max_datasheet, _ = _server_limits()
     while True:
-        text = f"---\n{_header(revision, data)}{_dump_yaml(front)}---\n\n{_body(front, computed)}"
+        text = f"---\n{_header(revision, data)}{dump_yaml(front)}---\n\n{_body(front, computed)}"
         encoded = text.encode("utf-8")
         # Escaped samples can outgrow the upload cap: drop the last until the file fits.
         if len(encoded) <= max_datasheet or len(front["samples"]) <= 1:
