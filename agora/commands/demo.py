@@ -123,10 +123,16 @@ def demo(
         distill_steps=distill_steps,
         progress=progress,
     )
+    from registry.client.errors import AgoraError
+
     try:
         outcome, timings = run_demo.run(plan, options, echo_err)
     except training.DemoError as exc:
         echo_err(f"error: {exc}")
+        raise typer.Exit(1) from None
+    except AgoraError as exc:  # the registry refused a step: one line, as every command
+        where = f"HTTP {exc.status}" if exc.status is not None else "no response"
+        echo_err(f"error: [{exc.code}] {exc.detail} ({where})")
         raise typer.Exit(1) from None
     result = report.as_json(outcome, timings)
     (directory / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -139,7 +145,7 @@ def demo(
         typer.echo(textwrap.fill(f"note: {note}", width=80, subsequent_indent="  "))
     if outcome.forgetting is not None:
         typer.echo("")
-        typer.echo(report.forgetting_text(outcome.forgetting))
+        typer.echo(report.forgetting_text(outcome))
     typer.echo("")
     typer.echo(
         f"Took {timings['total']:.0f} s (training {timings['training']:.0f} s); results in "

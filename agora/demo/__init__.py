@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agora.demo import flow
-from agora.demo.training import Plan, train_all
+from agora.demo.training import DemoError, Plan, train_all
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,24 @@ class Options:
     progress: bool
 
 
+def preflight(url: str, token: str | None) -> None:
+    """Before minutes of training: the registry answers and the token is an admin's (the
+    demo uploads a base and disables an expert; listing tokens needs the same role)."""
+    from registry.client import Agora
+    from registry.client.errors import AgoraError, Forbidden, Unauthenticated
+
+    try:
+        with Agora(url, token=token, max_retries=1) as agora:
+            agora.tokens.list()
+    except (Unauthenticated, Forbidden) as exc:
+        raise DemoError(
+            f"{url} refused the token ({exc.code}): the demo needs an admin token "
+            "(agora admin create-token --role admin where that registry runs)"
+        ) from None
+    except AgoraError as exc:
+        raise DemoError(f"cannot use the registry at {url}: {exc.detail} ({exc.code})") from None
+
+
 def run(
     plan: Plan, options: Options, say: Callable[[str], None]
 ) -> tuple[flow.Outcome, dict[str, float]]:
@@ -38,6 +56,8 @@ def run(
     from registry.client import Agora
 
     started = time.perf_counter()
+    if options.registry is not None:
+        preflight(options.registry, options.token)
     options.root.mkdir(parents=True, exist_ok=True)
     trained = train_all(plan, options.root, progress=options.progress, say=say)
     timings = dict(trained.timings)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agora.demo.training import DemoError, Trained, TrainedExpert, content_key
+from registry.client.errors import NotFound
 
 READY_TIMEOUT_S = 180.0
 # A job queued this long without a worker taking it: say how to start one.
@@ -301,8 +302,14 @@ def publish(
         if known:
             try:
                 expert = agora.get_expert(known)
-            except Exception:
-                expert = None
+            except NotFound:
+                expert = None  # not on this registry any more (its data was reset): submit
+        if expert is not None and expert.status == "disabled":
+            # An earlier run's forgetting check, kept with --keep-disabled: this run starts
+            # from where the first one did.
+            agora.enable_expert(expert.id, "agora demo: enabled again for a new run")
+            say(f"enabled {expert.id} ({item.name}) again: an earlier run left it disabled")
+            expert = agora.get_expert(expert.id)
         if expert is None:
             sub = agora.submit_expert(
                 item.weights, item.datasheet, revision, idempotency_key=key[:64]

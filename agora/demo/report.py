@@ -76,13 +76,18 @@ def forgetting_summary(f: Forgetting) -> dict[str, Any]:
     }
 
 
-def forgetting_text(f: Forgetting) -> str:
+def forgetting_text(outcome: Outcome) -> str:
+    f = outcome.forgetting
+    assert f is not None
     summary = forgetting_summary(f)
     lines = [
-        f"Forgetting: the {f.name} expert {f.expert_id} disabled (moderation action "
-        f"{f.action_id}).",
-        "The registry measured each composition that used it, with and without it, on its",
-        "own samples, and on every other expert's samples (largest change shown).",
+        *textwrap.wrap(
+            f"Forgetting: the {f.name} expert {f.expert_id} disabled (moderation action "
+            f"{f.action_id}). The registry measured each composition that used it, with and "
+            "without it, on its own samples, and on every other expert's samples (largest "
+            "change shown).",
+            width=80,
+        ),
         "",
         f"{'measured':<26}{'with':>8}{'without':>9}{'base':>8}{'others max':>12}",
     ]
@@ -117,12 +122,26 @@ def forgetting_text(f: Forgetting) -> str:
         same = "exactly the base" if r["without"] == r["base"] else "not the base (unexpected)"
         lines.append(f"Alone: without it the model is {same} ({_f(r['without'])}).")
     if composed:
+        worth = max(r["without"] - r["with"] for r in composed)
         back = max(r["base"] - r["without"] for r in composed)
         moved = max((r["others_max_change"] or 0.0) for r in composed)
         lines += textwrap.wrap(
-            f"In its compositions: without it its own text is at most {back:.3f} bits/byte "
-            "better than the base (what the remaining experts know of it), and the other "
-            f"experts' text moved at most {moved:.3f} bits/byte.",
+            f"In its compositions it was worth up to {worth:.3f} bits/byte on its own text; "
+            f"without it they are at most {back:.3f} better than the base there, and the "
+            f"other experts' text moved at most {moved:.3f}.",
+            width=80,
+        )
+    own = next((run for run in outcome.domains if run.domain == f.name), None)
+    others = {
+        names_by_id(outcome).get(c.split(":", 1)[1], c): v
+        for c, v in (own.scores.items() if own else ())
+        if c.startswith("single:") and c.split(":", 1)[1] != f.expert_id
+    }
+    if own is not None and others and own.base is not None:
+        shown = ", ".join(f"{name} {value:.3f}" for name, value in others.items())
+        lines += textwrap.wrap(
+            f"The other experts alone on {f.name} evaluation text: {shown} (the base "
+            f"{own.base:.3f}). What they know of it stays until they are removed too.",
             width=80,
         )
     lines.append(

@@ -169,7 +169,15 @@ def test_the_demo_runs_against_a_registry_given_by_url(
         )
         start_worker(procs, registry, worker_token.splitlines()[-1].strip(), name="w1")
         admin = registry.create_token("admin", "ops")
-        run = demo(two_runs.directory, *TINY, "--registry", registry.url, "--token", admin)
+        run = demo(
+            two_runs.directory,
+            *TINY,
+            "--registry",
+            registry.url,
+            "--token",
+            admin,
+            "--keep-disabled",
+        )
         result = run.result
         assert "trained in" not in run.stderr  # the same cache as the embedded runs
         assert result["base_revision"] == two_runs.first.result["base_revision"]
@@ -177,6 +185,12 @@ def test_the_demo_runs_against_a_registry_given_by_url(
         assert ids.isdisjoint({e["id"] for e in two_runs.first.result["experts"]})
         assert registry.scalar("SELECT count(*) FROM experts") >= len(ids)
         assert result["forgetting"]["reports"]
+        # --keep-disabled: the expert stays disabled on that registry after the demo.
+        assert result["forgetting"]["restored"] is False
+        status = registry.scalar(
+            "SELECT status FROM experts WHERE id = :id", id=result["forgetting"]["expert_id"]
+        )
+        assert status == "disabled"
     finally:
         procs.stop_all()
 
@@ -196,4 +210,12 @@ def test_bad_options_are_refused_before_anything_is_trained(
     run = demo(tmp_path / "d", *args)
     assert run.returncode == 2
     assert message in run.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_unreachable_registry_is_named_before_anything_is_trained(tmp_path: Path) -> None:
+    run = demo(tmp_path / "d", "--registry", "http://127.0.0.1:9", "--token", "agora_x")
+    assert run.returncode == 1
+    assert "cannot use the registry at http://127.0.0.1:9" in run.stderr
+    assert "Traceback" not in run.stderr
     assert not (tmp_path / "d").exists()
