@@ -72,6 +72,14 @@ def demo(
     keep_disabled: Annotated[
         bool, typer.Option("--keep-disabled", help="Leave that expert disabled afterwards.")
     ] = False,
+    forget_again: Annotated[
+        bool,
+        typer.Option(
+            "--forget-again",
+            help="Disable and measure again even when an earlier run measured the same "
+            "compositions.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="The results as JSON.")] = False,
     progress: ShowProgress = True,
@@ -120,6 +128,7 @@ def demo(
         token=token,
         disable=chosen,
         restore=not keep_disabled,
+        forget_again=forget_again,
         distill_steps=distill_steps,
         progress=progress,
     )

@@ -27,6 +27,7 @@ class Options:
     token: str | None
     disable: str | None  # the domain whose expert is disabled; None: no forgetting check
     restore: bool
+    forget_again: bool
     distill_steps: int
     progress: bool
 
@@ -108,8 +109,11 @@ def run(
                     agora,
                     trained,
                     published,
-                    options.disable,
+                    runs,
+                    state=state,
+                    domain=options.disable,
                     restore=options.restore,
+                    again=options.forget_again,
                     **common,  # type: ignore[arg-type]
                 )
                 timings["forget"] = time.perf_counter() - step

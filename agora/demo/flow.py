@@ -262,6 +262,7 @@ class Forgetting:
     reports: list[Any]
     still_found: bool
     restored: bool
+    reused: bool = False  # read back from an earlier run's identical measurement
 
 
 @dataclass
@@ -508,19 +509,53 @@ def forget(
     agora: Any,
     trained: Trained,
     published: list[Published],
-    domain: str,
+    runs: list[DomainRun],
     *,
+    state: State,
+    domain: str,
     restore: bool,
+    again: bool,
     progress: bool,
     say: Callable[[str], None],
     registry_url: str,
 ) -> Forgetting:
     """Disable ``domain``'s expert through the moderation API, wait for the forgetting
-    measurements the registry queues, search again, and (``restore``) enable it again."""
+    measurements the registry queues, search again, and (``restore``) enable it again.
+
+    The measurement is a function of the expert's version and the compositions that used
+    it: when an earlier run measured exactly these (and enabled the expert again), its
+    reports are read back instead (``again`` disables and measures anew)."""
     target = next((p for p in published if p.expert.name == domain), None)
     if target is None:
         raise DemoError(f"no expert of the {domain} domain was published")
     expert = agora.get_expert(target.expert_id)
+    used = sorted(
+        cid
+        for run in runs
+        if target.expert_id in {e for e, _ in run.found}
+        for cid in run.compositions.values()
+    )
+    key = content_key(
+        what="forget", expert=target.expert_id, version=expert.latest_version, used=used
+    )
+    known = state.get(key)
+    if known and restore and not again and expert.status == "active":
+        reports = _reports(agora, target.expert_id, int(known["action_id"]))
+        if reports and all(r.status != "pending" for r in reports):
+            say(
+                f"forgetting of {target.expert_id} ({domain}): measured at moderation action "
+                f"{known['action_id']} on these compositions; read back (--forget-again to "
+                "disable and measure anew)"
+            )
+            return Forgetting(
+                target.expert_id,
+                domain,
+                int(known["action_id"]),
+                reports,
+                bool(known["still_found"]),
+                True,
+                reused=True,
+            )
     if expert.status == "disabled":  # an earlier run kept it disabled: start from enabled
         agora.enable_expert(target.expert_id, "agora demo: enabled before the forgetting check")
     action = agora.disable_expert(target.expert_id, "agora demo: the forgetting check")
@@ -539,10 +574,11 @@ def forget(
     while any(r.status == "pending" for r in reports) and time.monotonic() < deadline:
         time.sleep(POLL_S)  # a report is settled as its job's result is stored
         reports = _reports(agora, target.expert_id, action.id)
-    found = agora.search(trained.texts[domain].query, trained.revision, k=SINGLE_K)
+    found = agora.search(trained.texts[domain].query, trained.revision, k=SEARCH_K)
     still = target.expert_id in found.expert_ids
     if restore:
         agora.enable_expert(target.expert_id, "agora demo: restored after the forgetting check")
+        state.put(key, {"action_id": action.id, "still_found": still})
     return Forgetting(target.expert_id, domain, action.id, reports, still, restore)
 
 

@@ -72,6 +72,7 @@ def forgetting_summary(f: Forgetting) -> dict[str, Any]:
         "moderation_action": f.action_id,
         "found_by_search_after": f.still_found,
         "restored": f.restored,
+        "reused": f.reused,
         "reports": rows,
     }
 
@@ -148,7 +149,12 @@ def forgetting_text(outcome: Outcome) -> str:
         "Search for its text now "
         + ("still finds it (unexpected)." if f.still_found else "no longer finds it.")
     )
-    if f.restored:
+    if f.reused:
+        lines.append(
+            f"Read back from moderation action {f.action_id} of an earlier run, which measured "
+            "these same compositions (--forget-again measures anew)."
+        )
+    elif f.restored:
         lines.append("Enabled again afterwards (--keep-disabled leaves it disabled).")
     return "\n".join(lines)
 
