@@ -139,6 +139,12 @@ def demo(
     except training.DemoError as exc:
         echo_err(f"error: {exc}")
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        echo_err(
+            f"interrupted: everything trained or computed so far is kept in {directory}; "
+            "the same command goes on from there"
+        )
+        raise typer.Exit(130) from None
     except AgoraError as exc:  # the registry refused a step: one line, as every command
         where = f"HTTP {exc.status}" if exc.status is not None else "no response"
         echo_err(f"error: [{exc.code}] {exc.detail} ({where})")
