@@ -28,6 +28,7 @@ from typing import Any
 
 from agora.demo.training import DemoError, Trained, TrainedExpert, content_key
 from registry.client.errors import NotFound
+from registry.protocol import AVERAGE, DISTILL, ENSEMBLE
 
 READY_TIMEOUT_S = 180.0
 # A job queued this long without a worker taking it: say how to start one.
@@ -361,7 +362,7 @@ def _quiet_cautions(notes: list[str]) -> Iterator[None]:
             notes.append(text)
 
 
-METHODS = ("ensemble", "average", "distill")
+METHODS = (ENSEMBLE.name, AVERAGE.name, DISTILL.name)
 
 
 def compose_all(
@@ -404,10 +405,10 @@ def compose_all(
         say(f"search {domain}: {shown} ({found.embedder})")
         ids = [e for e, _ in run.found]
         for method in METHODS:
-            params = {"steps": distill_steps} if method == "distill" else None
+            params = {"steps": distill_steps} if method == DISTILL.name else None
             # The ensemble's prior is retrieval's weights (c-BTM); the average is uniform and
             # the distillation's teacher estimates its prior on the query text.
-            weights = [w for _, w in run.found] if method == "ensemble" else None
+            weights = [w for _, w in run.found] if method == ENSEMBLE.name else None
             key = content_key(
                 what="compose",
                 method=method,

@@ -7,8 +7,7 @@ import textwrap
 from typing import Any
 
 from agora.demo.flow import Forgetting, Outcome
-
-COLUMNS = ("base", "best", "ensemble", "average", "distill")
+from registry.protocol import AVERAGE, DISTILL, ENSEMBLE, MIXTURE
 
 
 def _f(value: float | None) -> str:
@@ -26,7 +25,7 @@ def table(outcome: Outcome) -> str:
         "and composition; lower is better). Best single: the best of the experts search",
         "found, each alone with the base.",
         "",
-        f"{'domain':<16}{'base':>7}  {'best single':<21}{'ensemble':>9}{'average':>9}"
+        f"{'domain':<16}{'base':>7}  {'best single':<21}{ENSEMBLE.name:>9}{AVERAGE.name:>9}"
         f"{'distilled':>11}",
     ]
     for run in outcome.domains:
@@ -34,8 +33,8 @@ def table(outcome: Outcome) -> str:
         single = f"{_f(run.scores.get('best'))} {best}"[:20]
         lines.append(
             f"{run.domain:<16}{_f(run.base):>7}  {single:<21}"
-            f"{_f(run.scores.get('ensemble')):>9}{_f(run.scores.get('average')):>9}"
-            f"{_f(run.scores.get('distill')):>11}"
+            f"{_f(run.scores.get(ENSEMBLE.name)):>9}{_f(run.scores.get(AVERAGE.name)):>9}"
+            f"{_f(run.scores.get(DISTILL.name)):>11}"
         )
     if outcome.unlabeled:
         lines += textwrap.wrap(
@@ -92,7 +91,7 @@ def forgetting_text(outcome: Outcome) -> str:
         "",
         f"{'measured':<26}{'with':>8}{'without':>9}{'base':>8}{'others max':>12}",
     ]
-    order = {"ensemble": 0, "average": 1, "distill": 2, "mixture": 3}
+    order = {ENSEMBLE.name: 0, AVERAGE.name: 1, DISTILL.name: 2, MIXTURE.name: 3}
     rows = sorted(
         summary["reports"],
         key=lambda r: (
@@ -186,9 +185,9 @@ def as_json(outcome: Outcome, timings: dict[str, float]) -> dict[str, Any]:
                 "base": run.base,
                 "best_single": run.scores.get("best"),
                 "best_single_expert": run.best_single,
-                "ensemble": run.scores.get("ensemble"),
-                "average": run.scores.get("average"),
-                "distill": run.scores.get("distill"),
+                ENSEMBLE.name: run.scores.get(ENSEMBLE.name),
+                AVERAGE.name: run.scores.get(AVERAGE.name),
+                DISTILL.name: run.scores.get(DISTILL.name),
                 "singles": {
                     c.split(":", 1)[1]: v for c, v in run.scores.items() if c.startswith("single:")
                 },

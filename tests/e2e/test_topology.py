@@ -88,9 +88,15 @@ def _base_bits_per_byte(trained: Trained, texts: list[str]) -> float:
     from modelcore.artifacts import load_base
     from modelcore.eval import evaluate
 
+    # One thread, as the workers run; restored, so the rest of the session keeps its own.
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    bundle = load_base(trained.base_dir)
-    return float(evaluate(bundle.model, bundle.tokenizer, {"t": texts})["t"]["bits_per_byte"])
+    try:
+        bundle = load_base(trained.base_dir)
+        scores = evaluate(bundle.model, bundle.tokenizer, {"t": texts})
+    finally:
+        torch.set_num_threads(previous)
+    return float(scores["t"]["bits_per_byte"])
 
 
 def _hex(digest: str) -> str:

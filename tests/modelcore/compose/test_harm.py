@@ -63,13 +63,22 @@ def _own(report: dict, row: str) -> dict[str, float]:
     return {d: report["change"][row][d] for d in report["own"][row]}
 
 
-# Seed 0 on the pinned corpus (constraints.txt, this repository's own README out of the
-# unseen package_readmes domain): the unseen experts' mixture raises c_headers by +1.11%,
-# past MIXTURE_OUTSIDE; the ensemble stays within +0.0%. Kept as the claim, expected to
-# fail there, strictly (docs/composition.md, "Do no harm").
-_MIXTURE_MISS = "seed 0: unseen experts' mixture +1.11% on c_headers (bound 1%)"
+# The corpus is this machine's own text, and its c_headers domain reads /usr/include,
+# which changes with the machine image (the 2026-09 image upgraded linux-libc-dev and added
+# valgrind's and other headers: the domain's passages changed, so did every model trained
+# here). On that corpus (measured 2026-12-04) seed 1's unseen mixture raises c_headers by
+# +1.08%, past MIXTURE_OUTSIDE (seed 0, +1.11% on the earlier image, now holds); on seed 0
+# the seen mixture's own-domain mean is -0.02% against -0.1% (c_headers -0.31%, licenses
+# +0.27%). Kept as the claims, expected to fail where they do, strictly: the day one holds
+# again its mark must go (docs/composition.md, "Do no harm").
+_MIXTURE_MISS = "seed 1: unseen experts' mixture +1.08% on c_headers (bound 1%)"
 OUTSIDE_SEEDS = [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_MIXTURE_MISS)) if s == 0 else s
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_MIXTURE_MISS)) if s == 1 else s
+    for s in SEEDS
+]
+_OWN_MISS = "seed 0: seen experts' mixture -0.02% on its own domains (bound -0.1%)"
+OWN_SEEDS = [
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_OWN_MISS)) if s == 0 else s
     for s in SEEDS
 ]
 
@@ -85,7 +94,7 @@ def test_outside_their_domains_compositions_stay_at_the_base(reports, seed):
         assert mix <= MIXTURE_OUTSIDE, f"{label} mixture outside +{mix:.2%}\n{table}"
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", OWN_SEEDS)
 def test_compositions_are_better_than_the_base_on_their_own_domains(reports, seed):
     report = reports(seed)
     table = harm.format_table(report)

@@ -83,13 +83,16 @@ def test_removing_an_expert_forgets_its_domain_only(setup, prep, runs, seed):
 
 
 # Held on every seed before the do-no-harm defaults (86-91%); with them: 79%, 85%, 24%
-# (docs/composition.md, "Measured in DEMix's setting"). On the pinned corpus
-# (constraints.txt; this repository's own files out of it) seed 0 holds again; seed 2
-# does not. Kept as the claim, and expected to fail where it does, strictly: the day it
-# holds again the mark must go.
-_DISTILL_MISSES = "do-no-harm defaults: the student recovers 24% (seed 2)"
+# (docs/composition.md, "Measured in DEMix's setting"). On the corpus of the 2026-09
+# machine image (its /usr/include changed the c_headers domain the base trains on;
+# tests/modelcore/compose/test_harm.py) the student recovers 63% on seed 0, seed 2 still
+# misses, seed 1 holds. Kept as the claim, and expected to fail where it does,
+# strictly: the day it holds again the mark must go.
+_DISTILL_MISSES = "do-no-harm defaults: the student recovers 63% (seed 0), under 80% (seed 2)"
 DISTILL_SEEDS = [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_DISTILL_MISSES)) if s == 2 else s
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_DISTILL_MISSES))
+    if s in (0, 2)
+    else s
     for s in SEEDS
 ]
 
