@@ -31,15 +31,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelcore.config import ModelConfig
+from modelcore.decode import (
+    GATHER_MAX_ASSIGNMENTS,
+    LayerCache,
+    gathered_mm,
+    softmax_rows,
+    stickbreaking_rows,
+)
 from modelcore.kernels import KernelBackend, plan_routing
 from modelcore.router import LayerRouting, MLPRouter, route
 
 
 def rope_tables(
-    T: int, head_dim: int, theta: float, device: torch.device | None
+    T: int, head_dim: int, theta: float, device: torch.device | None, *, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of positions ``start .. start+T-1``: (T, head_dim / 2) each."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    angles_TF = torch.outer(torch.arange(T, device=device).float(), inv_freq)
+    positions_T = torch.arange(start, start + T, device=device).float()
+    angles_TF = torch.outer(positions_T, inv_freq)
     return angles_TF.cos(), angles_TF.sin()
 
 
@@ -92,22 +101,72 @@ class MixtureOfAttention(nn.Module):
         q_BHTD, k_BHTD = apply_rope(q_BHTD, cos_TF, sin_TF), apply_rope(k_BHTD, cos_TF, sin_TF)
         return F.scaled_dot_product_attention(q_BHTD, k_BHTD, v_BHTD, is_causal=True)
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+    def attend_cached(
+        self,
+        q_BSTD: torch.Tensor,
+        k_BHTD: torch.Tensor,
+        v_BHTD: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """The new tokens' attention over the cached ones and themselves; their keys and
+        values are appended to ``cache`` (modelcore.decode)."""
+        B, S, T, Dh = q_BSTD.shape
+        K = self.top_k
+        offset = cache.length
+        if self.kind == "softmax":
+            cos_TF, sin_TF = rope_tables(
+                T, self.head_dim, self.rope_theta, q_BSTD.device, start=offset
+            )
+            q_BSTD, k_BHTD = apply_rope(q_BSTD, cos_TF, sin_TF), apply_rope(k_BHTD, cos_TF, sin_TF)
+        k_BHLD, v_BHLD = cache.append(k_BHTD, v_BHTD)
+        if offset == 0:
+            # Prefill: the whole causal attention, as in training (stick-breaking through
+            # the backend; queries and keys already rotated for softmax).
+            k_BSTD, v_BSTD = k_BHTD.repeat(1, K, 1, 1), v_BHTD.repeat(1, K, 1, 1)
+            if self.kind == "stickbreaking":
+                return self.attend(q_BSTD, k_BSTD, v_BSTD)
+            return F.scaled_dot_product_attention(q_BSTD, k_BSTD, v_BSTD, is_causal=True)
+        q_BKHTD = q_BSTD.view(B, K, S // K, T, Dh)
+        if self.kind == "stickbreaking":
+            o = stickbreaking_rows(q_BKHTD, k_BHLD, v_BHLD, include_diagonal=self.include_diagonal)
+        else:
+            o = softmax_rows(q_BKHTD, k_BHLD, v_BHLD)
+        return o.reshape(B, S, T, Dh)
+
+    def forward(
+        self, x_BTD: torch.Tensor, cache: LayerCache | None = None
+    ) -> tuple[torch.Tensor, LayerRouting]:
+        """``cache``: decode incrementally (modelcore.decode): the T tokens of ``x_BTD``
+        follow the cached ones, and their keys/values are appended to it."""
         B, T, D = x_BTD.shape
         K, H, Dh = self.top_k, self.n_heads, self.head_dim
         x_ND = x_BTD.reshape(B * T, D)  # N = B*T tokens
         routing = route(self.router(x_ND), self.active_E, K)
-        plan = plan_routing(routing.topk_idx_TK, self.w_q_EDX.shape[0])
+        idx_NK = routing.topk_idx_TK
+        # Decoding a few tokens: gathered expert weights, no routing plan (modelcore.decode).
+        few = cache is not None and B * T * K <= GATHER_MAX_ASSIGNMENTS
+        plan = None if few else plan_routing(idx_NK, self.w_q_EDX.shape[0])
         # Queries of the K chosen experts, in assignment order a = token*K + slot.
-        q_AX = self.backend.grouped_mm(x_ND, self.w_q_EDX, plan)
+        if plan is None:
+            q_AX = gathered_mm(x_ND, self.w_q_EDX, idx_NK)
+        else:
+            q_AX = self.backend.grouped_mm(x_ND, self.w_q_EDX, plan)
         q_BSTD = q_AX.view(B, T, K * H, Dh).transpose(1, 2)  # S = K*H query heads
         k_BHTD = (x_ND @ self.w_k_DX).view(B, T, H, Dh).transpose(1, 2)
         v_BHTD = (x_ND @ self.w_v_DX).view(B, T, H, Dh).transpose(1, 2)
-        # Each slot's heads attend over the same shared keys/values.
-        k_BSTD = k_BHTD.repeat(1, K, 1, 1)
-        v_BSTD = v_BHTD.repeat(1, K, 1, 1)
-        o_BSTD = self.attend(q_BSTD, k_BSTD, v_BSTD)
+        if cache is not None:
+            o_BSTD = self.attend_cached(q_BSTD, k_BHTD, v_BHTD, cache)
+        else:
+            # Each slot's heads attend over the same shared keys/values.
+            k_BSTD = k_BHTD.repeat(1, K, 1, 1)
+            v_BSTD = v_BHTD.repeat(1, K, 1, 1)
+            o_BSTD = self.attend(q_BSTD, k_BSTD, v_BSTD)
         o_AX = o_BSTD.transpose(1, 2).reshape(B * T * K, H * Dh)
+        if plan is None:
+            y_ND = gathered_mm(
+                o_AX, self.w_o_EXD, idx_NK, gates_TK=routing.gates_TK, per_assignment=True
+            )
+            return y_ND.view(B, T, D), routing
         # The output projection reads expert-sorted rows and sums the K slots with gates.
         o_sorted_AX = o_AX.index_select(0, plan.sorted_assign_A)
         y_ND = self.backend.grouped_mm(

@@ -24,6 +24,7 @@ from torch import nn
 from modelcore import losses
 from modelcore.attention import MixtureOfAttention
 from modelcore.config import AUX_KINDS, ModelConfig
+from modelcore.decode import KVCache, LayerCache
 from modelcore.kernels import KernelBackend, select_backend
 from modelcore.moe import MoEFeedForward
 from modelcore.router import LayerRouting
@@ -75,11 +76,17 @@ class Block(nn.Module):
         self.ln_ffn = nn.LayerNorm(D, eps=config.norm_eps, device=device)
         self.ffn = MoEFeedForward(config, backend, device=device)
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, LayerRouting, LayerRouting]:
+    def forward(
+        self, x_BTD: torch.Tensor, cache: LayerCache | None = None
+    ) -> tuple[torch.Tensor, LayerRouting, LayerRouting]:
         B, T, D = x_BTD.shape
-        a_BTD, att_routing = self.attn(self.ln_att(x_BTD))
+        a_BTD, att_routing = self.attn(self.ln_att(x_BTD), cache)
         x_BTD = x_BTD + a_BTD
-        f_ND, ffn_routing = self.ffn(self.ln_ffn(x_BTD).reshape(B * T, D))
+        h_ND = self.ln_ffn(x_BTD).reshape(B * T, D)
+        if cache is not None and isinstance(self.ffn, MoEFeedForward):
+            f_ND, ffn_routing = self.ffn(h_ND, decoding=True)
+        else:  # training, prefill without a cache, or an EMoE layer (modelcore.emoe)
+            f_ND, ffn_routing = self.ffn(h_ND)
         return x_BTD + f_ND.view(B, T, D), att_routing, ffn_routing
 
 
@@ -133,15 +140,20 @@ class ModularLM(nn.Module):
             ffn.dense = bool(value)
 
     # -- forward ------------------------------------------------------------------------
-    def forward(self, input_ids_BT: torch.Tensor, *, aux: str | None = None) -> ModelOutput:
+    def forward(
+        self, input_ids_BT: torch.Tensor, *, aux: str | None = None, cache: KVCache | None = None
+    ) -> ModelOutput:
+        """``cache``: incremental decoding (modelcore.decode; docs/modelcore.md, "Generation
+        (KV cache)"): ``input_ids_BT`` follow the tokens already in the cache, whose keys
+        and values each attention layer appends to; logits come for the new tokens only."""
         kind = self.config.aux if aux is None else aux
         if kind not in AUX_KINDS:
             raise ValueError(f"aux must be one of {AUX_KINDS}, got {kind!r}")
         x_BTD = self.embed(input_ids_BT)
         att_routing: list[LayerRouting] = []
         ffn_routing: list[LayerRouting] = []
-        for block in self.layers:
-            x_BTD, att_r, ffn_r = block(x_BTD)
+        for i, block in enumerate(self.layers):
+            x_BTD, att_r, ffn_r = block(x_BTD, None if cache is None else cache.layer(i))
             att_routing.append(att_r)
             ffn_routing.append(ffn_r)
         logits_BTV = self.lm_head(self.ln_f(x_BTD))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelcore.config import ModelConfig
+from modelcore.decode import GATHER_MAX_ASSIGNMENTS, gathered_mm
 from modelcore.kernels import KernelBackend, plan_routing
 from modelcore.router import LayerRouting, MLPRouter, block_sizes, cat_blocks, drop_row, route
 
@@ -159,13 +160,24 @@ class MoEFeedForward(nn.Module):
         }
 
     # -- forward ------------------------------------------------------------------------
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, LayerRouting]:
+    def forward(
+        self, x_TD: torch.Tensor, *, decoding: bool = False
+    ) -> tuple[torch.Tensor, LayerRouting]:
+        """``decoding``: the tokens are a few new ones of incremental decoding; up to
+        ``decode.GATHER_MAX_ASSIGNMENTS`` assignments run through ``decode.gathered_mm``."""
         k = self._n_active if self.dense else min(self.top_k, self._n_active)
         sizes = block_sizes(self.w_in)
         # With inserted modules a token's best base module keeps its slot (router.py).
         n_base = sizes[0] if len(sizes) > 1 and not self.dense else None
         routing = route(self.router(x_TD), self.active_E, k, n_base=n_base)
         w_in_EDF, w_out_EFD = self.weights()
+        if decoding and x_TD.shape[0] * k <= GATHER_MAX_ASSIGNMENTS:
+            idx_TK = routing.topk_idx_TK
+            h_AF = F.gelu(gathered_mm(x_TD, w_in_EDF, idx_TK))
+            y_TD = gathered_mm(
+                h_AF, w_out_EFD, idx_TK, gates_TK=routing.gates_TK, per_assignment=True
+            )
+            return y_TD, routing
         plan = plan_routing(routing.topk_idx_TK, self.n_modules)
         h_AF = self.backend.grouped_mm(x_TD, w_in_EDF, plan, grouped_out=True)
         h_AF = F.gelu(h_AF)

@@ -41,12 +41,14 @@ from torch import nn
 from modelcore.artifacts import BaseBundle, load_base
 from modelcore.compose.ensemble import (
     ExpertEnsemble,
+    log_mix,
     mix_scores,
     posterior_log_weights,
 )
 from modelcore.compose.mixture import insert_experts, remove_experts
 from modelcore.data.batches import eval_batches
 from modelcore.data.tokenizer import decode, encode, eot_id, pad_id
+from modelcore.decode import KVCache
 from modelcore.eval import evaluate
 from modelcore.experts import load_expert
 
@@ -349,9 +351,44 @@ class ComposedModel(nn.Module):
         """The continuation of ``prompt`` (not including it): greedy at temperature 0,
         else sampled (``top_k`` most likely tokens, seeded). Stops at ``<|endoftext|>``.
 
-        Each step rescores the last ``max_seq_len`` tokens (no KV cache: the models this
-        runs on are small, and the ensemble's posterior needs the whole prefix anyway).
+        Every method decodes with a KV cache (modelcore.decode; docs/modelcore.md,
+        "Generation (KV cache)"): each new token runs through the model alone, over the
+        cached keys and values of the context, and the ensemble's DEMix posterior is
+        updated with each path's likelihood of the token. The context is the last
+        ``max_seq_len`` tokens, as when every step rescored its window: once the text
+        outgrows it, the window slides by one token per step and the cache is rebuilt
+        from the window (the tokens computed the same as by rescoring it).
         """
+        return self._generate(
+            prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, cached=True
+        )
+
+    @torch.no_grad()
+    def _generate_rescoring(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> str:
+        """``generate`` without a cache: every step rescores the whole window with
+        ``log_probs`` (the reference the cached decoding is tested against)."""
+        return self._generate(
+            prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, cached=False
+        )
+
+    def _generate(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        top_k: int | None,
+        seed: int,
+        cached: bool,
+    ) -> str:
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         if temperature < 0:
@@ -365,10 +402,17 @@ class ComposedModel(nn.Module):
         window = int(self.base.config.max_seq_len)
         vocab = int(tok.get_vocab_size(with_added_tokens=True))
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        decoder = _CachedDecoder(self) if cached else None
         new: list[int] = []
-        for _ in range(max_new_tokens):
-            context = torch.tensor([ids[-window:]], dtype=torch.long)
-            lp_V = self.log_probs(context)[0, -1].float().cpu()
+        for step in range(max_new_tokens):
+            if decoder is None:
+                context = torch.tensor([ids[-window:]], dtype=torch.long)
+                lp_V = self.log_probs(context)[0, -1].float().cpu()
+            elif step == 0 or len(ids) > window:
+                # First step, or the window slid past its first token: rebuild the cache.
+                lp_V = decoder.start(ids[-window:])
+            else:
+                lp_V = decoder.step(ids[-1])
             # The model's vocabulary may be larger than the tokenizer's; padding is never text.
             lp_V[vocab:] = float("-inf")
             lp_V[pad_id(tok)] = float("-inf")
@@ -388,3 +432,69 @@ class ComposedModel(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         return self.log_probs(input_ids_BT)
+
+
+class _CachedDecoder:
+    """Next-token log-probabilities of a context that grows one token at a time: the
+    composition's model over a ``KVCache``; for an ensemble, the DEMix posterior
+    ``log P(j) + sum_s log p_j(x_s | x_<s)`` kept per path and updated with each new
+    token's likelihood (what ``log_probs`` computes at the last position of the context)."""
+
+    def __init__(self, composed: ComposedModel) -> None:
+        self.composed = composed
+        self.cache = KVCache()
+        # Ensemble: each path's log-likelihood of the context so far (float64, as
+        # ``posterior_log_weights`` sums them) and its log-probs at the last position.
+        self.ll_P: torch.Tensor | None = None
+        self.last_lp_PV: torch.Tensor | None = None
+
+    def start(self, ids: list[int]) -> torch.Tensor:
+        """Forget the cache and read ``ids``: (V,) float32 log-probs on the CPU."""
+        self.cache = KVCache()
+        ids_1T = torch.tensor([ids], dtype=torch.long, device=self.composed.device)
+        ensemble = self.composed.ensemble
+        if ensemble is None:
+            return self._single(ids_1T)
+        h_P1TD = ensemble.hidden(ids_1T, self.cache)
+        ll, last_logits, last_lp = [], [], []
+        targets_T1 = ids_1T[0, 1:, None]
+        for logits_1TV in ensemble.path_logits(h_P1TD):
+            logits_TV = logits_1TV[0].float()
+            lp_TV = F.log_softmax(logits_TV, dim=-1)
+            ll.append(lp_TV[:-1].gather(-1, targets_T1).squeeze(-1).double().sum())
+            last_logits.append(logits_TV[-1:])
+            last_lp.append(lp_TV[-1])
+        self.ll_P = torch.stack(ll)
+        self.last_lp_PV = torch.stack(last_lp)
+        return self._mix(last_logits)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Append ``token`` to the context: (V,) float32 log-probs of the next one."""
+        ids_11 = torch.tensor([[token]], dtype=torch.long, device=self.composed.device)
+        ensemble = self.composed.ensemble
+        if ensemble is None:
+            return self._single(ids_11)
+        assert self.ll_P is not None
+        assert self.last_lp_PV is not None
+        self.ll_P = self.ll_P + self.last_lp_PV[:, token].double()
+        h_P11D = ensemble.hidden(ids_11, self.cache)
+        last_logits, last_lp = [], []
+        for logits_11V in ensemble.path_logits(h_P11D):
+            logits_1V = logits_11V[0].float()
+            last_logits.append(logits_1V)
+            last_lp.append(F.log_softmax(logits_1V[0], dim=-1))
+        self.last_lp_PV = torch.stack(last_lp)
+        return self._mix(last_logits)
+
+    def _single(self, ids_1T: torch.Tensor) -> torch.Tensor:
+        logits_1TV = self.composed.base(ids_1T, aux="none", cache=self.cache).logits
+        return F.log_softmax(logits_1TV[0, -1].float(), dim=-1).cpu()
+
+    def _mix(self, last_logits: list[torch.Tensor]) -> torch.Tensor:
+        """The posterior-weighted mixture of the paths' last-position distributions."""
+        prior = self.composed.log_prior
+        assert prior is not None
+        assert self.ll_P is not None
+        joint_P = self.ll_P + prior.double()
+        log_w_P1 = (joint_P - torch.logsumexp(joint_P, dim=0)).float().unsqueeze(-1)
+        return log_mix(iter(last_logits), log_w_P1)[0].cpu()

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelcore import native
+from modelcore.decode import KVCache
 from modelcore.experts import check_expert
 from modelcore.kernels import plan_routing
 from modelcore.router import topk_keeping_base
@@ -164,21 +165,26 @@ class ExpertEnsemble(nn.Module):
         y_ND = ffn.backend.grouped_mm(h_AF, self.w_out[i], plan, gates_TK=gates_NK, grouped_in=True)
         return y_ND.view(P, B, T, D)
 
-    def hidden(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """Final (normalised) hidden states of every path: (P, B, T, D)."""
+    def hidden(self, input_ids_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final (normalised) hidden states of every path: (P, B, T, D).
+
+        ``cache``: incremental decoding (modelcore.decode): ``input_ids_BT`` follow the
+        cached tokens; the first layer's keys/values are cached once for B rows, every
+        later layer's per path (P*B rows, path-major)."""
         model = self.model
         P = self.n_paths
         x_BTD = model.embed(input_ids_BT)
         x_PBTD: torch.Tensor | None = None
         for i, block in enumerate(model.layers):
+            layer_cache = None if cache is None else cache.layer(i)
             if x_PBTD is None:
                 # Identical on every path until the first MoE layer: attention runs once.
-                a_BTD, _ = block.attn(block.ln_att(x_BTD))
+                a_BTD, _ = block.attn(block.ln_att(x_BTD), layer_cache)
                 x_BTD = x_BTD + a_BTD
                 x_PBTD = x_BTD.unsqueeze(0).expand(P, *x_BTD.shape)
             else:
                 B, T, D = x_PBTD.shape[1:]
-                a, _ = block.attn(block.ln_att(x_PBTD.reshape(P * B, T, D)))
+                a, _ = block.attn(block.ln_att(x_PBTD.reshape(P * B, T, D)), layer_cache)
                 x_PBTD = x_PBTD + a.view(P, B, T, D)
             x_PBTD = x_PBTD + self._ffn(i, block.ln_ffn(x_PBTD))
         assert x_PBTD is not None

@@ -2,8 +2,10 @@
 
 Modules never call an implementation directly: they ask ``select_backend(device)`` once,
 at construction, and keep the returned backend. On CUDA (with Triton importable) that is
-the Triton backend; everywhere else, the PyTorch references, which are also the test
-oracle. Both backends implement exactly the same contract (see ``moe_ref`` and ``sb_ref``).
+the Triton backend; everywhere else the CPU backend: the MoE reference and the blockwise
+stick-breaking path (``sb_blockwise``). ``prefer="reference"`` gives the pure PyTorch
+references, the test oracle. All backends implement exactly the same contract (see
+``moe_ref`` and ``sb_ref``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from typing import Protocol
 import torch
 
 from modelcore.kernels.moe_ref import RoutingPlan, grouped_mm_ref, plan_routing
+from modelcore.kernels.sb_blockwise import stickbreaking_attention_blockwise
 from modelcore.kernels.sb_ref import stickbreaking_attention_ref
 
 __all__ = [
     "KernelBackend",
     "RoutingPlan",
+    "cpu_backend",
     "plan_routing",
     "reference_backend",
     "select_backend",
@@ -61,23 +65,32 @@ def reference_backend() -> KernelBackend:
     return KernelBackend("reference", grouped_mm_ref, stickbreaking_attention_ref)
 
 
+def cpu_backend() -> KernelBackend:
+    """The MoE reference and blockwise stick-breaking: what CPU modules run (docs/kernels.md,
+    "CPU path": the blockwise path beats the reference at every length measured)."""
+    return KernelBackend("cpu", grouped_mm_ref, stickbreaking_attention_blockwise)
+
+
 def select_backend(
     device: torch.device | str | None = None, *, prefer: str = "auto"
 ) -> KernelBackend:
     """Pick the implementation for modules living on ``device``.
 
-    ``prefer``: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"reference"``, or
-    ``"triton"`` (raises if Triton or CUDA is unavailable, unless TRITON_INTERPRET is set).
+    ``prefer``: ``"auto"`` (Triton on CUDA, the CPU backend elsewhere), ``"reference"``,
+    ``"cpu"``, or ``"triton"`` (raises if Triton or CUDA is unavailable, unless
+    TRITON_INTERPRET is set).
     """
     if prefer == "reference":
         return reference_backend()
+    if prefer == "cpu":
+        return cpu_backend()
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if prefer == "auto" and dev.type != "cuda":
-        return reference_backend()
+        return cpu_backend()
     try:
         from modelcore.kernels.triton_backend import triton_backend
     except ImportError:
         if prefer == "triton":
             raise
-        return reference_backend()
+        return cpu_backend()
     return triton_backend()
