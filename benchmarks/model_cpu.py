@@ -13,7 +13,8 @@ Training = forward + next-token cross entropy (+ the model's aux loss) + backwar
 batch x seq tokens; prefill = forward without autograd on the same batch; generation =
 greedy decoding of ``--new`` tokens after a ``--prompt``-token prompt at batch 1, both
 models with a KV cache (``modelcore.decode`` for the modular one, the same cache for the
-dense one), counting the new tokens. Threads: ``--threads`` (torch intra-op), printed.
+dense one) and the same thread rule (``decode.decoding_threads``: one intra-op thread for a
+step of a few tokens), counting the new tokens. Threads: ``--threads`` (torch intra-op), printed.
 
 Run: PYTHONPATH=. python3 benchmarks/model_cpu.py [--batch 4 --seq 512 --reps 3
      --new 256 --threads 2] [--modes train,prefill,generate] [--profile MODE] [--smoke]
@@ -36,7 +37,7 @@ from _bench import bench, header
 from model_gpu import DenseBlock, DenseLM
 
 from modelcore.config import ModelConfig
-from modelcore.decode import KVCache
+from modelcore.decode import KVCache, decoding_threads
 from modelcore.model import ModularLM
 
 MODES = ("train", "prefill", "generate")
@@ -44,6 +45,11 @@ MODES = ("train", "prefill", "generate")
 
 def dense_forward(dense: DenseLM, ids_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """``dense(ids)`` for tokens that follow the cached ones; keys/values appended."""
+    with decoding_threads(ids_BT.numel()):  # the modular model's rule, for a fair ratio
+        return _dense_layers(dense, ids_BT, cache)
+
+
+def _dense_layers(dense: DenseLM, ids_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
     x = dense.embed(ids_BT)
     B, T, _ = x.shape
     for i, module in enumerate(dense.blocks):

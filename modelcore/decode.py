@@ -17,11 +17,15 @@ cache.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from modelcore.threads import single_thread
 
 
 @dataclass
@@ -71,6 +75,29 @@ class KVCache:
         return self.layers[0].length if self.layers else 0
 
 
+def _rows(q_BKHND: torch.Tensor) -> torch.Tensor:
+    """(B, H, K*N, Dh): each key/value head's queries as rows, slot-major (row r is slot
+    r // N at new position r % N), so that one product per head covers every slot without
+    repeating the shared keys."""
+    B, K, H, N, Dh = q_BKHND.shape
+    return q_BKHND.transpose(1, 2).reshape(B, H, K * N, Dh)
+
+
+def _unrows(o_BHRD: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of ``_rows``: (B, K, H, N, Dh)."""
+    B, H, R, Dh = o_BHRD.shape
+    return o_BHRD.view(B, H, K, R // K, Dh).transpose(1, 2)
+
+
+def _row_mask(K: int, N: int, L: int, include_diagonal: bool, device: torch.device) -> torch.Tensor:
+    """(K*N, L) True where row r's query (position L-N + r % N) may see the key."""
+    pos_R = torch.arange(L - N, L, device=device).repeat(K)
+    key_L = torch.arange(L, device=device)
+    if include_diagonal:
+        return key_L[None, :] <= pos_R[:, None]
+    return key_L[None, :] < pos_R[:, None]
+
+
 def stickbreaking_rows(
     q_BKHND: torch.Tensor,
     k_BHLD: torch.Tensor,
@@ -84,55 +111,67 @@ def stickbreaking_rows(
     keys/values ``k_BHLD`` / ``v_BHLD`` (the new tokens' own included, last). The rows of
     ``sb_ref.stickbreaking_attention_ref`` for these queries: (B, K, H, N, Dh).
     """
-    N, L = q_BKHND.shape[-2], k_BHLD.shape[-2]
+    K, N, L = q_BKHND.shape[1], q_BKHND.shape[-2], k_BHLD.shape[-2]
     ctype = torch.float64 if q_BKHND.dtype == torch.float64 else torch.float32
-    q = q_BKHND.to(ctype)
-    k, v = k_BHLD.to(ctype).unsqueeze(1), v_BHLD.to(ctype).unsqueeze(1)
     scale = 1.0 / math.sqrt(q_BKHND.shape[-1])
-    own_v = v[..., L - N :, :]
+    q_BHRD = _rows(q_BKHND.to(ctype))
+    k, v = k_BHLD.to(ctype), v_BHLD.to(ctype)
+    # Row r's own value: the new token at position L-N + r % N (the same for every slot).
+    own_BHRD = v[:, :, L - N :].repeat(1, 1, K, 1)
     if N == 1:
         # One new token: its stick covers every earlier key (and itself with the
         # diagonal), so no mask is needed.
         stick = L if include_diagonal else L - 1
         if stick == 0:
-            return own_v.expand_as(q).to(q_BKHND.dtype)
-        z = torch.matmul(q, k[..., :stick, :].transpose(-1, -2)) * scale  # (B, K, H, 1, stick)
-        log_not_beta = -F.softplus(z)
-        total = log_not_beta.sum(-1)
-        after_j = total.unsqueeze(-1) - torch.cumsum(log_not_beta, dim=-1)
-        A = torch.exp(after_j - F.softplus(-z))
-        o = torch.matmul(A, v[..., :stick, :]) + torch.exp(total).unsqueeze(-1) * own_v
-        return o.to(q_BKHND.dtype)
-    z = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, K, H, N, L)
-    pos_N = torch.arange(L - N, L, device=q.device)
-    key_L = torch.arange(L, device=q.device)
-    if include_diagonal:
-        mask_NL = key_L[None, :] <= pos_N[:, None]
-    else:
-        mask_NL = key_L[None, :] < pos_N[:, None]
-    log_beta = -F.softplus(-z)
-    log_not_beta = (-F.softplus(z)).masked_fill(~mask_NL, 0.0)
-    # sum_{j<l<i} log(1 - beta_il): the whole stick minus the inclusive cumsum up to j.
-    total = log_not_beta.sum(-1)
-    after_j = total.unsqueeze(-1) - torch.cumsum(log_not_beta, dim=-1)
-    A = torch.exp((log_beta + after_j).masked_fill(~mask_NL, float("-inf")))
+            return _unrows(own_BHRD, K).to(q_BKHND.dtype)
+        k, v = k[:, :, :stick], v[:, :, :stick]
+    z = torch.matmul(q_BHRD, k.transpose(-1, -2)).mul_(scale)  # (B, H, R, L or stick)
+    log_not_beta = F.softplus(z).neg_()
+    log_beta = log_not_beta + z  # log sigmoid(z)
+    mask_RL = None if N == 1 else _row_mask(K, N, L, include_diagonal, z.device)
+    if mask_RL is not None:
+        log_not_beta.masked_fill_(~mask_RL, 0.0)
+    # log A_ij = log beta_ij + sum_{j<l<i} log(1 - beta_il), the sum being the whole stick
+    # minus the inclusive cumulative sum up to j.
+    total = log_not_beta.sum(-1, keepdim=True)
+    log_a = torch.cumsum(log_not_beta, dim=-1).neg_().add_(total).add_(log_beta)
+    if mask_RL is not None:
+        log_a.masked_fill_(~mask_RL, float("-inf"))
     # The remaining mass goes to each new token's own value.
-    o = torch.matmul(A, v) + torch.exp(total).unsqueeze(-1) * own_v
-    return o.to(q_BKHND.dtype)
+    o = torch.matmul(log_a.exp_(), v).addcmul_(total.exp_(), own_BHRD)
+    return _unrows(o, K).to(q_BKHND.dtype)
 
 
 def softmax_rows(q_BKHND: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention of the last N positions over all L cached ones (queries
     and keys already rotated at their positions): (B, K, H, N, Dh)."""
-    B, K, H, N, Dh = q_BKHND.shape
-    L = k_BHLD.shape[-2]
-    k = k_BHLD.unsqueeze(1).expand(B, K, H, L, Dh)
-    v = v_BHLD.unsqueeze(1).expand(B, K, H, L, v_BHLD.shape[-1])
+    K, N, L = q_BKHND.shape[1], q_BKHND.shape[-2], k_BHLD.shape[-2]
+    q_BHRD = _rows(q_BKHND)
     if N == 1:  # the new token sees every cached key
-        return F.scaled_dot_product_attention(q_BKHND, k, v)
-    pos_N = torch.arange(L - N, L, device=q_BKHND.device)
-    mask_NL = torch.arange(L, device=q_BKHND.device)[None, :] <= pos_N[:, None]
-    return F.scaled_dot_product_attention(q_BKHND, k, v, attn_mask=mask_NL)
+        o = F.scaled_dot_product_attention(q_BHRD, k_BHLD, v_BHLD)
+    else:
+        mask_RL = _row_mask(K, N, L, True, q_BKHND.device)
+        o = F.scaled_dot_product_attention(q_BHRD, k_BHLD, v_BHLD, attn_mask=mask_RL)
+    return _unrows(o, K)
+
+
+# Up to this many new tokens (batch rows x tokens) are decoded with one intra-op thread.
+SINGLE_THREAD_MAX_TOKENS = 8
+
+
+@contextlib.contextmanager
+def decoding_threads(n_tokens: int) -> Iterator[None]:
+    """One intra-op thread while decoding a few tokens, else the caller's threads.
+
+    A decoding step is ~100 torch ops on rows of a few hundred numbers: none is worth
+    splitting, and with two intra-op threads each op ends in an OpenMP barrier that costs
+    more than its arithmetic, much more when another process holds a core
+    (modelcore.threads; measured in docs/kernels.md, "CPU: the whole model")."""
+    if n_tokens > SINGLE_THREAD_MAX_TOKENS:
+        yield
+        return
+    with single_thread():
+        yield
 
 
 # Decoding a few new tokens: at most this many (token, expert) assignments per layer use

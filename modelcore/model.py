@@ -16,6 +16,7 @@ pruning removes); ``"none"`` -> ``{}``.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from modelcore import losses
 from modelcore.attention import MixtureOfAttention
 from modelcore.config import AUX_KINDS, ModelConfig
-from modelcore.decode import KVCache, LayerCache
+from modelcore.decode import KVCache, LayerCache, decoding_threads
 from modelcore.kernels import KernelBackend, select_backend
 from modelcore.moe import MoEFeedForward
 from modelcore.router import LayerRouting
@@ -152,10 +153,12 @@ class ModularLM(nn.Module):
         x_BTD = self.embed(input_ids_BT)
         att_routing: list[LayerRouting] = []
         ffn_routing: list[LayerRouting] = []
-        for i, block in enumerate(self.layers):
-            x_BTD, att_r, ffn_r = block(x_BTD, None if cache is None else cache.layer(i))
-            att_routing.append(att_r)
-            ffn_routing.append(ffn_r)
+        threads = nullcontext() if cache is None else decoding_threads(input_ids_BT.numel())
+        with threads:
+            for i, block in enumerate(self.layers):
+                x_BTD, att_r, ffn_r = block(x_BTD, None if cache is None else cache.layer(i))
+                att_routing.append(att_r)
+                ffn_routing.append(ffn_r)
         logits_BTV = self.lm_head(self.ln_f(x_BTD))
         aux_losses = make_aux_losses(kind, ffn_routing, att_routing)
         return ModelOutput(logits_BTV, aux_losses, ffn_routing, att_routing)

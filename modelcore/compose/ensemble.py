@@ -35,13 +35,14 @@ distribution (a distillation teacher) by accumulating path by path into one outp
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modelcore import native
-from modelcore.decode import KVCache
+from modelcore.decode import KVCache, decoding_threads
 from modelcore.experts import check_expert
 from modelcore.kernels import plan_routing
 from modelcore.router import topk_keeping_base
@@ -175,18 +176,20 @@ class ExpertEnsemble(nn.Module):
         P = self.n_paths
         x_BTD = model.embed(input_ids_BT)
         x_PBTD: torch.Tensor | None = None
-        for i, block in enumerate(model.layers):
-            layer_cache = None if cache is None else cache.layer(i)
-            if x_PBTD is None:
-                # Identical on every path until the first MoE layer: attention runs once.
-                a_BTD, _ = block.attn(block.ln_att(x_BTD), layer_cache)
-                x_BTD = x_BTD + a_BTD
-                x_PBTD = x_BTD.unsqueeze(0).expand(P, *x_BTD.shape)
-            else:
-                B, T, D = x_PBTD.shape[1:]
-                a, _ = block.attn(block.ln_att(x_PBTD.reshape(P * B, T, D)), layer_cache)
-                x_PBTD = x_PBTD + a.view(P, B, T, D)
-            x_PBTD = x_PBTD + self._ffn(i, block.ln_ffn(x_PBTD))
+        threads = nullcontext() if cache is None else decoding_threads(input_ids_BT.numel())
+        with threads:
+            for i, block in enumerate(model.layers):
+                layer_cache = None if cache is None else cache.layer(i)
+                if x_PBTD is None:
+                    # Identical on every path until the first MoE layer: attention runs once.
+                    a_BTD, _ = block.attn(block.ln_att(x_BTD), layer_cache)
+                    x_BTD = x_BTD + a_BTD
+                    x_PBTD = x_BTD.unsqueeze(0).expand(P, *x_BTD.shape)
+                else:
+                    B, T, D = x_PBTD.shape[1:]
+                    a, _ = block.attn(block.ln_att(x_PBTD.reshape(P * B, T, D)), layer_cache)
+                    x_PBTD = x_PBTD + a.view(P, B, T, D)
+                x_PBTD = x_PBTD + self._ffn(i, block.ln_ffn(x_PBTD))
         assert x_PBTD is not None
         return model.ln_f(x_PBTD)
 

@@ -45,11 +45,12 @@ against 1e-6 this way. Each tile is recomputed; nothing T x T is kept.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from modelcore.threads import single_thread
+from modelcore.threads import default_workers, run_blocks, single_thread
 
 # Tile size: at B=4, H=2, T=1024, D=48 (2 threads, load ~3) 128-query blocks took 201 ms
 # a forward, 64 took 277 ms, 256 took 218 ms; key chunks of 256 vs 1024 were within noise
@@ -98,9 +99,9 @@ def _weights(stick_NQC: torch.Tensor, carry_NQ1: torch.Tensor) -> torch.Tensor:
     """A from the running stick (inclusive products) and the stick before the chunk:
     A_ij = (stick before j) - (stick after j) = stick_excl * beta_ij."""
     a = torch.empty_like(stick_NQC)
-    a[:, :, 1:] = stick_NQC[:, :, :-1]
-    a[:, :, :1] = carry_NQ1
-    return a.sub_(stick_NQC)
+    torch.sub(stick_NQC[:, :, :-1], stick_NQC[:, :, 1:], out=a[:, :, 1:])
+    torch.sub(carry_NQ1, stick_NQC[:, :, :1], out=a[:, :, :1])
+    return a
 
 
 def _forward(
@@ -157,8 +158,8 @@ def _backward(
     key_chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dz @ k, dz^T @ qs, A^T @ do), the last two in reversed key order; g_r is G_NT."""
-    T = qn.shape[1]
-    dq = torch.zeros_like(qn)
+    N, T, D = qn.shape
+    dq = torch.empty_like(qn)
     dk_rev = torch.zeros_like(qn)
     dv_rev = torch.zeros_like(qn)
     masks: dict[int, torch.Tensor] = {}
@@ -168,7 +169,9 @@ def _backward(
         if n not in masks:
             masks[n] = _outside_mask(n, include_diagonal, qn.dtype, qn.device)
         q_blk, do_blk = qn[:, s:e], do[:, s:e]
-        dq_blk = dq[:, s:e]
+        # Products accumulate into contiguous tensors: a baddbmm_ into a strided slice of
+        # (N, T, D) ran as one addmm per batch row, several times slower.
+        dq_blk = torch.zeros(N, n, D, dtype=qn.dtype, device=qn.device)
         # G_i + sum of g over the keys already walked (all farther than this chunk)
         farther = g_r[:, s:e].unsqueeze(-1).clone()
         chunks = _chunks(T, s, e, key_chunk)
@@ -188,9 +191,26 @@ def _backward(
             # dz = g - beta h = g + (1 - beta) h - h
             dz = torch.addcmul(g, h, not_beta).sub_(h)
             dq_blk.baddbmm_(dz, k_c)
-            dk_rev[:, r0:r1].baddbmm_(dz.transpose(1, 2), q_blk, alpha=-1.0)
-            dv_rev[:, r0:r1].baddbmm_(a.transpose(1, 2), do_blk)
+            dk_rev[:, r0:r1].sub_(torch.bmm(dz.transpose(1, 2), q_blk))
+            dv_rev[:, r0:r1].add_(torch.bmm(a.transpose(1, 2), do_blk))
+        dq[:, s:e] = dq_blk
     return dq, dk_rev, dv_rev
+
+
+def _row_slices(n_rows: int) -> list[slice]:
+    """The (batch x head) rows split into one contiguous range per worker thread."""
+    n = max(1, min(default_workers(), n_rows))
+    bounds = [n_rows * i // n for i in range(n + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(n)]
+
+
+def _run(n_slices: int, work: Callable[[int, None], None]) -> None:
+    """``work(i, None)`` for every row range, on the worker threads, each with one intra-op
+    thread: per-tile ops are too small to split between OpenMP threads, whose barriers wait
+    for a descheduled core (modelcore.threads; docs/kernels.md, "CPU path"). The rows are
+    independent, so the result does not depend on how they are split."""
+    with single_thread():
+        run_blocks(n_slices, work, lambda: None, n_slices)
 
 
 class _StickBreakingBlockwise(torch.autograd.Function):
@@ -214,10 +234,19 @@ class _StickBreakingBlockwise(torch.autograd.Function):
         kt_rev = k_rev.transpose(1, 2).contiguous()
         # One intra-op thread: per-tile ops are too small to split between OpenMP threads
         # on this shared VM (docs/kernels.md, "CPU path").
-        with single_thread():
-            o, rem, carries = _forward(
-                qn, kt_rev, v_rev, vf, include_diagonal, query_block, key_chunk
-            )
+        N = B * H
+        o, rem = torch.empty_like(qn), torch.empty(N, T, dtype=ctype, device=q.device)
+        slices = _row_slices(N)
+        carries: list[list[list[torch.Tensor]]] = [[] for _ in slices]
+
+        def work(i: int, _: None) -> None:
+            rows = slices[i]
+            o[rows], rem[rows], carries[i] = _forward(
+                qn[rows], kt_rev[rows], v_rev[rows], vf[rows],
+                include_diagonal, query_block, key_chunk,
+            )  # fmt: skip
+
+        _run(len(slices), work)
         ctx.save_for_backward(qn, k_rev, kt_rev, v_rev, vf, rem)
         ctx.carries = carries
         ctx.meta = (scale, include_diagonal, query_block, key_chunk, q.dtype, (B, H, T, D))
@@ -237,11 +266,17 @@ class _StickBreakingBlockwise(torch.autograd.Function):
         g_r = r * (do * vf).sum(-1)
         if drem_BHT is not None:
             g_r = g_r + r * drem_BHT.to(ctype).reshape(N, T)
-        with single_thread():
-            dq, dk_rev, dv_rev = _backward(
-                qn, k_rev, kt_rev, v_rev, do, g_r, ctx.carries,
-                include_diagonal, query_block, key_chunk,
+        dq, dk_rev, dv_rev = torch.empty_like(qn), torch.empty_like(qn), torch.empty_like(qn)
+        slices = _row_slices(N)
+
+        def work(i: int, _: None) -> None:
+            rows = slices[i]
+            dq[rows], dk_rev[rows], dv_rev[rows] = _backward(
+                qn[rows], k_rev[rows], kt_rev[rows], v_rev[rows], do[rows], g_r[rows],
+                ctx.carries[i], include_diagonal, query_block, key_chunk,
             )  # fmt: skip
+
+        _run(len(slices), work)
         dq = dq.mul_(scale).view(B, H, T, D).to(dtype)
         dk = dk_rev.flip(1).view(B, H, T, D).to(dtype)
         dv = dv_rev.flip(1).addcmul_(r.unsqueeze(-1), do).view(B, H, T, D).to(dtype)

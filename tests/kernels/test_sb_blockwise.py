@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modelcore.config import ModelConfig
-from modelcore.kernels import select_backend
+from modelcore.kernels import sb_blockwise, select_backend
 from modelcore.kernels.sb_blockwise import stickbreaking_attention_blockwise
 from modelcore.kernels.sb_ref import stickbreaking_attention_ref
 from modelcore.model import ModularLM
@@ -124,6 +124,22 @@ def test_gradcheck_fp64_tiny() -> None:
             )
 
         assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("workers", [1, 3, 8])
+def test_the_result_does_not_depend_on_how_rows_are_split(
+    monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """The (batch x head) rows are shared out to the worker threads: every output and
+    gradient is bit for bit the one computed on a single thread (the rows are independent)."""
+    q, k, v, do, drem = _inputs(2, 3, 70, 16, std=1.5, seed=3)
+    monkeypatch.setattr(sb_blockwise, "default_workers", lambda: 1)
+    want = _run(stickbreaking_attention_blockwise, q, k, v, do, drem, query_block=32)
+    monkeypatch.setattr(sb_blockwise, "default_workers", lambda: workers)
+    assert len(sb_blockwise._row_slices(6)) == min(workers, 6)
+    got = _run(stickbreaking_attention_blockwise, q, k, v, do, drem, query_block=32)
+    for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), got, want, strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_rejects_mismatched_shapes() -> None:
