@@ -18,6 +18,7 @@ step of a few tokens), counting the new tokens. Threads: ``--threads`` (torch in
 
 Run: PYTHONPATH=. python3 benchmarks/model_cpu.py [--batch 4 --seq 512 --reps 3
      --new 256 --threads 2] [--modes train,prefill,generate] [--profile MODE] [--smoke]
+     [--kernels reference]
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of modes")
     ap.add_argument("--profile", choices=MODES, help="also profile the modular side of a mode")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, short sequences")
+    ap.add_argument("--kernels", default="auto", choices=("auto", "cpu", "reference"),
+                    help="the modular model's kernel backend (reference: the PyTorch "
+                    "references, what CPU modules ran before the cpu backend)")  # fmt: skip
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -108,7 +112,7 @@ def main() -> None:
     if n_prompt + n_new > cfg.max_seq_len:
         raise SystemExit(f"--prompt + --new must fit max_seq_len {cfg.max_seq_len}")
     torch.manual_seed(0)
-    modular = ModularLM(cfg, device=dev)
+    modular = ModularLM(cfg, device=dev, kernels=args.kernels)
     dense = DenseLM(cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.att_top_k * cfg.att_heads,
                     cfg.att_heads, cfg.head_dim, cfg.ffn_top_k * cfg.d_ffn)  # fmt: skip
     n_mod = sum(p.numel() for p in modular.parameters())

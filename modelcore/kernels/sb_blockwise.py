@@ -197,9 +197,14 @@ def _backward(
     return dq, dk_rev, dv_rev
 
 
+def _workers() -> int:
+    """Worker threads: the caller's torch thread count, at most the cores it may use."""
+    return max(1, min(default_workers(), torch.get_num_threads()))
+
+
 def _row_slices(n_rows: int) -> list[slice]:
     """The (batch x head) rows split into one contiguous range per worker thread."""
-    n = max(1, min(default_workers(), n_rows))
+    n = max(1, min(_workers(), n_rows))
     bounds = [n_rows * i // n for i in range(n + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(n)]
 
@@ -208,7 +213,8 @@ def _run(n_slices: int, work: Callable[[int, None], None]) -> None:
     """``work(i, None)`` for every row range, on the worker threads, each with one intra-op
     thread: per-tile ops are too small to split between OpenMP threads, whose barriers wait
     for a descheduled core (modelcore.threads; docs/kernels.md, "CPU path"). The rows are
-    independent, so the result does not depend on how they are split."""
+    independent: any split gives the same result to rounding (a batched matmul over fewer
+    rows may run another kernel)."""
     with single_thread():
         run_blocks(n_slices, work, lambda: None, n_slices)
 

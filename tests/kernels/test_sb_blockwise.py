@@ -131,15 +131,16 @@ def test_the_result_does_not_depend_on_how_rows_are_split(
     monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
     """The (batch x head) rows are shared out to the worker threads: every output and
-    gradient is bit for bit the one computed on a single thread (the rows are independent)."""
+    gradient is the one computed on a single thread, to rounding (the rows are independent;
+    a batched matmul over fewer rows may run another kernel, so bits can differ)."""
     q, k, v, do, drem = _inputs(2, 3, 70, 16, std=1.5, seed=3)
-    monkeypatch.setattr(sb_blockwise, "default_workers", lambda: 1)
+    monkeypatch.setattr(sb_blockwise, "_workers", lambda: 1)
     want = _run(stickbreaking_attention_blockwise, q, k, v, do, drem, query_block=32)
-    monkeypatch.setattr(sb_blockwise, "default_workers", lambda: workers)
+    monkeypatch.setattr(sb_blockwise, "_workers", lambda: workers)
     assert len(sb_blockwise._row_slices(6)) == min(workers, 6)
     got = _run(stickbreaking_attention_blockwise, q, k, v, do, drem, query_block=32)
     for name, a, b in zip(("o", "rem", "dq", "dk", "dv"), got, want, strict=True):
-        assert torch.equal(a, b), name
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_rejects_mismatched_shapes() -> None:

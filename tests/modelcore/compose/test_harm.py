@@ -64,21 +64,28 @@ def _own(report: dict, row: str) -> dict[str, float]:
 
 
 # The corpus is this machine's own text, and its c_headers domain reads /usr/include,
-# which changes with the machine image (the 2026-09 image upgraded linux-libc-dev and added
-# valgrind's and other headers: the domain's passages changed, so did every model trained
-# here). On that corpus (measured 2026-12-04) seed 1's unseen mixture raises c_headers by
-# +1.08%, past MIXTURE_OUTSIDE (seed 0, +1.11% on the earlier image, now holds); on seed 0
-# the seen mixture's own-domain mean is -0.02% against -0.1% (c_headers -0.31%, licenses
-# +0.27%). Kept as the claims, expected to fail where they do, strictly: the day one holds
-# again its mark must go (docs/composition.md, "Do no harm").
-_MIXTURE_MISS = "seed 1: unseen experts' mixture +1.08% on c_headers (bound 1%)"
+# which changes with the machine image (the 2026-09 image changed the domain's passages, so
+# every model trained here). Since 2026-12-04 the CPU trains with the blockwise
+# stick-breaking kernel (modelcore/kernels/sb_blockwise.py), equal to the reference to
+# ~1e-6 but not bit for bit, so every trajectory moved as with another seed. Measured
+# then: the unseen experts' mixture raises c_headers by +1.55% on seed 1 and python_docs
+# by +1.76% on seed 2, past MIXTURE_OUTSIDE (seed 0 holds); seed 2's seen mixture moves its
+# own domains by -0.04% on average (c_headers -0.00%, licenses -0.07%; bound -0.1%).
+# Kept as the claims, expected to fail where they do, strictly: the day one holds again its
+# mark must go (docs/composition.md, "Do no harm").
+_MIXTURE_MISS = (
+    "unseen experts' mixture outside: seed 1 +1.55% on c_headers, "
+    "seed 2 +1.76% on python_docs (bound 1%)"
+)
 OUTSIDE_SEEDS = [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_MIXTURE_MISS)) if s == 1 else s
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_MIXTURE_MISS))
+    if s in (1, 2)
+    else s
     for s in SEEDS
 ]
-_OWN_MISS = "seed 0: seen experts' mixture -0.02% on its own domains (bound -0.1%)"
+_OWN_MISS = "seed 2: seen experts' mixture -0.04% on its own domains (bound -0.1%)"
 OWN_SEEDS = [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_OWN_MISS)) if s == 0 else s
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=_OWN_MISS)) if s == 2 else s
     for s in SEEDS
 ]
 
