@@ -18,8 +18,9 @@ column order. The recurrence is carried as the remaining stick itself, not its l
     stick_ij = carry_i * prod_{l nearer or = j} (1 - beta_il)   (one ``cumprod``)
     A_ij = stick_i,j-1 - stick_ij           (one shifted subtraction)
 
-Three elementwise passes per tile; the log form (``softplus``, ``cumsum``, ``exp``) took
-~11 ns per element in ``softplus`` alone on this CPU, 4x a ``sigmoid``. No log of a rounded
+Three elementwise passes per tile; the log form (``softplus``, ``cumsum``, ``exp``) is
+slower, its ``softplus`` alone several times a ``sigmoid`` (docs/kernels.md, "CPU
+path"). No log of a rounded
 sigmoid is ever taken: ``sigmoid(-z)`` is exact to rounding for any z (9.4e-14 at z = 30),
 and every product and difference is accurate to ~1e-7 of the stick, i.e. in absolute
 terms, which is what ``o`` needs (the fp32 reference, whose ``total - cumsum`` cancels,
@@ -52,9 +53,7 @@ import torch
 
 from modelcore.threads import default_workers, run_blocks, single_thread
 
-# Tile size: at B=4, H=2, T=1024, D=48 (2 threads, load ~3) 128-query blocks took 201 ms
-# a forward, 64 took 277 ms, 256 took 218 ms; key chunks of 256 vs 1024 were within noise
-# (docs/kernels.md, "CPU path").
+# Tile size: the fastest of those tried (docs/kernels.md, "Figures behind the code").
 QUERY_BLOCK = 128
 KEY_CHUNK = 1024
 
