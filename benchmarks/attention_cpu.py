@@ -45,7 +45,12 @@ def _time(fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description="Stick-breaking attention on the CPU: blockwise vs reference vs causal\n"
+        "SDPA, forward and forward+backward, with the ratios (what is timed: this\n"
+        'file\'s docstring; numbers: docs/kernels.md, "CPU path").',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="T in {512, 1024}, two head shapes")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lengths", type=int, nargs="*", default=None)

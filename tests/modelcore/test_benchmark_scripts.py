@@ -11,12 +11,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, *args: str) -> str:
+def _call(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
+
+
+def _run(script: str, *args: str) -> str:
+    done = _call(script, *args)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -36,3 +40,10 @@ def test_model_cpu_runs_the_reference_backend_when_asked() -> None:
                "--kernels", "reference")  # fmt: skip
     assert "backend reference" in out
     assert re.search(r"^prefill +tokens/s: .* modular/dense \d+\.\d\dx$", out, re.M), out
+
+
+def test_model_cpu_refuses_a_misspelt_mode_in_one_line() -> None:
+    done = _call("model_cpu.py", "--modes", "train,prefil")
+    assert done.returncode == 2
+    assert "--modes: prefil; choose from train, prefill, generate" in done.stderr
+    assert "Traceback" not in done.stderr
