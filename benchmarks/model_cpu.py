@@ -18,7 +18,7 @@ step of a few tokens), counting the new tokens. Threads: ``--threads`` (torch in
 
 Run: PYTHONPATH=. python3 benchmarks/model_cpu.py [--batch 4 --seq 512 --reps 3
      --new 256 --threads 2] [--modes train,prefill,generate] [--profile MODE] [--smoke]
-     [--kernels reference]
+     [--kernels reference] [--vs-rescoring]
 """
 
 from __future__ import annotations
@@ -85,6 +85,18 @@ def greedy(
     return out
 
 
+def greedy_rescoring(model: ModularLM, prompt_1T: torch.Tensor, n_new: int) -> list[int]:
+    """Greedy decoding as before the KV cache: every step runs the whole context."""
+    ids = prompt_1T
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n_new):
+            nxt = int(model(ids, aux="none").logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description="Training, prefill and generation tokens/s of the modular small model\n"
@@ -102,6 +114,8 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of modes")
     ap.add_argument("--profile", choices=MODES, help="also profile the modular side of a mode")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, short sequences")
+    ap.add_argument("--vs-rescoring", action="store_true",
+                    help="also time the modular generation without the cache")  # fmt: skip
     ap.add_argument("--kernels", default="auto", choices=("auto", "cpu", "reference"),
                     help="the modular model's kernel backend (reference: the PyTorch "
                     "references, what CPU modules ran before the cpu backend)")  # fmt: skip
@@ -186,6 +200,22 @@ def main() -> None:
         m, d = results["modular"], results["dense"]
         print(f"{mode:<8} tokens/s: modular {m:,.0f} | dense {d:,.0f} | modular/dense {m / d:.2f}x",
               flush=True)  # fmt: skip
+
+    if args.vs_rescoring:
+        cached: list[int] = []
+        rescored: list[int] = []
+
+        def run_cached() -> None:
+            cached[:] = modular_generate()
+
+        def run_rescoring() -> None:
+            rescored[:] = greedy_rescoring(modular, prompt, n_new)
+
+        c = n_new / bench(run_cached, dev, warmup=1, reps=reps)
+        r = n_new / bench(run_rescoring, dev, warmup=1, reps=reps)
+        same = "same tokens" if cached == rescored else "DIFFERENT tokens"
+        print(f"cache    tokens/s: modular cached {c:,.0f} | rescoring {r:,.0f} | "
+              f"cached/rescoring {c / r:.2f}x ({same})", flush=True)  # fmt: skip
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

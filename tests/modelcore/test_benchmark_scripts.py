@@ -47,3 +47,12 @@ def test_model_cpu_refuses_a_misspelt_mode_in_one_line() -> None:
     assert done.returncode == 2
     assert "--modes: prefil; choose from train, prefill, generate" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_model_cpu_compares_cached_generation_with_rescoring() -> None:
+    out = _run("model_cpu.py", "--smoke", "--threads", "1", "--modes", "generate",
+               "--vs-rescoring")  # fmt: skip
+    line = re.search(r"^cache +tokens/s: modular cached [\d,]+ \| rescoring [\d,]+ \| "
+                     r"cached/rescoring \d+\.\d\dx \((.*)\)$", out, re.M)  # fmt: skip
+    assert line, out
+    assert line.group(1) == "same tokens"
