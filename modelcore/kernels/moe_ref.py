@@ -104,9 +104,9 @@ def grouped_mm_ref(
 
 class _GatedSum(torch.autograd.Function):
     """``einsum("tkh,tk->th")`` whose backward gives d(y) as an elementwise product: the
-    einsum's own backward ran it as T batched (H, 1) @ (1, K) products, ~2x slower on the
-    CPU. Every value is the one autograd computed: each d(y) entry is a single product,
-    and d(gates) is the same batched product autograd ran."""
+    einsum's own backward ran it as T batched (H, 1) @ (1, K) products, slower on the CPU
+    (docs/kernels.md, "CPU: the whole model"). Every value is the one autograd computed:
+    each d(y) entry is a single product, and d(gates) is the same batched product."""
 
     @staticmethod
     def forward(ctx: Any, y_TKH: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
